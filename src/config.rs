@@ -1,0 +1,728 @@
+//! The YAML configuration: schema, defaults, `${ENV}` expansion, durations and sizes,
+//! and validation with errors that name the offending key.
+//!
+//! Parsing goes YAML → `serde_yaml::Value` (expand env vars, tracking the key path) →
+//! typed structs through `serde_path_to_error`, so every error starts with the key.
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(key: &str, msg: impl fmt::Display) -> Result<T, ConfigError> {
+    Err(ConfigError(format!("{key}: {msg}")))
+}
+
+/// A duration written as `500ms`, `1s`, `2m` or `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub fn parse(s: &str) -> Option<Duration> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit())?;
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().ok()?;
+        match unit {
+            "ms" => Some(Duration::from_millis(n)),
+            "s" => Some(Duration::from_secs(n)),
+            "m" => n.checked_mul(60).map(Duration::from_secs),
+            "h" => n.checked_mul(3600).map(Duration::from_secs),
+            _ => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_yaml::Value::deserialize(d)?;
+        let text = match &v {
+            serde_yaml::Value::String(s) => s.clone(),
+            serde_yaml::Value::Number(n) => n.to_string(),
+            other => format!("{other:?}"),
+        };
+        match v.as_str().and_then(Dur::parse) {
+            Some(d) => Ok(Dur(d)),
+            None => Err(serde::de::Error::custom(format!(
+                "expected a duration like \"1s\", got \"{text}\""
+            ))),
+        }
+    }
+}
+
+/// A size written as `512KiB`, `16MiB`, `1GiB` or a plain byte count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Option<u64> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().ok()?;
+        let mult = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "KB" | "K" => 1 << 10,
+            "MiB" | "MB" | "M" => 1 << 20,
+            "GiB" | "GB" | "G" => 1 << 30,
+            _ => return None,
+        };
+        n.checked_mul(mult)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_yaml::Value::deserialize(d)?;
+        let parsed = match &v {
+            serde_yaml::Value::Number(n) => n.as_u64(),
+            serde_yaml::Value::String(s) => ByteSize::parse(s),
+            _ => None,
+        };
+        parsed.map(ByteSize).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "expected a size like \"16MiB\" or a byte count, got {}",
+                serde_yaml::to_string(&v).unwrap_or_default().trim()
+            ))
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageMode {
+    /// Inject only `include_usage`; a hang-up is estimated from counted deltas.
+    #[default]
+    Final,
+    /// Also request `continuous_usage_stats` (vLLM, SGLang) so a hang-up is billed
+    /// from the backend's own running count.
+    Continuous,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiKeyFormat {
+    #[default]
+    Masked,
+    Full,
+    Sha256,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub url: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub api_key: Option<String>,
+    #[serde(default)]
+    pub usage_mode: UsageMode,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageHookConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub url: String,
+    #[serde(default = "default_hook_timeout")]
+    pub timeout: Dur,
+    #[serde(default = "default_retry")]
+    pub retry: u32,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub api_key_format: ApiKeyFormat,
+    #[serde(default = "default_queue_size")]
+    pub queue_size: usize,
+    #[serde(default = "default_spool_dir")]
+    pub spool_dir: String,
+}
+
+fn default_hook_timeout() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_retry() -> u32 {
+    2
+}
+fn default_queue_size() -> usize {
+    65536
+}
+fn default_spool_dir() -> String {
+    "./usage-spool".into()
+}
+
+impl Default for UsageHookConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            url: String::new(),
+            timeout: default_hook_timeout(),
+            retry: default_retry(),
+            headers: Default::default(),
+            api_key_format: ApiKeyFormat::Masked,
+            queue_size: default_queue_size(),
+            spool_dir: default_spool_dir(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    #[serde(default = "default_interval")]
+    pub interval: Dur,
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default = "two")]
+    pub unhealthy_after: u32,
+    #[serde(default = "two")]
+    pub healthy_after: u32,
+}
+
+fn default_interval() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_health_path() -> String {
+    "/health".into()
+}
+fn two() -> u32 {
+    2
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            interval: default_interval(),
+            path: default_health_path(),
+            unhealthy_after: 2,
+            healthy_after: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub key: String,
+    #[serde(default)]
+    pub user_id: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default = "default_max_body")]
+    pub max_request_body: ByteSize,
+    #[serde(default = "default_max_header")]
+    pub max_header_bytes: ByteSize,
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: Dur,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Dur,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    #[serde(default = "default_first_byte_timeout")]
+    pub first_byte_timeout: Dur,
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: Dur,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_body() -> ByteSize {
+    ByteSize(16 << 20)
+}
+fn default_max_header() -> ByteSize {
+    ByteSize(64 << 10)
+}
+fn default_header_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_idle_timeout() -> Dur {
+    Dur(Duration::from_secs(75))
+}
+fn default_connect_timeout() -> Dur {
+    Dur(Duration::from_secs(3))
+}
+fn default_first_byte_timeout() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+fn default_shutdown_timeout() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_request_body: default_max_body(),
+            max_header_bytes: default_max_header(),
+            header_timeout: default_header_timeout(),
+            idle_timeout: default_idle_timeout(),
+            connect_timeout: default_connect_timeout(),
+            first_byte_timeout: default_first_byte_timeout(),
+            shutdown_timeout: default_shutdown_timeout(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub workers: usize,
+    pub backends: Vec<BackendConfig>,
+    #[serde(default)]
+    pub usage_hook: UsageHookConfig,
+    #[serde(default)]
+    pub health_check: HealthCheckConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+fn default_listen() -> String {
+    ":8080".into()
+}
+
+/// A backend URL split into what the proxy needs: `http://host:port`.
+#[derive(Debug, Clone)]
+pub struct BackendUrl {
+    /// `host:port` as written, for the upstream `Host` header and the default name.
+    pub authority: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BackendUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("expected an http:// URL, got \"{url}\""))?;
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.is_empty() || authority.contains('/') {
+            return Err(format!(
+                "expected http://host:port with no path, got \"{url}\""
+            ));
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                let port = p
+                    .parse::<u16>()
+                    .map_err(|_| format!("invalid port in \"{url}\""))?;
+                (h.trim_start_matches('[').trim_end_matches(']'), port)
+            }
+            _ => (authority, 80),
+        };
+        if host.is_empty() {
+            return Err(format!("missing host in \"{url}\""));
+        }
+        Ok(BackendUrl {
+            authority: authority.to_string(),
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// Resolves the host, IPv4 first: `localhost` often resolves to `::1` first while
+    /// inference servers commonly bind 0.0.0.0 only.
+    pub fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        let mut addrs: Vec<SocketAddr> = (self.host.as_str(), self.port).to_socket_addrs()?.collect();
+        addrs.sort_by_key(|a| a.is_ipv6());
+        addrs.dedup();
+        Ok(addrs)
+    }
+}
+
+/// Parses `listen`: `:8080` means every IPv4 address.
+pub fn parse_listen(listen: &str) -> Result<SocketAddr, String> {
+    let full = if listen.starts_with(':') {
+        format!("0.0.0.0{listen}")
+    } else {
+        listen.to_string()
+    };
+    full.to_socket_addrs()
+        .map_err(|e| format!("cannot use \"{listen}\": {e}"))?
+        .next()
+        .ok_or_else(|| format!("\"{listen}\" resolves to no address"))
+}
+
+impl Config {
+    pub fn load(path: &str) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{path}: cannot read config: {e}")))?;
+        Config::from_yaml(&text)
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let mut value: serde_yaml::Value = serde_yaml::from_str(text)
+            .map_err(|e| ConfigError(format!("config is not valid YAML: {e}")))?;
+        expand_env(&mut value, &mut String::new())?;
+        let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            if path == "." {
+                ConfigError(inner)
+            } else {
+                ConfigError(format!("{path}: {inner}"))
+            }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        parse_listen(&self.listen).or_else(|e| err("listen", e))?;
+        if self.backends.is_empty() {
+            return err("backends", "at least one backend is required");
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let url = BackendUrl::parse(&b.url).or_else(|e| err(&format!("backends[{i}].url"), e))?;
+            if b.weight == 0 {
+                return err(&format!("backends[{i}].weight"), "must be at least 1");
+            }
+            let name = b.name.clone().unwrap_or(url.authority);
+            if !names.insert(name.clone()) {
+                return err(
+                    &format!("backends[{i}].name"),
+                    format!("\"{name}\" is used by two backends; names label metrics and must be unique"),
+                );
+            }
+        }
+        let hook = &self.usage_hook;
+        if hook.enabled {
+            if !(hook.url.starts_with("http://") || hook.url.starts_with("https://")) {
+                return err(
+                    "usage_hook.url",
+                    format!("expected an http:// or https:// URL, got \"{}\"", redact_url(&hook.url)),
+                );
+            }
+            if hook.queue_size == 0 {
+                return err("usage_hook.queue_size", "must be at least 1");
+            }
+        }
+        if !self.health_check.path.starts_with('/') {
+            return err("health_check.path", "must start with /");
+        }
+        if self.health_check.interval.0.is_zero() {
+            return err("health_check.interval", "must be more than 0");
+        }
+        if self.auth.enabled && self.auth.keys.is_empty() {
+            return err("auth.keys", "auth is enabled but no keys are configured");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, k) in self.auth.keys.iter().enumerate() {
+            if k.key.is_empty() {
+                return err(&format!("auth.keys[{i}].key"), "must not be empty");
+            }
+            if !seen.insert(k.key.as_str()) {
+                return err(&format!("auth.keys[{i}].key"), "duplicate key");
+            }
+        }
+        if self.limits.max_header_bytes.0 < 1024 {
+            return err("limits.max_header_bytes", "must be at least 1KiB");
+        }
+        if self.limits.max_connections == 0 {
+            return err("limits.max_connections", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    /// What `--check` prints: everything an operator needs to confirm, no secret.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "listen: {}", self.listen);
+        let _ = writeln!(s, "workers: {}", self.worker_count());
+        for b in &self.backends {
+            let name = b.name.clone().unwrap_or_else(|| {
+                BackendUrl::parse(&b.url).map(|u| u.authority).unwrap_or_default()
+            });
+            let models = if b.models.is_empty() {
+                "any".to_string()
+            } else {
+                b.models.join(", ")
+            };
+            let _ = writeln!(
+                s,
+                "backend {name}: {} weight={} models=[{models}] usage_mode={:?} api_key={}",
+                b.url,
+                b.weight,
+                b.usage_mode,
+                if b.api_key.is_some() { "set" } else { "none" }
+            );
+        }
+        let h = &self.usage_hook;
+        if h.enabled {
+            let _ = writeln!(
+                s,
+                "usage_hook: {} timeout={:?} retry={} queue_size={} api_key_format={:?} headers=[{}] spool_dir={}",
+                redact_url(&h.url),
+                h.timeout.0,
+                h.retry,
+                h.queue_size,
+                h.api_key_format,
+                h.headers.keys().cloned().collect::<Vec<_>>().join(", "),
+                if h.spool_dir.is_empty() { "(disabled)" } else { &h.spool_dir }
+            );
+        } else {
+            let _ = writeln!(s, "usage_hook: disabled (no usage records are delivered)");
+        }
+        let _ = writeln!(
+            s,
+            "health_check: every {:?} on {} (down after {}, up after {})",
+            self.health_check.interval.0,
+            self.health_check.path,
+            self.health_check.unhealthy_after,
+            self.health_check.healthy_after
+        );
+        let _ = writeln!(
+            s,
+            "auth: {} ({} keys)",
+            if self.auth.enabled { "enabled" } else { "disabled" },
+            self.auth.keys.len()
+        );
+        let l = &self.limits;
+        let _ = writeln!(
+            s,
+            "limits: max_request_body={} max_header_bytes={} header_timeout={:?} idle_timeout={:?} connect_timeout={:?} first_byte_timeout={:?} shutdown_timeout={:?} max_connections={}",
+            l.max_request_body.0,
+            l.max_header_bytes.0,
+            l.header_timeout.0,
+            l.idle_timeout.0,
+            l.connect_timeout.0,
+            l.first_byte_timeout.0,
+            l.shutdown_timeout.0,
+            l.max_connections
+        );
+        s
+    }
+}
+
+/// Drops credentials and the query string from a URL before it is printed.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    if scheme.is_empty() {
+        format!("{host}{path}")
+    } else {
+        format!("{scheme}://{host}{path}")
+    }
+}
+
+/// Replaces `${NAME}` in every string value with the environment variable.
+fn expand_env(v: &mut serde_yaml::Value, path: &mut String) -> Result<(), ConfigError> {
+    use serde_yaml::Value;
+    match v {
+        Value::String(s) => {
+            if s.contains("${") {
+                *s = expand_str(s).map_err(|name| {
+                    ConfigError(format!(
+                        "{}: environment variable {name} is not set",
+                        if path.is_empty() { "." } else { path }
+                    ))
+                })?;
+            }
+        }
+        Value::Sequence(seq) => {
+            for (i, item) in seq.iter_mut().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                expand_env(item, path)?;
+                path.truncate(len);
+            }
+        }
+        Value::Mapping(map) => {
+            for (k, item) in map.iter_mut() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k.as_str().unwrap_or("?"));
+                expand_env(item, path)?;
+                path.truncate(len);
+            }
+        }
+        Value::Tagged(t) => expand_env(&mut t.value, path)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand_str(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find('}') {
+            Some(end) => {
+                let name = &after[..end];
+                let val = std::env::var(name).map_err(|_| name.to_string())?;
+                out.push_str(&val);
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGINAL_EXAMPLE: &str = r#"
+listen: ":8080"
+backends:
+  - url: "http://localhost:8000"
+    weight: 5
+  - url: "http://localhost:8081"
+    weight: 3
+usage_hook:
+  enabled: true
+  url: "https://your-billing.com/llm-usage"
+  timeout: 1s
+  retry: 2
+health_check:
+  interval: 10s
+  path: /health
+"#;
+
+    #[test]
+    fn original_example_loads_unchanged() {
+        let c = Config::from_yaml(ORIGINAL_EXAMPLE).expect("loads");
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.backends[0].weight, 5);
+        assert_eq!(c.usage_hook.timeout.0, Duration::from_secs(1));
+        assert_eq!(c.usage_hook.retry, 2);
+        assert_eq!(c.health_check.interval.0, Duration::from_secs(10));
+        assert_eq!(c.limits.max_request_body.0, 16 << 20);
+        assert_eq!(parse_listen(&c.listen).unwrap().port(), 8080);
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let y = ORIGINAL_EXAMPLE.replace("timeout: 1s", "timeout: fast");
+        let e = Config::from_yaml(&y).unwrap_err().0;
+        assert_eq!(
+            e,
+            "usage_hook.timeout: expected a duration like \"1s\", got \"fast\""
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let y = format!("{ORIGINAL_EXAMPLE}\nretries: 3\n");
+        let e = Config::from_yaml(&y).unwrap_err().0;
+        assert!(e.contains("unknown field `retries`"), "{e}");
+        let y = ORIGINAL_EXAMPLE.replace("weight: 5", "weight: 5\n    wieght: 1");
+        let e = Config::from_yaml(&y).unwrap_err().0;
+        assert!(e.starts_with("backends[0]"), "{e}");
+    }
+
+    #[test]
+    fn env_vars_expand_and_unset_is_an_error() {
+        // SAFETY: set in a test before any thread reads this variable.
+        unsafe { std::env::set_var("LLMPROXY_TEST_HOOK", "http://127.0.0.1:9/x") };
+        let y = ORIGINAL_EXAMPLE.replace(
+            "https://your-billing.com/llm-usage",
+            "${LLMPROXY_TEST_HOOK}",
+        );
+        let c = Config::from_yaml(&y).unwrap();
+        assert_eq!(c.usage_hook.url, "http://127.0.0.1:9/x");
+        let y = ORIGINAL_EXAMPLE.replace(
+            "https://your-billing.com/llm-usage",
+            "${LLMPROXY_SURELY_UNSET_VAR}",
+        );
+        let e = Config::from_yaml(&y).unwrap_err().0;
+        assert_eq!(
+            e,
+            "usage_hook.url: environment variable LLMPROXY_SURELY_UNSET_VAR is not set"
+        );
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(Dur::parse("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(Dur::parse("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(Dur::parse("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(Dur::parse("1"), None);
+        assert_eq!(Dur::parse("s"), None);
+        assert_eq!(ByteSize::parse("512KiB"), Some(512 << 10));
+        assert_eq!(ByteSize::parse("16MiB"), Some(16 << 20));
+        assert_eq!(ByteSize::parse("1234"), Some(1234));
+        assert_eq!(ByteSize::parse("12XB"), None);
+    }
+
+    #[test]
+    fn backend_urls() {
+        let u = BackendUrl::parse("http://localhost:8000").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("localhost", 8000));
+        assert_eq!(BackendUrl::parse("http://vllm/").unwrap().port, 80);
+        assert!(BackendUrl::parse("https://x:1").is_err());
+        assert!(BackendUrl::parse("http://x:1/v1").is_err());
+        assert_eq!(BackendUrl::parse("http://[::1]:9").unwrap().host, "::1");
+    }
+
+    #[test]
+    fn redacts_credentials() {
+        assert_eq!(
+            redact_url("https://user:secret@bill.example/hook?token=abc"),
+            "https://bill.example/hook"
+        );
+    }
+}

@@ -1,0 +1,375 @@
+//! Body framing as a pure state machine: Content-Length, chunked and close-delimited
+//! bodies decoded from bytes, with no I/O, so every split point can be tested.
+//!
+//! Data is handed out as slices of the input (no copy). Limits on chunk-size lines and
+//! trailers keep a hostile peer from making us buffer or spin.
+
+use std::fmt;
+
+/// Longest chunk-size line we accept, extensions included (RFC 9112 sets no limit; real
+/// clients send a few bytes).
+pub const CHUNK_HEAD_LIMIT: usize = 4096;
+/// Total trailer bytes accepted after the last chunk.
+pub const TRAILER_LIMIT: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// A chunk size that is not hex, too long, or overflows.
+    BadChunkSize,
+    /// Missing CRLF after chunk data, or an over-long chunk-size line.
+    BadChunkFraming,
+    TrailerTooLarge,
+}
+
+impl fmt::Display for BodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BodyError::BadChunkSize => "invalid chunk size",
+            BodyError::BadChunkFraming => "invalid chunked framing",
+            BodyError::TrailerTooLarge => "chunked trailer too large",
+        })
+    }
+}
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Response bodies only: ends when the peer closes.
+    UntilClose,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Reading hex digits of a chunk size.
+    Size { value: u64, digits: u8, len: usize },
+    /// After the size: extensions or whitespace up to the line end.
+    Ext { value: u64, len: usize, cr: bool, ext: bool },
+    Data { remaining: u64 },
+    /// Expecting the CRLF after chunk data.
+    DataCr,
+    DataLf,
+    /// Trailer section: `line_len` bytes into the current line.
+    Trailer { line_len: usize, total: usize, cr: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Length { remaining: u64 },
+    Chunked(Chunk),
+    UntilClose,
+    Done,
+}
+
+#[derive(Debug, Clone)]
+pub struct BodyDecoder {
+    state: State,
+}
+
+impl BodyDecoder {
+    pub fn new(framing: Framing) -> Self {
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length { remaining: n },
+            Framing::Chunked => State::Chunked(Chunk::Size {
+                value: 0,
+                digits: 0,
+                len: 0,
+            }),
+            Framing::UntilClose => State::UntilClose,
+        };
+        BodyDecoder { state }
+    }
+
+    /// The body has ended; bytes after it belong to the next message.
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Whether the peer closing now ends the body cleanly.
+    pub fn eof_is_clean(&self) -> bool {
+        matches!(self.state, State::Done | State::UntilClose)
+    }
+
+    /// Decodes from `input`, calling `on_data` with each slice of body data. Returns how
+    /// many bytes were consumed; stops at the end of the body.
+    pub fn decode(
+        &mut self,
+        input: &[u8],
+        mut on_data: impl FnMut(&[u8]),
+    ) -> Result<usize, BodyError> {
+        let mut i = 0;
+        while i < input.len() {
+            match &mut self.state {
+                State::Done => break,
+                State::UntilClose => {
+                    on_data(&input[i..]);
+                    i = input.len();
+                }
+                State::Length { remaining } => {
+                    let n = (*remaining).min((input.len() - i) as u64) as usize;
+                    on_data(&input[i..i + n]);
+                    i += n;
+                    *remaining -= n as u64;
+                    if *remaining == 0 {
+                        self.state = State::Done;
+                    }
+                }
+                State::Chunked(c) => {
+                    let b = input[i];
+                    match c {
+                        Chunk::Size { value, digits, len } => {
+                            if let Some(d) = hex_val(b) {
+                                if *digits >= 16 {
+                                    return Err(BodyError::BadChunkSize);
+                                }
+                                *value = value
+                                    .checked_mul(16)
+                                    .and_then(|v| v.checked_add(d as u64))
+                                    .ok_or(BodyError::BadChunkSize)?;
+                                *digits += 1;
+                                *len += 1;
+                                i += 1;
+                            } else if *digits == 0 {
+                                return Err(BodyError::BadChunkSize);
+                            } else {
+                                let (value, len) = (*value, *len);
+                                *c = Chunk::Ext {
+                                    value,
+                                    len,
+                                    cr: false,
+                                    ext: false,
+                                };
+                            }
+                        }
+                        Chunk::Ext {
+                            value,
+                            len,
+                            cr,
+                            ext,
+                        } => {
+                            *len += 1;
+                            if *len > CHUNK_HEAD_LIMIT {
+                                return Err(BodyError::BadChunkFraming);
+                            }
+                            i += 1;
+                            if b == b'\n' {
+                                let value = *value;
+                                *c = if value == 0 {
+                                    Chunk::Trailer {
+                                        line_len: 0,
+                                        total: 0,
+                                        cr: false,
+                                    }
+                                } else {
+                                    Chunk::Data { remaining: value }
+                                };
+                            } else if *cr {
+                                // CR must be followed by LF.
+                                return Err(BodyError::BadChunkFraming);
+                            } else if b == b'\r' {
+                                *cr = true;
+                            } else if b == b';' || b == b' ' || b == b'\t' {
+                                *ext = true;
+                            } else if !(*ext && b.is_ascii_graphic()) {
+                                return Err(BodyError::BadChunkSize);
+                            }
+                        }
+                        Chunk::Data { remaining } => {
+                            let n = (*remaining).min((input.len() - i) as u64) as usize;
+                            on_data(&input[i..i + n]);
+                            i += n;
+                            *remaining -= n as u64;
+                            if *remaining == 0 {
+                                *c = Chunk::DataCr;
+                            }
+                        }
+                        Chunk::DataCr => {
+                            i += 1;
+                            *c = match b {
+                                b'\r' => Chunk::DataLf,
+                                b'\n' => Chunk::Size {
+                                    value: 0,
+                                    digits: 0,
+                                    len: 0,
+                                },
+                                _ => return Err(BodyError::BadChunkFraming),
+                            };
+                        }
+                        Chunk::DataLf => {
+                            if b != b'\n' {
+                                return Err(BodyError::BadChunkFraming);
+                            }
+                            i += 1;
+                            *c = Chunk::Size {
+                                value: 0,
+                                digits: 0,
+                                len: 0,
+                            };
+                        }
+                        Chunk::Trailer {
+                            line_len,
+                            total,
+                            cr,
+                        } => {
+                            i += 1;
+                            *total += 1;
+                            if *total > TRAILER_LIMIT {
+                                return Err(BodyError::TrailerTooLarge);
+                            }
+                            if b == b'\n' {
+                                if *line_len == 0 {
+                                    self.state = State::Done;
+                                } else {
+                                    *line_len = 0;
+                                    *cr = false;
+                                }
+                            } else if *cr {
+                                return Err(BodyError::BadChunkFraming);
+                            } else if b == b'\r' {
+                                *cr = true;
+                            } else {
+                                *line_len += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(i)
+    }
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Appends one chunk of chunked encoding to `out`.
+pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    push_hex(out, data.len());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `n` in lowercase hex without allocating.
+pub fn push_hex(out: &mut Vec<u8>, n: usize) {
+    let mut buf = [0u8; 16];
+    let mut i = buf.len();
+    let mut v = n;
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789abcdef"[v & 15];
+        v >>= 4;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+/// The last chunk of a chunked body.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn decode_split(framing: Framing, input: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, usize, bool), BodyError> {
+        let mut d = BodyDecoder::new(framing);
+        let mut out = Vec::new();
+        let mut consumed = 0;
+        let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
+        cuts.sort_unstable();
+        cuts.push(input.len());
+        let mut prev = 0;
+        for c in cuts {
+            // Unconsumed bytes are offered again with the next read, as the relay does.
+            let piece = &input[consumed.max(prev).min(c)..c];
+            let start = consumed.max(prev).min(c);
+            let n = d.decode(piece, |s| out.extend_from_slice(s))?;
+            consumed = start + n;
+            prev = c;
+            if d.is_done() {
+                break;
+            }
+        }
+        Ok((out, consumed, d.is_done()))
+    }
+
+    #[test]
+    fn chunked_with_extensions_and_trailers() {
+        let input = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\nGET /next";
+        for cut in 0..=input.len() {
+            let (out, used, done) = decode_split(Framing::Chunked, input, &[cut]).unwrap();
+            assert_eq!(out, b"hello world");
+            assert!(done);
+            assert_eq!(&input[used..], b"GET /next");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_chunks() {
+        let bad: &[&[u8]] = &[
+            b"zz\r\n",
+            b"\r\n",
+            b"11111111111111111\r\n",
+            b"ffffffffffffffff0\r\n",
+            b"5\r\nhelloXX",
+            b"5\rX",
+            b"-5\r\n",
+        ];
+        for b in bad {
+            assert!(decode_split(Framing::Chunked, b, &[]).is_err(), "{:?}", String::from_utf8_lossy(b));
+        }
+        let long_ext = [b"1;".as_slice(), &vec![b'a'; CHUNK_HEAD_LIMIT], b"\r\n"].concat();
+        assert_eq!(decode_split(Framing::Chunked, &long_ext, &[]), Err(BodyError::BadChunkFraming));
+    }
+
+    #[test]
+    fn content_length_stops_at_end() {
+        let (out, used, done) = decode_split(Framing::Length(5), b"helloEXTRA", &[2]).unwrap();
+        assert_eq!((out.as_slice(), used, done), (&b"hello"[..], 5, true));
+    }
+
+    #[test]
+    fn hex() {
+        let mut v = Vec::new();
+        push_hex(&mut v, 0);
+        push_hex(&mut v, 255);
+        push_hex(&mut v, 0x1a2b);
+        assert_eq!(v, b"0ff1a2b");
+    }
+
+    proptest! {
+        #[test]
+        fn chunked_roundtrip_any_split(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..50), 0..10),
+            cuts in proptest::collection::vec(0usize..600, 0..8),
+        ) {
+            let mut enc = Vec::new();
+            for c in &chunks { encode_chunk(&mut enc, c); }
+            enc.extend_from_slice(LAST_CHUNK);
+            let (out, used, done) = decode_split(Framing::Chunked, &enc, &cuts).unwrap();
+            prop_assert_eq!(out, chunks.concat());
+            prop_assert!(done);
+            prop_assert_eq!(used, enc.len());
+        }
+
+        #[test]
+        fn chunked_never_panics(input in proptest::collection::vec(any::<u8>(), 0..200), cuts in proptest::collection::vec(0usize..200, 0..4)) {
+            let _ = decode_split(Framing::Chunked, &input, &cuts);
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Every error the proxy answers itself, and the one place that turns it into an
+//! OpenAI-shaped JSON response with `X-Request-Id`.
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyError {
+    InvalidApiKey,
+    InvalidRequest(String),
+    ModelNotFound(String),
+    NotFound,
+    RequestTooLarge,
+    HeadersTooLarge,
+    BadRequest(&'static str),
+    BackendUnavailable,
+    BackendTimeout,
+    ShuttingDown,
+    TooManyConnections,
+    HeaderTimeout,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ProxyError::InvalidApiKey => 401,
+            ProxyError::InvalidRequest(_) | ProxyError::BadRequest(_) => 400,
+            ProxyError::ModelNotFound(_) | ProxyError::NotFound => 404,
+            ProxyError::HeaderTimeout => 408,
+            ProxyError::RequestTooLarge => 413,
+            ProxyError::HeadersTooLarge => 431,
+            ProxyError::BackendUnavailable => 502,
+            ProxyError::ShuttingDown | ProxyError::TooManyConnections => 503,
+            ProxyError::BackendTimeout => 504,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::InvalidApiKey => "invalid_api_key",
+            ProxyError::InvalidRequest(_) => "invalid_request",
+            ProxyError::ModelNotFound(_) => "model_not_found",
+            ProxyError::NotFound => "not_found",
+            ProxyError::RequestTooLarge => "request_too_large",
+            ProxyError::HeadersTooLarge => "headers_too_large",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::HeaderTimeout => "request_timeout",
+            ProxyError::BackendUnavailable => "backend_unavailable",
+            ProxyError::BackendTimeout => "backend_timeout",
+            ProxyError::ShuttingDown => "shutting_down",
+            ProxyError::TooManyConnections => "too_many_connections",
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status() {
+            401 => "authentication_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ProxyError::InvalidApiKey => "Missing or invalid API key.".into(),
+            ProxyError::InvalidRequest(m) => m.clone(),
+            ProxyError::ModelNotFound(m) => format!("No backend serves the model '{m}'."),
+            ProxyError::NotFound => "Unknown path.".into(),
+            ProxyError::RequestTooLarge => "Request body is larger than the configured limit.".into(),
+            ProxyError::HeadersTooLarge => "Request header block is larger than the configured limit.".into(),
+            ProxyError::BadRequest(m) => format!("Malformed HTTP request: {m}."),
+            ProxyError::HeaderTimeout => "Request head not received in time.".into(),
+            ProxyError::BackendUnavailable => "No backend could be reached.".into(),
+            ProxyError::BackendTimeout => "The backend did not answer in time.".into(),
+            ProxyError::ShuttingDown => "The proxy is shutting down.".into(),
+            ProxyError::TooManyConnections => "Too many open connections.".into(),
+        }
+    }
+
+    /// Errors after which the request stream cannot be trusted: close the connection.
+    pub fn must_close(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_)
+                | ProxyError::HeadersTooLarge
+                | ProxyError::RequestTooLarge
+                | ProxyError::HeaderTimeout
+                | ProxyError::ShuttingDown
+                | ProxyError::TooManyConnections
+        )
+    }
+
+    /// Appends the full HTTP response for this error to `out`.
+    pub fn write_response(&self, out: &mut Vec<u8>, request_id: &str, keep_alive: bool) {
+        let body = serde_json::json!({
+            "error": {"message": self.message(), "type": self.kind(), "code": self.code()}
+        });
+        let body = body.to_string();
+        write_response(
+            out,
+            self.status(),
+            "application/json",
+            body.as_bytes(),
+            request_id,
+            keep_alive && !self.must_close(),
+        );
+    }
+}
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Unknown",
+    }
+}
+
+/// Appends a complete response with a Content-Length body.
+pub fn write_response(
+    out: &mut Vec<u8>,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    request_id: &str,
+    keep_alive: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa_u64(status as u64).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: ");
+    out.extend_from_slice(content_type.as_bytes());
+    out.extend_from_slice(b"\r\ncontent-length: ");
+    out.extend_from_slice(itoa_u64(body.len() as u64).as_bytes());
+    if !request_id.is_empty() {
+        out.extend_from_slice(b"\r\nx-request-id: ");
+        out.extend_from_slice(request_id.as_bytes());
+    }
+    out.extend_from_slice(if keep_alive {
+        b"\r\nconnection: keep-alive\r\n\r\n".as_slice()
+    } else {
+        b"\r\nconnection: close\r\n\r\n".as_slice()
+    });
+    out.extend_from_slice(body);
+}
+
+/// Decimal formatting without allocation.
+pub fn itoa_u64(n: u64) -> ItoaBuf {
+    let mut buf = ItoaBuf { bytes: [0; 20], start: 20 };
+    let mut v = n;
+    loop {
+        buf.start -= 1;
+        buf.bytes[buf.start] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    buf
+}
+
+pub struct ItoaBuf {
+    bytes: [u8; 20],
+    start: usize,
+}
+
+impl ItoaBuf {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[self.start..]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_shape_with_request_id() {
+        let mut out = Vec::new();
+        ProxyError::ModelNotFound("m1".into()).write_response(&mut out, "req_1", true);
+        let text = String::from_utf8(out).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 404 Not Found\r\n"));
+        assert!(head.contains("x-request-id: req_1"));
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("m1"));
+    }
+
+    #[test]
+    fn malformed_requests_close() {
+        let mut out = Vec::new();
+        ProxyError::BadRequest("bad chunk size").write_response(&mut out, "r", true);
+        assert!(String::from_utf8_lossy(&out).contains("connection: close"));
+    }
+}

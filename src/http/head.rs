@@ -1,0 +1,351 @@
+//! Request and response heads: parsing with httparse, framing rules (RFC 9112 §6),
+//! keep-alive, and the hop-by-hop headers a proxy must not forward.
+//!
+//! Parsed heads own a copy of their raw bytes and keep header positions as ranges, so
+//! their buffers are reused from one request to the next on a connection.
+
+use super::body::Framing;
+use std::ops::Range;
+
+/// Headers per message; more is a 431 (requests) or 502 (responses).
+pub const MAX_HEADERS: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadError {
+    TooLarge,
+    TooManyHeaders,
+    Malformed(&'static str),
+}
+
+#[derive(Debug, Default)]
+pub struct Headers {
+    pub buf: Vec<u8>,
+    pub list: Vec<(Range<usize>, Range<usize>)>,
+}
+
+impl Headers {
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.list
+            .iter()
+            .map(|(n, v)| (&self.buf[n.clone()], &self.buf[v.clone()]))
+    }
+
+    /// The first value of header `name` (ASCII case-insensitive).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    pub fn get_str(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// Whether any `name` header lists `token` (comma-separated, case-insensitive).
+    pub fn has_token(&self, name: &str, token: &str) -> bool {
+        self.iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .any(|(_, v)| {
+                v.split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+            })
+    }
+
+    fn fill(&mut self, data: &[u8], head_len: usize, parsed: &[httparse::Header<'_>]) {
+        self.buf.clear();
+        self.buf.extend_from_slice(&data[..head_len]);
+        self.list.clear();
+        let base = data.as_ptr() as usize;
+        for h in parsed {
+            let n = h.name.as_ptr() as usize - base;
+            let v = h.value.as_ptr() as usize - base;
+            self.list
+                .push((n..n + h.name.len(), v..v + h.value.len()));
+        }
+    }
+
+    /// Content-Length and Transfer-Encoding, validated per RFC 9112 §6.
+    fn framing(&self) -> Result<(Option<u64>, Option<bool>), HeadError> {
+        let mut length: Option<u64> = None;
+        let mut te_seen = false;
+        let mut te_chunked_last = false;
+        for (n, v) in self.iter() {
+            if n.eq_ignore_ascii_case(b"content-length") {
+                for part in v.split(|&b| b == b',') {
+                    let part = part.trim_ascii();
+                    if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                        return Err(HeadError::Malformed("invalid Content-Length"));
+                    }
+                    let n: u64 = std::str::from_utf8(part)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or(HeadError::Malformed("invalid Content-Length"))?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(HeadError::Malformed("conflicting Content-Length headers"));
+                    }
+                    length = Some(n);
+                }
+            } else if n.eq_ignore_ascii_case(b"transfer-encoding") {
+                for part in v.split(|&b| b == b',') {
+                    let part = part.trim_ascii();
+                    if part.is_empty() {
+                        continue;
+                    }
+                    te_seen = true;
+                    te_chunked_last = part.eq_ignore_ascii_case(b"chunked");
+                }
+            }
+        }
+        Ok((length, te_seen.then_some(te_chunked_last)))
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the framing headers we always rewrite.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    const HOP: [&[u8]; 9] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ];
+    HOP.iter().any(|h| h.eq_ignore_ascii_case(name)) || name.eq_ignore_ascii_case(b"content-length")
+}
+
+#[derive(Debug, Default)]
+pub struct RequestHead {
+    pub headers: Headers,
+    method: Range<usize>,
+    path: Range<usize>,
+    /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    pub framing: Option<Framing>,
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+}
+
+impl RequestHead {
+    pub fn method(&self) -> &str {
+        std::str::from_utf8(&self.headers.buf[self.method.clone()]).unwrap_or("")
+    }
+
+    pub fn path(&self) -> &str {
+        std::str::from_utf8(&self.headers.buf[self.path.clone()]).unwrap_or("")
+    }
+
+    /// Path without the query string.
+    pub fn route(&self) -> &str {
+        let p = self.path();
+        p.split('?').next().unwrap_or(p)
+    }
+
+    pub fn framing(&self) -> Framing {
+        self.framing.unwrap_or(Framing::Empty)
+    }
+
+    /// Parses a request head from the start of `data`. `Ok(None)`: incomplete.
+    pub fn parse(&mut self, data: &[u8], max_bytes: usize) -> Result<Option<usize>, HeadError> {
+        let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut parsed);
+        let window = &data[..data.len().min(max_bytes)];
+        let head_len = match req.parse(window) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => {
+                return if data.len() >= max_bytes {
+                    Err(HeadError::TooLarge)
+                } else {
+                    Ok(None)
+                };
+            }
+            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+            Err(_) => return Err(HeadError::Malformed("malformed request head")),
+        };
+        let base = data.as_ptr() as usize;
+        let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+            return Err(HeadError::Malformed("malformed request line"));
+        };
+        let m = method.as_ptr() as usize - base;
+        let p = path.as_ptr() as usize - base;
+        self.method = m..m + method.len();
+        self.path = p..p + path.len();
+        self.version = version;
+        let n_headers = req.headers.len();
+        self.headers.fill(data, head_len, &parsed[..n_headers]);
+
+        let (length, te) = self.headers.framing()?;
+        self.framing = Some(match (length, te) {
+            (Some(_), Some(_)) => {
+                return Err(HeadError::Malformed(
+                    "both Content-Length and Transfer-Encoding",
+                ));
+            }
+            (None, Some(true)) if version == 1 => Framing::Chunked,
+            (None, Some(_)) => return Err(HeadError::Malformed("unsupported Transfer-Encoding")),
+            (Some(n), None) => Framing::Length(n),
+            (None, None) => Framing::Empty,
+        });
+        self.keep_alive = if version == 1 {
+            !self.headers.has_token("connection", "close")
+        } else {
+            self.headers.has_token("connection", "keep-alive")
+        };
+        self.expect_continue = version == 1 && self.headers.has_token("expect", "100-continue");
+        Ok(Some(head_len))
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ResponseHead {
+    pub headers: Headers,
+    pub status: u16,
+    reason: Range<usize>,
+    pub version: u8,
+    /// The upstream connection can be reused after this response.
+    pub keep_alive: bool,
+}
+
+impl ResponseHead {
+    pub fn reason(&self) -> &[u8] {
+        &self.headers.buf[self.reason.clone()]
+    }
+
+    /// Parses a response head. `Ok(None)`: incomplete.
+    pub fn parse(&mut self, data: &[u8], max_bytes: usize) -> Result<Option<usize>, HeadError> {
+        let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut parsed);
+        let window = &data[..data.len().min(max_bytes)];
+        let head_len = match resp.parse(window) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => {
+                return if data.len() >= max_bytes {
+                    Err(HeadError::TooLarge)
+                } else {
+                    Ok(None)
+                };
+            }
+            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+            Err(_) => return Err(HeadError::Malformed("malformed response head")),
+        };
+        let (Some(status), Some(version)) = (resp.code, resp.version) else {
+            return Err(HeadError::Malformed("malformed status line"));
+        };
+        let reason = resp.reason.unwrap_or("");
+        let r = if reason.is_empty() {
+            0..0
+        } else {
+            let off = reason.as_ptr() as usize - data.as_ptr() as usize;
+            off..off + reason.len()
+        };
+        let n_headers = resp.headers.len();
+        self.headers.fill(data, head_len, &parsed[..n_headers]);
+        self.status = status;
+        self.reason = r;
+        self.version = version;
+        self.keep_alive = if version == 1 {
+            !self.headers.has_token("connection", "close")
+        } else {
+            self.headers.has_token("connection", "keep-alive")
+        };
+        Ok(Some(head_len))
+    }
+
+    /// Body framing of this response to a request with `method` (RFC 9112 §6.3).
+    pub fn framing(&mut self, method: &str) -> Result<Framing, HeadError> {
+        if method == "HEAD" || (100..200).contains(&self.status) || self.status == 204 || self.status == 304 {
+            return Ok(Framing::Empty);
+        }
+        let (length, te) = self.headers.framing()?;
+        Ok(match (te, length) {
+            (Some(true), Some(_)) => {
+                // Both present: chunked wins, and the connection must not be reused.
+                self.keep_alive = false;
+                Framing::Chunked
+            }
+            (Some(true), None) => Framing::Chunked,
+            (Some(false), _) => {
+                self.keep_alive = false;
+                Framing::UntilClose
+            }
+            (None, Some(n)) => Framing::Length(n),
+            (None, None) => {
+                self.keep_alive = false;
+                Framing::UntilClose
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &[u8]) -> Result<Option<usize>, HeadError> {
+        RequestHead::default().parse(raw, 64 * 1024)
+    }
+
+    #[test]
+    fn parses_request_and_headers() {
+        let raw = b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nAuthorization: Bearer k\r\n\r\n{body}";
+        let mut h = RequestHead::default();
+        let n = h.parse(raw, 1024).unwrap().unwrap();
+        assert_eq!(&raw[n..], b"{body}");
+        assert_eq!(h.method(), "POST");
+        assert_eq!(h.route(), "/v1/chat/completions");
+        assert_eq!(h.framing(), Framing::Length(12));
+        assert_eq!(h.headers.get("authorization"), Some(&b"Bearer k"[..]));
+        assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn partial_and_too_large() {
+        assert_eq!(parse(b"GET / HTTP/1.1\r\nHost: a\r\n"), Ok(None));
+        let big = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &vec![b'a'; 2000]].concat();
+        assert_eq!(RequestHead::default().parse(&big, 1024), Err(HeadError::TooLarge));
+    }
+
+    #[test]
+    fn rejects_ambiguous_framing() {
+        let cases: &[&[u8]] = &[
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost : a\r\n\r\n",
+            b"POST / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
+            b"POST / HTTP/1.1\r\nX\x01: a\r\n\r\n",
+        ];
+        for c in cases {
+            assert!(
+                matches!(parse(c), Err(HeadError::Malformed(_))),
+                "{:?}: {:?}",
+                String::from_utf8_lossy(c),
+                parse(c)
+            );
+        }
+        // Repeated identical Content-Length is allowed (RFC 9112 §6.3).
+        assert!(parse(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n").is_ok());
+    }
+
+    #[test]
+    fn response_framing() {
+        let mut r = ResponseHead::default();
+        r.parse(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", 1024).unwrap().unwrap();
+        assert_eq!(r.framing("POST"), Ok(Framing::Chunked));
+        assert!(r.keep_alive);
+        r.parse(b"HTTP/1.1 204 No Content\r\n\r\n", 1024).unwrap().unwrap();
+        assert_eq!(r.framing("POST"), Ok(Framing::Empty));
+        r.parse(b"HTTP/1.0 200 OK\r\n\r\n", 1024).unwrap().unwrap();
+        assert_eq!(r.framing("GET"), Ok(Framing::UntilClose));
+        assert!(!r.keep_alive);
+        r.parse(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n", 1024).unwrap().unwrap();
+        assert_eq!(r.framing("HEAD"), Ok(Framing::Empty));
+        assert_eq!(r.framing("GET"), Ok(Framing::Length(3)));
+    }
+}

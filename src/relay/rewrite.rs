@@ -1,0 +1,199 @@
+//! The request body rewrite: read `model`, `stream`, `user` and `stream_options`, and for
+//! a stream make sure the backend is asked for usage, merged into whatever options the
+//! caller sent. The body is validated as JSON by one borrowed pass; only the
+//! `stream_options` value is re-serialized, everything else is copied byte for byte.
+
+use crate::config::UsageMode;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestInfo {
+    pub model: String,
+    pub stream: bool,
+    /// The body's `user` field, when it is a string.
+    pub user: Option<String>,
+    /// The caller itself asked for `stream_options.include_usage`.
+    pub caller_wants_usage: bool,
+    /// The caller itself asked for `stream_options.continuous_usage_stats`.
+    pub caller_wants_continuous: bool,
+}
+
+#[derive(Deserialize)]
+struct Probe<'a> {
+    #[serde(default, borrow)]
+    model: Option<&'a RawValue>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default, borrow)]
+    user: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "raw_even_null")]
+    stream_options: Option<&'a RawValue>,
+}
+
+/// Keeps `"stream_options": null` as a raw value so it can be replaced in place.
+fn raw_even_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// Inspects a body: `Err` carries the message for a 400 `invalid_request`.
+/// When `rewrite` is given a mode and the request streams, the returned body carries
+/// `stream_options.include_usage` (and `continuous_usage_stats` in continuous mode).
+pub fn inspect_and_rewrite(
+    body: &[u8],
+    require_model: bool,
+    mode: Option<UsageMode>,
+) -> Result<(RequestInfo, Option<Vec<u8>>), String> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err("Request body must be a JSON object.".into());
+    }
+    let probe: Probe<'_> =
+        serde_json::from_slice(body).map_err(|e| format!("Request body is not valid JSON: {e}"))?;
+    let model = match probe.model.map(|r| serde_json::from_str::<String>(r.get())) {
+        Some(Ok(m)) if !m.is_empty() => m,
+        _ if !require_model => String::new(),
+        Some(_) => return Err("'model' must be a non-empty string.".into()),
+        None => return Err("'model' is required.".into()),
+    };
+    let user = probe
+        .user
+        .and_then(|r| serde_json::from_str::<String>(r.get()).ok());
+    let stream = probe.stream.unwrap_or(false);
+    let options = match probe.stream_options {
+        Some(raw) if raw.get() != "null" => Some(
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw.get())
+                .map_err(|_| "'stream_options' must be an object.".to_string())?,
+        ),
+        _ => None,
+    };
+    let flag = |k: &str| {
+        options
+            .as_ref()
+            .and_then(|o| o.get(k))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    };
+    let info = RequestInfo {
+        model,
+        stream,
+        user,
+        caller_wants_usage: flag("include_usage"),
+        caller_wants_continuous: flag("continuous_usage_stats"),
+    };
+    let Some(mode) = mode else {
+        return Ok((info, None));
+    };
+    // vLLM answers 400 to stream_options without stream: only touch streams.
+    if !stream {
+        return Ok((info, None));
+    }
+    let continuous = mode == UsageMode::Continuous;
+    if info.caller_wants_usage && (!continuous || info.caller_wants_continuous) {
+        return Ok((info, None));
+    }
+    let mut opts = options.unwrap_or_default();
+    opts.insert("include_usage".into(), true.into());
+    if continuous {
+        opts.insert("continuous_usage_stats".into(), true.into());
+    }
+    let new_opts = serde_json::to_vec(&opts).map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(body.len() + 64);
+    match probe.stream_options {
+        Some(raw) => {
+            // The raw value borrows from `body`: its offset is where to splice.
+            let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+            let end = start + raw.get().len();
+            out.extend_from_slice(&body[..start]);
+            out.extend_from_slice(&new_opts);
+            out.extend_from_slice(&body[end..]);
+        }
+        None => {
+            let brace = body.iter().position(|&b| b == b'{').unwrap_or(0);
+            out.extend_from_slice(&body[..=brace]);
+            out.extend_from_slice(b"\"stream_options\":");
+            out.extend_from_slice(&new_opts);
+            out.push(b',');
+            out.extend_from_slice(&body[brace + 1..]);
+        }
+    }
+    Ok((info, Some(out)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    fn rewrite(body: &Value, mode: UsageMode) -> (RequestInfo, Value) {
+        let bytes = serde_json::to_vec(body).unwrap();
+        let (info, out) = inspect_and_rewrite(&bytes, true, Some(mode)).unwrap();
+        let v = out.map_or(body.clone(), |o| serde_json::from_slice(&o).unwrap());
+        (info, v)
+    }
+
+    #[test]
+    fn injects_include_usage_for_streams_only() {
+        let body = json!({"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true});
+        let (info, out) = rewrite(&body, UsageMode::Final);
+        assert!(!info.caller_wants_usage);
+        let mut want = body.clone();
+        want["stream_options"] = json!({"include_usage": true});
+        assert_eq!(out, want);
+        let body = json!({"model":"m","stream":false});
+        assert_eq!(rewrite(&body, UsageMode::Final).1, body);
+    }
+
+    #[test]
+    fn merges_into_caller_options() {
+        let body = json!({"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1}});
+        let (_, out) = rewrite(&body, UsageMode::Continuous);
+        assert_eq!(out["stream_options"], json!({"include_usage":true,"x":1,"continuous_usage_stats":true}));
+        let body = json!({"model":"m","stream":true,"stream_options":null});
+        assert_eq!(rewrite(&body, UsageMode::Final).1["stream_options"], json!({"include_usage":true}));
+        let body = json!({"model":"m","stream":true,"stream_options":{"include_usage":true}});
+        let (info, out) = rewrite(&body, UsageMode::Final);
+        assert!(info.caller_wants_usage);
+        assert_eq!(out, body);
+    }
+
+    #[test]
+    fn rejects_bad_bodies() {
+        for bad in [&b"not json"[..], b"[1]", b"{\"model\":1}", b"{\"messages\":[]}", b"{\"model\":\"m\"", b"{\"model\":\"m\",\"model\":\"n\"}", b"{\"model\":\"m\",\"stream\":\"yes\"}", b"{\"model\":\"m\",\"stream\":true,\"stream_options\":5}"] {
+            assert!(inspect_and_rewrite(bad, true, Some(UsageMode::Final)).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        assert!(inspect_and_rewrite(b"{}", false, None).is_ok());
+    }
+
+    #[test]
+    fn reads_user_and_model() {
+        let (info, _) = inspect_and_rewrite(br#" {"model":"m\u00e9","user":"u1"}"#, true, None).unwrap();
+        assert_eq!((info.model.as_str(), info.user.as_deref()), ("mé", Some("u1")));
+    }
+
+    proptest! {
+        #[test]
+        fn output_is_input_plus_option(
+            model in "[a-zA-Z0-9/\\-\"\\\\ é]{1,20}",
+            content in ".{0,50}",
+            extra in proptest::option::of(proptest::collection::btree_map("[a-z_]{1,8}", any::<i32>(), 0..3)),
+            stream in any::<bool>(),
+            spaced in any::<bool>(),
+        ) {
+            let mut body = json!({"model": model, "messages": [{"role": "user", "content": content}], "stream": stream});
+            if let Some(extra) = &extra { body["stream_options"] = json!(extra); }
+            let bytes = if spaced { serde_json::to_vec_pretty(&body).unwrap() } else { serde_json::to_vec(&body).unwrap() };
+            let (info, out) = inspect_and_rewrite(&bytes, true, Some(UsageMode::Final)).unwrap();
+            prop_assert_eq!(&info.model, &model);
+            let got: Value = match out { Some(o) => serde_json::from_slice(&o).unwrap(), None => body.clone() };
+            let mut want = body.clone();
+            if stream {
+                let mut opts = extra.map(|e| json!(e)).unwrap_or(json!({}));
+                opts["include_usage"] = json!(true);
+                want["stream_options"] = opts;
+            }
+            prop_assert_eq!(got, want);
+        }
+    }
+}

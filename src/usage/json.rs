@@ -1,0 +1,197 @@
+//! Finds the top-level `"usage"` member of a JSON body as it streams past, in constant
+//! memory: a 50 MB embeddings response is scanned, never held. Only the usage value
+//! itself is copied (bounded by `MAX_USAGE_BYTES`).
+
+use memchr::memchr2;
+
+/// A usage object larger than this is not usage.
+pub const MAX_USAGE_BYTES: usize = 64 * 1024;
+const KEY_CAP: usize = 8;
+
+#[derive(Debug, Default)]
+pub struct UsageFinder {
+    depth: u32,
+    root_is_object: bool,
+    in_str: bool,
+    escape: bool,
+    /// At depth 1, the next string is a member name.
+    expect_key: bool,
+    /// The current string is a member name at depth 1.
+    in_key: bool,
+    key: [u8; KEY_CAP],
+    key_len: usize,
+    /// A member name ended; waiting for its colon.
+    after_key: bool,
+    capturing: bool,
+    capture: Vec<u8>,
+    found: Option<Vec<u8>>,
+}
+
+impl UsageFinder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The raw bytes of the last complete top-level `usage` value seen.
+    pub fn usage(&self) -> Option<&[u8]> {
+        self.found.as_deref()
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let mut i = 0;
+        while i < chunk.len() {
+            if self.in_str && !self.in_key && !self.capturing && !self.escape {
+                // Skip string contents fast.
+                match memchr2(b'"', b'\\', &chunk[i..]) {
+                    Some(k) => i += k,
+                    None => return,
+                }
+            }
+            let b = chunk[i];
+            if self.in_str {
+                if self.capturing {
+                    self.capture_byte(b);
+                }
+                if self.escape {
+                    self.escape = false;
+                } else if b == b'\\' {
+                    self.escape = true;
+                    if self.in_key {
+                        self.key_len = KEY_CAP + 1; // escaped names never match "usage"
+                    }
+                } else if b == b'"' {
+                    self.in_str = false;
+                    if self.in_key {
+                        self.in_key = false;
+                        self.after_key = true;
+                    }
+                } else if self.in_key {
+                    if self.key_len < KEY_CAP {
+                        self.key[self.key_len] = b;
+                    }
+                    self.key_len += 1;
+                }
+                i += 1;
+                continue;
+            }
+            if self.capturing && self.depth == 1 && (b == b',' || b == b'}') {
+                self.capturing = false;
+                let value = std::mem::take(&mut self.capture);
+                let trimmed = value.trim_ascii();
+                if !trimmed.is_empty() {
+                    self.found = Some(trimmed.to_vec());
+                }
+                self.capture = value;
+                self.capture.clear();
+            } else if self.capturing {
+                self.capture_byte(b);
+            }
+            match b {
+                b'"' => {
+                    self.in_str = true;
+                    if self.depth == 1 && self.root_is_object && self.expect_key {
+                        self.in_key = true;
+                        self.expect_key = false;
+                        self.key_len = 0;
+                    }
+                }
+                b'{' | b'[' => {
+                    if self.depth == 0 && b == b'{' {
+                        self.root_is_object = true;
+                        self.expect_key = true;
+                    }
+                    self.depth += 1;
+                }
+                b'}' | b']' => self.depth = self.depth.saturating_sub(1),
+                b',' if self.depth == 1 => self.expect_key = true,
+                b':' if self.depth == 1 && self.after_key => {
+                    self.after_key = false;
+                    if &self.key[..self.key_len.min(KEY_CAP)] == b"usage" && self.key_len == 5 {
+                        self.capturing = true;
+                        self.capture.clear();
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+    }
+
+    fn capture_byte(&mut self, b: u8) {
+        if self.capture.len() >= MAX_USAGE_BYTES {
+            self.capturing = false;
+            self.capture.clear();
+        } else {
+            self.capture.push(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn find_split(input: &[u8], cuts: &[usize]) -> Option<Vec<u8>> {
+        let mut f = UsageFinder::new();
+        let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
+        cuts.sort_unstable();
+        cuts.push(input.len());
+        let mut prev = 0;
+        for c in cuts {
+            f.feed(&input[prev..c]);
+            prev = c;
+        }
+        f.usage().map(<[u8]>::to_vec)
+    }
+
+    const BODY: &str = r#"{"id":"x","object":"chat.completion","choices":[{"message":{"content":"say \"usage\": {}","usage":1}}],"usage": {"prompt_tokens":9,"total_tokens":12,"completion_tokens":3} ,"z":[1]}"#;
+
+    #[test]
+    fn finds_top_level_usage_at_every_split() {
+        let want = br#"{"prompt_tokens":9,"total_tokens":12,"completion_tokens":3}"#.to_vec();
+        for cut in 0..=BODY.len() {
+            assert_eq!(find_split(BODY.as_bytes(), &[cut]), Some(want.clone()), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn ignores_nested_and_non_object_roots() {
+        assert_eq!(find_split(br#"{"data":[{"usage":{"a":1}}]}"#, &[]), None);
+        assert_eq!(find_split(br#"["usage",{"usage":1}]"#, &[]), None);
+        assert_eq!(find_split(br#"{"usage":null}"#, &[]), Some(b"null".to_vec()));
+        assert_eq!(find_split(br#"{"usag\u0065":{"a":1}}"#, &[]), None);
+    }
+
+    #[test]
+    fn large_embedding_body_in_constant_memory() {
+        let mut f = UsageFinder::new();
+        f.feed(br#"{"object":"list","data":[{"embedding":["#);
+        let floats = b"0.0123456,-0.98765,".repeat(1000);
+        for _ in 0..200 {
+            f.feed(&floats);
+        }
+        f.feed(br#"1.0]}],"usage":{"prompt_tokens":7,"total_tokens":7}}"#);
+        assert_eq!(f.usage(), Some(&br#"{"prompt_tokens":7,"total_tokens":7}"#[..]));
+        assert!(f.capture.capacity() <= 1024);
+    }
+
+    proptest! {
+        #[test]
+        fn same_result_for_any_split(
+            prompt in 0u64..1_000_000, completion in 0u64..1_000_000,
+            filler in "[a-z\"\\\\{}\\[\\],: ]{0,40}",
+            cuts in proptest::collection::vec(0usize..300, 0..6),
+        ) {
+            let body = serde_json::json!({
+                "id": filler, "choices": [{"text": filler}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion},
+                "tail": {"usage": 0},
+            }).to_string();
+            let whole = find_split(body.as_bytes(), &[]);
+            let v: serde_json::Value = serde_json::from_slice(whole.as_ref().unwrap()).unwrap();
+            prop_assert_eq!(v["prompt_tokens"].as_u64(), Some(prompt));
+            prop_assert_eq!(find_split(body.as_bytes(), &cuts), whole);
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The usage record: one per metered request that reached a backend, serialized by
+//! hand so the backend's `*_tokens_details` are copied byte for byte.
+
+use super::Usage;
+use crate::config::ApiKeyFormat;
+use crate::http::error::itoa_u64;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Completed,
+    ClientDisconnected,
+    BackendError,
+    Timeout,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::ClientDisconnected => "client_disconnected",
+            Outcome::BackendError => "backend_error",
+            Outcome::Timeout => "timeout",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageSource {
+    /// The backend reported it.
+    Backend,
+    /// The last running usage the backend reported before the stream ended early.
+    Partial,
+    /// Counted by the proxy (content-bearing deltas).
+    Estimated,
+    /// Nothing could be known.
+    None,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Backend => "backend",
+            UsageSource::Partial => "partial",
+            UsageSource::Estimated => "estimated",
+            UsageSource::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UsageRecord {
+    pub request_id: String,
+    pub user_id: String,
+    /// Already formatted per `usage_hook.api_key_format`.
+    pub api_key: String,
+    pub model: String,
+    pub usage: Usage,
+    pub is_stream: bool,
+    pub endpoint: &'static str,
+    pub timestamp: SystemTime,
+    pub backend_url: Arc<str>,
+    pub status_code: u16,
+    pub outcome: Outcome,
+    pub usage_source: UsageSource,
+    pub duration_ms: u64,
+    pub ttft_ms: Option<u64>,
+}
+
+impl UsageRecord {
+    /// Appends the record as one line of JSON (no trailing newline).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let u = &self.usage;
+        out.extend_from_slice(b"{\"request_id\":");
+        push_str(out, &self.request_id);
+        out.extend_from_slice(b",\"user_id\":");
+        push_str(out, &self.user_id);
+        out.extend_from_slice(b",\"api_key\":");
+        push_str(out, &self.api_key);
+        out.extend_from_slice(b",\"model\":");
+        push_str(out, &self.model);
+        out.extend_from_slice(b",\"prompt_tokens\":");
+        out.extend_from_slice(itoa_u64(u.prompt_tokens).as_bytes());
+        out.extend_from_slice(b",\"completion_tokens\":");
+        out.extend_from_slice(itoa_u64(u.completion_tokens).as_bytes());
+        out.extend_from_slice(b",\"total_tokens\":");
+        out.extend_from_slice(itoa_u64(u.total_tokens).as_bytes());
+        out.extend_from_slice(b",\"is_stream\":");
+        out.extend_from_slice(if self.is_stream { b"true" } else { b"false" });
+        out.extend_from_slice(b",\"endpoint\":");
+        push_str(out, self.endpoint);
+        out.extend_from_slice(b",\"timestamp\":\"");
+        out.extend_from_slice(
+            humantime::format_rfc3339_millis(self.timestamp)
+                .to_string()
+                .as_bytes(),
+        );
+        out.extend_from_slice(b"\",\"backend_url\":");
+        push_str(out, &self.backend_url);
+        out.extend_from_slice(b",\"status_code\":");
+        out.extend_from_slice(itoa_u64(self.status_code as u64).as_bytes());
+        out.extend_from_slice(b",\"outcome\":\"");
+        out.extend_from_slice(self.outcome.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"usage_source\":\"");
+        out.extend_from_slice(self.usage_source.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"duration_ms\":");
+        out.extend_from_slice(itoa_u64(self.duration_ms).as_bytes());
+        out.extend_from_slice(b",\"ttft_ms\":");
+        match self.ttft_ms {
+            Some(t) => out.extend_from_slice(itoa_u64(t).as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+        if !u.details.is_empty() {
+            out.push(b',');
+            out.extend_from_slice(u.details.as_bytes());
+        }
+        out.push(b'}');
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(512);
+        self.write_json(&mut v);
+        v
+    }
+}
+
+fn push_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a &str to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// Formats the caller's key for the record (SPEC: `usage_hook.api_key_format`).
+pub fn format_api_key(key: &str, format: ApiKeyFormat) -> String {
+    match format {
+        ApiKeyFormat::Full => key.to_string(),
+        ApiKeyFormat::None => String::new(),
+        ApiKeyFormat::Sha256 => {
+            if key.is_empty() {
+                return String::new();
+            }
+            let digest = Sha256::digest(key.as_bytes());
+            let mut s = String::with_capacity(7 + 64);
+            s.push_str("sha256:");
+            for b in digest {
+                s.push(char::from(b"0123456789abcdef"[(b >> 4) as usize]));
+                s.push(char::from(b"0123456789abcdef"[(b & 15) as usize]));
+            }
+            s
+        }
+        ApiKeyFormat::Masked => {
+            let chars: Vec<char> = key.chars().collect();
+            if chars.is_empty() {
+                String::new()
+            } else if chars.len() < 16 {
+                "***".to_string()
+            } else {
+                let head: String = chars[..6].iter().collect();
+                let tail: String = chars[chars.len() - 4..].iter().collect();
+                format!("{head}...{tail}")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> UsageRecord {
+        UsageRecord {
+            request_id: "req_1".into(),
+            user_id: "user_\"alice\"".into(),
+            api_key: "sk-pro...9f2a".into(),
+            model: "m".into(),
+            usage: Usage {
+                prompt_tokens: 15,
+                completion_tokens: 42,
+                total_tokens: 57,
+                details: r#""prompt_tokens_details":{"cached_tokens":8}"#.into(),
+            },
+            is_stream: true,
+            endpoint: "/v1/chat/completions",
+            timestamp: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_768_386_600_123),
+            backend_url: Arc::from("http://vllm:8000"),
+            status_code: 200,
+            outcome: Outcome::Completed,
+            usage_source: UsageSource::Backend,
+            duration_ms: 1834,
+            ttft_ms: Some(41),
+        }
+    }
+
+    #[test]
+    fn serializes_every_field() {
+        let v: serde_json::Value = serde_json::from_slice(&record().to_json()).unwrap();
+        assert_eq!(v["user_id"], "user_\"alice\"");
+        assert_eq!(v["timestamp"], "2026-01-14T10:30:00.123Z");
+        assert_eq!(v["total_tokens"], 57);
+        assert_eq!(v["prompt_tokens_details"]["cached_tokens"], 8);
+        assert_eq!(v["ttft_ms"], 41);
+        assert_eq!(v["outcome"], "completed");
+        assert_eq!(v.as_object().unwrap().len(), 17);
+        let mut r = record();
+        r.ttft_ms = None;
+        r.usage.details.clear();
+        let v: serde_json::Value = serde_json::from_slice(&r.to_json()).unwrap();
+        assert!(v["ttft_ms"].is_null());
+        assert_eq!(v.as_object().unwrap().len(), 16);
+    }
+
+    #[test]
+    fn api_key_formats() {
+        let k = "sk-proj-abcdefghijkl9f2a";
+        assert_eq!(format_api_key(k, ApiKeyFormat::Masked), "sk-pro...9f2a");
+        assert_eq!(format_api_key("short-key", ApiKeyFormat::Masked), "***");
+        assert_eq!(format_api_key("", ApiKeyFormat::Masked), "");
+        assert_eq!(format_api_key(k, ApiKeyFormat::Full), k);
+        assert_eq!(format_api_key(k, ApiKeyFormat::None), "");
+        assert_eq!(
+            format_api_key("abc", ApiKeyFormat::Sha256),
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,361 @@
+//! Reads usage and output from the events of a streamed completion.
+//!
+//! Each event's JSON is probed with borrowed, allocation-free visitors: how many
+//! choices it has, whether any carries generated output, whether any finished, and its
+//! `usage`. The last valid usage wins (running totals are never summed); all-zero
+//! placeholders are ignored.
+
+use super::{Parsed, Usage, UsageSource};
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// `"choices": []` with a usage: the chunk the proxy hides from callers who did not
+    /// ask for usage.
+    UsageOnly,
+    /// Carries generated output (content, text, reasoning or a tool call).
+    Output,
+    Other,
+}
+
+#[derive(Debug, Default)]
+pub struct StreamMeter {
+    usage: Usage,
+    scratch: Usage,
+    has_usage: bool,
+    /// The last usage came from a final chunk (no choices, or a finished choice).
+    usage_final: bool,
+    /// Content-bearing deltas seen, for the `estimated` fallback.
+    pub output_deltas: u64,
+    pub saw_done: bool,
+    pub saw_error: bool,
+    /// Events whose data was not JSON (other than `[DONE]`).
+    pub unparsed: u64,
+}
+
+impl StreamMeter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn observe(&mut self, data: &[u8]) -> EventKind {
+        if data == b"[DONE]" {
+            self.saw_done = true;
+            return EventKind::Other;
+        }
+        let probe: ChunkProbe<'_> = match serde_json::from_slice(data) {
+            Ok(p) => p,
+            Err(_) => {
+                self.unparsed += 1;
+                return EventKind::Other;
+            }
+        };
+        if probe.error.is_some() || probe.object.is_some_and(|o| o.0) {
+            self.saw_error = true;
+        }
+        let choices = probe.choices.unwrap_or_default();
+        if let Some(raw) = probe.usage
+            && self.scratch.parse_into(raw.get().as_bytes()) == Parsed::Valid
+        {
+            std::mem::swap(&mut self.usage, &mut self.scratch);
+            self.has_usage = true;
+            self.usage_final = choices.count == 0 || choices.finished;
+        }
+        self.output_deltas += choices.with_output;
+        if choices.with_output > 0 {
+            EventKind::Output
+        } else if choices.count == 0 && probe.usage.is_some() && probe.choices.is_some() {
+            EventKind::UsageOnly
+        } else {
+            EventKind::Other
+        }
+    }
+
+    /// Feeds a usage read from somewhere else (a non-streamed body).
+    pub fn observe_usage(&mut self, raw: &[u8]) {
+        if self.scratch.parse_into(raw) == Parsed::Valid {
+            std::mem::swap(&mut self.usage, &mut self.scratch);
+            self.has_usage = true;
+            self.usage_final = true;
+        }
+    }
+
+    pub fn has_usage(&self) -> bool {
+        self.has_usage
+    }
+
+    /// The usage to bill and where it came from. `ended_cleanly`: the response reached
+    /// its end as the backend framed it.
+    pub fn finish(&self, ended_cleanly: bool) -> (Usage, UsageSource) {
+        if self.has_usage {
+            let source = if self.usage_final || ended_cleanly {
+                UsageSource::Backend
+            } else {
+                UsageSource::Partial
+            };
+            (self.usage.clone(), source)
+        } else if self.output_deltas > 0 {
+            let n = self.output_deltas;
+            (
+                Usage {
+                    prompt_tokens: 0,
+                    completion_tokens: n,
+                    total_tokens: n,
+                    details: String::new(),
+                },
+                UsageSource::Estimated,
+            )
+        } else {
+            (Usage::default(), UsageSource::None)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ChunkProbe<'a> {
+    #[serde(default)]
+    choices: Option<Choices>,
+    #[serde(default, borrow)]
+    usage: Option<&'a RawValue>,
+    #[serde(default)]
+    error: Option<IgnoredAny>,
+    #[serde(default)]
+    object: Option<IsError>,
+}
+
+/// `"object": "error"` (older vLLM error shape).
+struct IsError(bool);
+
+impl<'de> Deserialize<'de> for IsError {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = IsError;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<IsError, E> {
+                Ok(IsError(v == "error"))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct Choices {
+    count: u64,
+    with_output: u64,
+    finished: bool,
+}
+
+impl<'de> Deserialize<'de> for Choices {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Choices;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of choices")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
+                let mut c = Choices::default();
+                while let Some(choice) = seq.next_element::<Choice>()? {
+                    c.count += 1;
+                    let d = choice.delta.unwrap_or_default();
+                    if choice.text.0 || d.content.0 || d.reasoning_content.0 || d.reasoning.0 || d.tool_calls.0 || d.function_call.0
+                    {
+                        c.with_output += 1;
+                    }
+                    c.finished |= choice.finish_reason.is_some();
+                }
+                Ok(c)
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct Choice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    text: NonEmpty,
+    #[serde(default)]
+    finish_reason: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize, Default)]
+struct Delta {
+    #[serde(default)]
+    content: NonEmpty,
+    #[serde(default)]
+    reasoning_content: NonEmpty,
+    #[serde(default)]
+    reasoning: NonEmpty,
+    #[serde(default)]
+    tool_calls: NonEmpty,
+    #[serde(default)]
+    function_call: NonEmpty,
+}
+
+/// True for a non-empty string, array or object; false for anything else.
+#[derive(Default)]
+struct NonEmpty(bool);
+
+impl<'de> Deserialize<'de> for NonEmpty {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = NonEmpty;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<NonEmpty, E> {
+                Ok(NonEmpty(!v.is_empty()))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<NonEmpty, E> {
+                Ok(NonEmpty(false))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<NonEmpty, E> {
+                Ok(NonEmpty(false))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<NonEmpty, E> {
+                Ok(NonEmpty(false))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<NonEmpty, E> {
+                Ok(NonEmpty(false))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<NonEmpty, E> {
+                Ok(NonEmpty(false))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<NonEmpty, E> {
+                Ok(NonEmpty(false))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<NonEmpty, A::Error> {
+                let mut any = false;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    any = true;
+                }
+                Ok(NonEmpty(any))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NonEmpty, A::Error> {
+                let mut any = false;
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {
+                    any = true;
+                }
+                Ok(NonEmpty(any))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(events: &[&str]) -> (StreamMeter, Vec<EventKind>) {
+        let mut m = StreamMeter::new();
+        let kinds = events.iter().map(|e| m.observe(e.as_bytes())).collect();
+        (m, kinds)
+    }
+
+    #[test]
+    fn vllm_final_usage_chunk() {
+        let (m, kinds) = run(&[
+            r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
+            r#"{"id":"c","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#,
+            r#"{"id":"c","choices":[{"index":0,"delta":{"content":""},"finish_reason":"stop"}]}"#,
+            r#"{"id":"c","choices":[],"usage":{"prompt_tokens":5,"total_tokens":8,"completion_tokens":3}}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(kinds, vec![EventKind::Other, EventKind::Output, EventKind::Other, EventKind::UsageOnly, EventKind::Other]);
+        let (u, src) = m.finish(true);
+        assert_eq!((u.prompt_tokens, u.completion_tokens, u.total_tokens, src), (5, 3, 8, UsageSource::Backend));
+        assert!(m.saw_done);
+        // Hung up after the final usage: still the backend's own numbers.
+        assert_eq!(m.finish(false).1, UsageSource::Backend);
+    }
+
+    #[test]
+    fn vllm_continuous_usage_takes_last_never_sums() {
+        let (m, _) = run(&[
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":5,"total_tokens":6,"completion_tokens":1}}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"b"}}],"usage":{"prompt_tokens":5,"total_tokens":7,"completion_tokens":2}}"#,
+        ]);
+        let (u, src) = m.finish(false);
+        assert_eq!((u.completion_tokens, u.total_tokens, src), (2, 7, UsageSource::Partial));
+        assert_eq!(m.finish(true).1, UsageSource::Backend);
+    }
+
+    #[test]
+    fn vllm_error_event_both_shapes() {
+        let (m, _) = run(&[r#"{"error":{"message":"boom","type":"InternalServerError","param":null,"code":500}}"#, "[DONE]"]);
+        assert!(m.saw_error);
+        assert_eq!(m.finish(true).1, UsageSource::None);
+        let (m, _) = run(&[r#"{"object":"error","message":"boom","type":"x","code":500}"#]);
+        assert!(m.saw_error);
+    }
+
+    #[test]
+    fn tgi_completions_usage_on_last_choice_chunk() {
+        let (m, kinds) = run(&[
+            r#"{"choices":[{"index":0,"text":"x","finish_reason":null}],"usage":null}"#,
+            r#"{"choices":[{"index":0,"text":"y","finish_reason":"length"}],"usage":{"prompt_tokens":2,"completion_tokens":2,"total_tokens":4}}"#,
+        ]);
+        assert_eq!(kinds, vec![EventKind::Output, EventKind::Output]);
+        assert_eq!(m.finish(false), (Usage { prompt_tokens: 2, completion_tokens: 2, total_tokens: 4, details: String::new() }, UsageSource::Backend));
+    }
+
+    #[test]
+    fn tgi_chat_usage_chunk_with_empty_id() {
+        let (_, kinds) = run(&[r#"{"id":"","choices":[],"usage":{"prompt_tokens":2,"completion_tokens":2,"total_tokens":4}}"#]);
+        assert_eq!(kinds, vec![EventKind::UsageOnly]);
+    }
+
+    #[test]
+    fn ollama_zero_placeholders_are_not_final() {
+        let (m, _) = run(&[
+            r#"{"choices":[{"index":0,"text":"a","finish_reason":null}],"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}"#,
+            r#"{"choices":[{"index":0,"text":"","finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}"#,
+            r#"{"choices":[{"index":0,"text":"","finish_reason":"stop"}],"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}"#,
+        ]);
+        assert_eq!(m.finish(true).0.total_tokens, 10);
+    }
+
+    #[test]
+    fn sglang_null_fields_and_reasoning_tokens() {
+        let (m, kinds) = run(&[
+            r#"{"choices":[{"index":0,"delta":{"reasoning_content":"hmm","content":null}}],"usage":null}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10,"prompt_tokens_details":null,"reasoning_tokens":2}}"#,
+        ]);
+        assert_eq!(kinds, vec![EventKind::Output, EventKind::UsageOnly]);
+        let (u, _) = m.finish(true);
+        assert_eq!((u.total_tokens, u.details.as_str()), (10, ""));
+    }
+
+    #[test]
+    fn llama_cpp_timings_and_reasoning_total() {
+        let (m, _) = run(&[r#"{"choices":[],"usage":{"completion_tokens":5,"prompt_tokens":3,"total_tokens":20,"completion_tokens_details":{"reasoning_tokens":12}},"timings":{"prompt_n":3}}"#]);
+        let (u, _) = m.finish(true);
+        assert_eq!(u.total_tokens, 20);
+        assert_eq!(u.details, r#""completion_tokens_details":{"reasoning_tokens":12}"#);
+    }
+
+    #[test]
+    fn tool_calls_count_as_output_and_estimate() {
+        let (m, kinds) = run(&[
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"\n\"x\""}}]}"#,
+            "not json",
+        ]);
+        assert_eq!(kinds[..2], [EventKind::Output, EventKind::Output]);
+        let (u, src) = m.finish(false);
+        assert_eq!((u.prompt_tokens, u.completion_tokens, src), (0, 2, UsageSource::Estimated));
+        assert_eq!(m.unparsed, 1);
+    }
+}
