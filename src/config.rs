@@ -365,7 +365,8 @@ impl BackendUrl {
     /// Resolves the host, IPv4 first: `localhost` often resolves to `::1` first while
     /// inference servers commonly bind 0.0.0.0 only.
     pub fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
-        let mut addrs: Vec<SocketAddr> = (self.host.as_str(), self.port).to_socket_addrs()?.collect();
+        let mut addrs: Vec<SocketAddr> =
+            (self.host.as_str(), self.port).to_socket_addrs()?.collect();
         addrs.sort_by_key(|a| a.is_ipv6());
         addrs.dedup();
         Ok(addrs)
@@ -414,9 +415,13 @@ impl Config {
         if self.backends.is_empty() {
             return err("backends", "at least one backend is required");
         }
+        if self.backends.len() > 64 {
+            return err("backends", "at most 64 backends are supported");
+        }
         let mut names = std::collections::HashSet::new();
         for (i, b) in self.backends.iter().enumerate() {
-            let url = BackendUrl::parse(&b.url).or_else(|e| err(&format!("backends[{i}].url"), e))?;
+            let url =
+                BackendUrl::parse(&b.url).or_else(|e| err(&format!("backends[{i}].url"), e))?;
             if b.weight == 0 {
                 return err(&format!("backends[{i}].weight"), "must be at least 1");
             }
@@ -424,7 +429,9 @@ impl Config {
             if !names.insert(name.clone()) {
                 return err(
                     &format!("backends[{i}].name"),
-                    format!("\"{name}\" is used by two backends; names label metrics and must be unique"),
+                    format!(
+                        "\"{name}\" is used by two backends; names label metrics and must be unique"
+                    ),
                 );
             }
         }
@@ -433,7 +440,10 @@ impl Config {
             if !(hook.url.starts_with("http://") || hook.url.starts_with("https://")) {
                 return err(
                     "usage_hook.url",
-                    format!("expected an http:// or https:// URL, got \"{}\"", redact_url(&hook.url)),
+                    format!(
+                        "expected an http:// or https:// URL, got \"{}\"",
+                        redact_url(&hook.url)
+                    ),
                 );
             }
             if hook.queue_size == 0 {
@@ -483,7 +493,9 @@ impl Config {
         let _ = writeln!(s, "workers: {}", self.worker_count());
         for b in &self.backends {
             let name = b.name.clone().unwrap_or_else(|| {
-                BackendUrl::parse(&b.url).map(|u| u.authority).unwrap_or_default()
+                BackendUrl::parse(&b.url)
+                    .map(|u| u.authority)
+                    .unwrap_or_default()
             });
             let models = if b.models.is_empty() {
                 "any".to_string()
@@ -510,7 +522,11 @@ impl Config {
                 h.queue_size,
                 h.api_key_format,
                 h.headers.keys().cloned().collect::<Vec<_>>().join(", "),
-                if h.spool_dir.is_empty() { "(disabled)" } else { &h.spool_dir }
+                if h.spool_dir.is_empty() {
+                    "(disabled)"
+                } else {
+                    &h.spool_dir
+                }
             );
         } else {
             let _ = writeln!(s, "usage_hook: disabled (no usage records are delivered)");
@@ -526,7 +542,11 @@ impl Config {
         let _ = writeln!(
             s,
             "auth: {} ({} keys)",
-            if self.auth.enabled { "enabled" } else { "disabled" },
+            if self.auth.enabled {
+                "enabled"
+            } else {
+                "disabled"
+            },
             self.auth.keys.len()
         );
         let l = &self.limits;
@@ -563,15 +583,13 @@ pub fn redact_url(url: &str) -> String {
 fn expand_env(v: &mut serde_yaml::Value, path: &mut String) -> Result<(), ConfigError> {
     use serde_yaml::Value;
     match v {
-        Value::String(s) => {
-            if s.contains("${") {
-                *s = expand_str(s).map_err(|name| {
-                    ConfigError(format!(
-                        "{}: environment variable {name} is not set",
-                        if path.is_empty() { "." } else { path }
-                    ))
-                })?;
-            }
+        Value::String(s) if s.contains("${") => {
+            *s = expand_str(s).map_err(|name| {
+                ConfigError(format!(
+                    "{}: environment variable {name} is not set",
+                    if path.is_empty() { "." } else { path }
+                ))
+            })?;
         }
         Value::Sequence(seq) => {
             for (i, item) in seq.iter_mut().enumerate() {

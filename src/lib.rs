@@ -1,6 +1,18 @@
+//! LLMProxy: a metering reverse proxy for OpenAI-compatible inference servers.
+//!
+//! The folder list is the architecture; one request flows
+//! `server` (accept, HTTP/1.1) → `auth` → `upstream` (route, pool) → `relay`
+//! (rewrite, stream) → `usage` (meter, record) → `delivery` (webhook).
+
+pub mod auth;
 pub mod config;
+pub mod delivery;
 pub mod http;
+pub mod io;
 pub mod log;
+pub mod metrics;
 pub mod relay;
+pub mod server;
 pub mod sse;
+pub mod upstream;
 pub mod usage;

@@ -83,6 +83,16 @@ impl SseScanner {
         }
     }
 
+    /// Starts a new stream, keeping the data buffer's capacity.
+    pub fn reset(&mut self) {
+        let mut data = std::mem::take(&mut self.data);
+        data.clear();
+        *self = SseScanner {
+            data,
+            ..SseScanner::new()
+        };
+    }
+
     /// Absolute offset of the first byte of an event that has begun but not ended.
     pub fn pending_event_start(&self) -> Option<u64> {
         self.event_start
@@ -363,7 +373,8 @@ mod tests {
 
     #[test]
     fn crlf_comments_multiline_and_ranges() {
-        let input = b": ping - 2026-01-01\r\n\r\ndata: a\r\ndata:b\r\nid: 3\r\n\r\nevent: x\rdata\r\r";
+        let input =
+            b": ping - 2026-01-01\r\n\r\ndata: a\r\ndata:b\r\nid: 3\r\n\r\nevent: x\rdata\r\r";
         let want = vec![(b"a\nb".to_vec(), 23), (b"".to_vec(), 49)];
         assert_eq!(reference(input), want);
         for cut in 0..=input.len() {
@@ -395,7 +406,9 @@ mod tests {
         s.feed(b"data: ", |_| {});
         s.feed(&big, |_| {});
         let mut got = Vec::new();
-        s.feed(b"\n\ndata: ok\n\n", |e| got.push((e.truncated, e.data.len())));
+        s.feed(b"\n\ndata: ok\n\n", |e| {
+            got.push((e.truncated, e.data.len()))
+        });
         assert_eq!(got, vec![(true, 0), (false, 2)]);
     }
 

@@ -44,15 +44,30 @@ pub enum Framing {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
     /// Reading hex digits of a chunk size.
-    Size { value: u64, digits: u8, len: usize },
+    Size {
+        value: u64,
+        digits: u8,
+        len: usize,
+    },
     /// After the size: extensions or whitespace up to the line end.
-    Ext { value: u64, len: usize, cr: bool, ext: bool },
-    Data { remaining: u64 },
+    Ext {
+        value: u64,
+        len: usize,
+        cr: bool,
+        ext: bool,
+    },
+    Data {
+        remaining: u64,
+    },
     /// Expecting the CRLF after chunk data.
     DataCr,
     DataLf,
     /// Trailer section: `line_len` bytes into the current line.
-    Trailer { line_len: usize, total: usize, cr: bool },
+    Trailer {
+        line_len: usize,
+        total: usize,
+        cr: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,7 +301,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn decode_split(framing: Framing, input: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, usize, bool), BodyError> {
+    fn decode_split(
+        framing: Framing,
+        input: &[u8],
+        cuts: &[usize],
+    ) -> Result<(Vec<u8>, usize, bool), BodyError> {
         let mut d = BodyDecoder::new(framing);
         let mut out = Vec::new();
         let mut consumed = 0;
@@ -331,10 +350,17 @@ mod tests {
             b"-5\r\n",
         ];
         for b in bad {
-            assert!(decode_split(Framing::Chunked, b, &[]).is_err(), "{:?}", String::from_utf8_lossy(b));
+            assert!(
+                decode_split(Framing::Chunked, b, &[]).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(b)
+            );
         }
         let long_ext = [b"1;".as_slice(), &vec![b'a'; CHUNK_HEAD_LIMIT], b"\r\n"].concat();
-        assert_eq!(decode_split(Framing::Chunked, &long_ext, &[]), Err(BodyError::BadChunkFraming));
+        assert_eq!(
+            decode_split(Framing::Chunked, &long_ext, &[]),
+            Err(BodyError::BadChunkFraming)
+        );
     }
 
     #[test]

@@ -63,8 +63,12 @@ impl ProxyError {
             ProxyError::InvalidRequest(m) => m.clone(),
             ProxyError::ModelNotFound(m) => format!("No backend serves the model '{m}'."),
             ProxyError::NotFound => "Unknown path.".into(),
-            ProxyError::RequestTooLarge => "Request body is larger than the configured limit.".into(),
-            ProxyError::HeadersTooLarge => "Request header block is larger than the configured limit.".into(),
+            ProxyError::RequestTooLarge => {
+                "Request body is larger than the configured limit.".into()
+            }
+            ProxyError::HeadersTooLarge => {
+                "Request header block is larger than the configured limit.".into()
+            }
             ProxyError::BadRequest(m) => format!("Malformed HTTP request: {m}."),
             ProxyError::HeaderTimeout => "Request head not received in time.".into(),
             ProxyError::BackendUnavailable => "No backend could be reached.".into(),
@@ -155,7 +159,10 @@ pub fn write_response(
 
 /// Decimal formatting without allocation.
 pub fn itoa_u64(n: u64) -> ItoaBuf {
-    let mut buf = ItoaBuf { bytes: [0; 20], start: 20 };
+    let mut buf = ItoaBuf {
+        bytes: [0; 20],
+        start: 20,
+    };
     let mut v = n;
     loop {
         buf.start -= 1;

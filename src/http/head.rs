@@ -59,8 +59,7 @@ impl Headers {
         for h in parsed {
             let n = h.name.as_ptr() as usize - base;
             let v = h.value.as_ptr() as usize - base;
-            self.list
-                .push((n..n + h.name.len(), v..v + h.value.len()));
+            self.list.push((n..n + h.name.len(), v..v + h.value.len()));
         }
     }
 
@@ -255,7 +254,11 @@ impl ResponseHead {
 
     /// Body framing of this response to a request with `method` (RFC 9112 §6.3).
     pub fn framing(&mut self, method: &str) -> Result<Framing, HeadError> {
-        if method == "HEAD" || (100..200).contains(&self.status) || self.status == 204 || self.status == 304 {
+        if method == "HEAD"
+            || (100..200).contains(&self.status)
+            || self.status == 204
+            || self.status == 304
+        {
             return Ok(Framing::Empty);
         }
         let (length, te) = self.headers.framing()?;
@@ -304,7 +307,10 @@ mod tests {
     fn partial_and_too_large() {
         assert_eq!(parse(b"GET / HTTP/1.1\r\nHost: a\r\n"), Ok(None));
         let big = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &vec![b'a'; 2000]].concat();
-        assert_eq!(RequestHead::default().parse(&big, 1024), Err(HeadError::TooLarge));
+        assert_eq!(
+            RequestHead::default().parse(&big, 1024),
+            Err(HeadError::TooLarge)
+        );
     }
 
     #[test]
@@ -330,21 +336,32 @@ mod tests {
             );
         }
         // Repeated identical Content-Length is allowed (RFC 9112 §6.3).
-        assert!(parse(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n").is_ok());
+        assert!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n").is_ok()
+        );
     }
 
     #[test]
     fn response_framing() {
         let mut r = ResponseHead::default();
-        r.parse(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", 1024).unwrap().unwrap();
+        r.parse(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            1024,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(r.framing("POST"), Ok(Framing::Chunked));
         assert!(r.keep_alive);
-        r.parse(b"HTTP/1.1 204 No Content\r\n\r\n", 1024).unwrap().unwrap();
+        r.parse(b"HTTP/1.1 204 No Content\r\n\r\n", 1024)
+            .unwrap()
+            .unwrap();
         assert_eq!(r.framing("POST"), Ok(Framing::Empty));
         r.parse(b"HTTP/1.0 200 OK\r\n\r\n", 1024).unwrap().unwrap();
         assert_eq!(r.framing("GET"), Ok(Framing::UntilClose));
         assert!(!r.keep_alive);
-        r.parse(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n", 1024).unwrap().unwrap();
+        r.parse(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n", 1024)
+            .unwrap()
+            .unwrap();
         assert_eq!(r.framing("HEAD"), Ok(Framing::Empty));
         assert_eq!(r.framing("GET"), Ok(Framing::Length(3)));
     }

@@ -7,7 +7,7 @@ use crate::config::UsageMode;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RequestInfo {
     pub model: String,
     pub stream: bool,
@@ -17,6 +17,9 @@ pub struct RequestInfo {
     pub caller_wants_usage: bool,
     /// The caller itself asked for `stream_options.continuous_usage_stats`.
     pub caller_wants_continuous: bool,
+    /// Where the caller's `stream_options` value (possibly `null`) lies in the body.
+    options_span: Option<std::ops::Range<usize>>,
+    options: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -32,18 +35,15 @@ struct Probe<'a> {
 }
 
 /// Keeps `"stream_options": null` as a raw value so it can be replaced in place.
-fn raw_even_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+fn raw_even_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(d).map(Some)
 }
 
-/// Inspects a body: `Err` carries the message for a 400 `invalid_request`.
-/// When `rewrite` is given a mode and the request streams, the returned body carries
-/// `stream_options.include_usage` (and `continuous_usage_stats` in continuous mode).
-pub fn inspect_and_rewrite(
-    body: &[u8],
-    require_model: bool,
-    mode: Option<UsageMode>,
-) -> Result<(RequestInfo, Option<Vec<u8>>), String> {
+/// Reads what the proxy needs from a request body. `Err` carries the message for a
+/// 400 `invalid_request`.
+pub fn inspect(body: &[u8], require_model: bool) -> Result<RequestInfo, String> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return Err("Request body must be a JSON object.".into());
@@ -59,7 +59,6 @@ pub fn inspect_and_rewrite(
     let user = probe
         .user
         .and_then(|r| serde_json::from_str::<String>(r.get()).ok());
-    let stream = probe.stream.unwrap_or(false);
     let options = match probe.stream_options {
         Some(raw) if raw.get() != "null" => Some(
             serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw.get())
@@ -74,50 +73,66 @@ pub fn inspect_and_rewrite(
             .and_then(|v| v.as_bool())
             .unwrap_or(false)
     };
-    let info = RequestInfo {
+    Ok(RequestInfo {
         model,
-        stream,
+        stream: probe.stream.unwrap_or(false),
         user,
         caller_wants_usage: flag("include_usage"),
         caller_wants_continuous: flag("continuous_usage_stats"),
-    };
-    let Some(mode) = mode else {
-        return Ok((info, None));
-    };
-    // vLLM answers 400 to stream_options without stream: only touch streams.
-    if !stream {
-        return Ok((info, None));
+        options_span: probe.stream_options.map(|raw| {
+            // The raw value borrows from `body`: its offset is where to splice.
+            let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+            start..start + raw.get().len()
+        }),
+        options,
+    })
+}
+
+/// The body to send upstream for a stream, asking the backend for usage (and, in
+/// continuous mode, running usage on every chunk); `None` when it already does or the
+/// request does not stream (vLLM answers 400 to `stream_options` without `stream`).
+pub fn rewrite(body: &[u8], info: &RequestInfo, mode: UsageMode) -> Option<Vec<u8>> {
+    if !info.stream {
+        return None;
     }
     let continuous = mode == UsageMode::Continuous;
     if info.caller_wants_usage && (!continuous || info.caller_wants_continuous) {
-        return Ok((info, None));
+        return None;
     }
-    let mut opts = options.unwrap_or_default();
+    let mut opts = info.options.clone().unwrap_or_default();
     opts.insert("include_usage".into(), true.into());
     if continuous {
         opts.insert("continuous_usage_stats".into(), true.into());
     }
-    let new_opts = serde_json::to_vec(&opts).map_err(|e| e.to_string())?;
+    let new_opts = serde_json::Value::Object(opts).to_string();
     let mut out = Vec::with_capacity(body.len() + 64);
-    match probe.stream_options {
-        Some(raw) => {
-            // The raw value borrows from `body`: its offset is where to splice.
-            let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
-            let end = start + raw.get().len();
-            out.extend_from_slice(&body[..start]);
-            out.extend_from_slice(&new_opts);
-            out.extend_from_slice(&body[end..]);
+    match &info.options_span {
+        Some(span) => {
+            out.extend_from_slice(&body[..span.start]);
+            out.extend_from_slice(new_opts.as_bytes());
+            out.extend_from_slice(&body[span.end..]);
         }
         None => {
             let brace = body.iter().position(|&b| b == b'{').unwrap_or(0);
             out.extend_from_slice(&body[..=brace]);
             out.extend_from_slice(b"\"stream_options\":");
-            out.extend_from_slice(&new_opts);
+            out.extend_from_slice(new_opts.as_bytes());
             out.push(b',');
             out.extend_from_slice(&body[brace + 1..]);
         }
     }
-    Ok((info, Some(out)))
+    Some(out)
+}
+
+/// `inspect` then `rewrite`, for tests and benches.
+pub fn inspect_and_rewrite(
+    body: &[u8],
+    require_model: bool,
+    mode: Option<UsageMode>,
+) -> Result<(RequestInfo, Option<Vec<u8>>), String> {
+    let info = inspect(body, require_model)?;
+    let out = mode.and_then(|m| rewrite(body, &info, m));
+    Ok((info, out))
 }
 
 #[cfg(test)]
@@ -147,11 +162,18 @@ mod tests {
 
     #[test]
     fn merges_into_caller_options() {
-        let body = json!({"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1}});
+        let body =
+            json!({"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1}});
         let (_, out) = rewrite(&body, UsageMode::Continuous);
-        assert_eq!(out["stream_options"], json!({"include_usage":true,"x":1,"continuous_usage_stats":true}));
+        assert_eq!(
+            out["stream_options"],
+            json!({"include_usage":true,"x":1,"continuous_usage_stats":true})
+        );
         let body = json!({"model":"m","stream":true,"stream_options":null});
-        assert_eq!(rewrite(&body, UsageMode::Final).1["stream_options"], json!({"include_usage":true}));
+        assert_eq!(
+            rewrite(&body, UsageMode::Final).1["stream_options"],
+            json!({"include_usage":true})
+        );
         let body = json!({"model":"m","stream":true,"stream_options":{"include_usage":true}});
         let (info, out) = rewrite(&body, UsageMode::Final);
         assert!(info.caller_wants_usage);
@@ -160,16 +182,33 @@ mod tests {
 
     #[test]
     fn rejects_bad_bodies() {
-        for bad in [&b"not json"[..], b"[1]", b"{\"model\":1}", b"{\"messages\":[]}", b"{\"model\":\"m\"", b"{\"model\":\"m\",\"model\":\"n\"}", b"{\"model\":\"m\",\"stream\":\"yes\"}", b"{\"model\":\"m\",\"stream\":true,\"stream_options\":5}"] {
-            assert!(inspect_and_rewrite(bad, true, Some(UsageMode::Final)).is_err(), "{}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"not json"[..],
+            b"[1]",
+            b"{\"model\":1}",
+            b"{\"messages\":[]}",
+            b"{\"model\":\"m\"",
+            b"{\"model\":\"m\",\"model\":\"n\"}",
+            b"{\"model\":\"m\",\"stream\":\"yes\"}",
+            b"{\"model\":\"m\",\"stream\":true,\"stream_options\":5}",
+        ] {
+            assert!(
+                inspect_and_rewrite(bad, true, Some(UsageMode::Final)).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert!(inspect_and_rewrite(b"{}", false, None).is_ok());
     }
 
     #[test]
     fn reads_user_and_model() {
-        let (info, _) = inspect_and_rewrite(br#" {"model":"m\u00e9","user":"u1"}"#, true, None).unwrap();
-        assert_eq!((info.model.as_str(), info.user.as_deref()), ("mé", Some("u1")));
+        let (info, _) =
+            inspect_and_rewrite(br#" {"model":"m\u00e9","user":"u1"}"#, true, None).unwrap();
+        assert_eq!(
+            (info.model.as_str(), info.user.as_deref()),
+            ("mé", Some("u1"))
+        );
     }
 
     proptest! {

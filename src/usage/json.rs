@@ -32,6 +32,16 @@ impl UsageFinder {
         Self::default()
     }
 
+    /// Starts a new body, keeping the capture buffer's capacity.
+    pub fn reset(&mut self) {
+        let mut capture = std::mem::take(&mut self.capture);
+        capture.clear();
+        *self = UsageFinder {
+            capture,
+            ..UsageFinder::new()
+        };
+    }
+
     /// The raw bytes of the last complete top-level `usage` value seen.
     pub fn usage(&self) -> Option<&[u8]> {
         self.found.as_deref()
@@ -151,7 +161,11 @@ mod tests {
     fn finds_top_level_usage_at_every_split() {
         let want = br#"{"prompt_tokens":9,"total_tokens":12,"completion_tokens":3}"#.to_vec();
         for cut in 0..=BODY.len() {
-            assert_eq!(find_split(BODY.as_bytes(), &[cut]), Some(want.clone()), "cut {cut}");
+            assert_eq!(
+                find_split(BODY.as_bytes(), &[cut]),
+                Some(want.clone()),
+                "cut {cut}"
+            );
         }
     }
 
@@ -159,7 +173,10 @@ mod tests {
     fn ignores_nested_and_non_object_roots() {
         assert_eq!(find_split(br#"{"data":[{"usage":{"a":1}}]}"#, &[]), None);
         assert_eq!(find_split(br#"["usage",{"usage":1}]"#, &[]), None);
-        assert_eq!(find_split(br#"{"usage":null}"#, &[]), Some(b"null".to_vec()));
+        assert_eq!(
+            find_split(br#"{"usage":null}"#, &[]),
+            Some(b"null".to_vec())
+        );
         assert_eq!(find_split(br#"{"usag\u0065":{"a":1}}"#, &[]), None);
     }
 
@@ -172,7 +189,10 @@ mod tests {
             f.feed(&floats);
         }
         f.feed(br#"1.0]}],"usage":{"prompt_tokens":7,"total_tokens":7}}"#);
-        assert_eq!(f.usage(), Some(&br#"{"prompt_tokens":7,"total_tokens":7}"#[..]));
+        assert_eq!(
+            f.usage(),
+            Some(&br#"{"prompt_tokens":7,"total_tokens":7}"#[..])
+        );
         assert!(f.capture.capacity() <= 1024);
     }
 

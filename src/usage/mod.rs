@@ -132,9 +132,14 @@ mod tests {
 
     #[test]
     fn copies_counts_and_details_verbatim() {
-        let (p, u) = parse(r#"{"prompt_tokens":15,"total_tokens":60,"completion_tokens":42,"prompt_tokens_details":{"cached_tokens":8},"completion_tokens_details":{"reasoning_tokens":3}}"#);
+        let (p, u) = parse(
+            r#"{"prompt_tokens":15,"total_tokens":60,"completion_tokens":42,"prompt_tokens_details":{"cached_tokens":8},"completion_tokens_details":{"reasoning_tokens":3}}"#,
+        );
         assert_eq!(p, Parsed::Valid);
-        assert_eq!((u.prompt_tokens, u.completion_tokens, u.total_tokens), (15, 42, 60));
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            (15, 42, 60)
+        );
         assert_eq!(
             u.details,
             r#""prompt_tokens_details":{"cached_tokens":8},"completion_tokens_details":{"reasoning_tokens":3}"#
@@ -143,7 +148,9 @@ mod tests {
 
     #[test]
     fn sglang_nulls_and_extra_fields() {
-        let (p, u) = parse(r#"{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"prompt_tokens_details":null,"reasoning_tokens":0}"#);
+        let (p, u) = parse(
+            r#"{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"prompt_tokens_details":null,"reasoning_tokens":0}"#,
+        );
         assert_eq!(p, Parsed::Valid);
         assert_eq!(u.details, "");
         assert_eq!(u.total_tokens, 7);
@@ -151,7 +158,10 @@ mod tests {
 
     #[test]
     fn placeholders_and_garbage() {
-        assert_eq!(parse(r#"{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}"#).0, Parsed::Zero);
+        assert_eq!(
+            parse(r#"{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}"#).0,
+            Parsed::Zero
+        );
         assert_eq!(parse("null").0, Parsed::Invalid);
         assert_eq!(parse(r#"{"prompt_tokens":-1}"#).0, Parsed::Invalid);
         assert_eq!(parse(r#"{"prompt_tokens":1.5}"#).0, Parsed::Invalid);

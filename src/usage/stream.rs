@@ -165,7 +165,12 @@ impl<'de> Deserialize<'de> for Choices {
                 while let Some(choice) = seq.next_element::<Choice>()? {
                     c.count += 1;
                     let d = choice.delta.unwrap_or_default();
-                    if choice.text.0 || d.content.0 || d.reasoning_content.0 || d.reasoning.0 || d.tool_calls.0 || d.function_call.0
+                    if choice.text.0
+                        || d.content.0
+                        || d.reasoning_content.0
+                        || d.reasoning.0
+                        || d.tool_calls.0
+                        || d.function_call.0
                     {
                         c.with_output += 1;
                     }
@@ -273,9 +278,21 @@ mod tests {
             r#"{"id":"c","choices":[],"usage":{"prompt_tokens":5,"total_tokens":8,"completion_tokens":3}}"#,
             "[DONE]",
         ]);
-        assert_eq!(kinds, vec![EventKind::Other, EventKind::Output, EventKind::Other, EventKind::UsageOnly, EventKind::Other]);
+        assert_eq!(
+            kinds,
+            vec![
+                EventKind::Other,
+                EventKind::Output,
+                EventKind::Other,
+                EventKind::UsageOnly,
+                EventKind::Other
+            ]
+        );
         let (u, src) = m.finish(true);
-        assert_eq!((u.prompt_tokens, u.completion_tokens, u.total_tokens, src), (5, 3, 8, UsageSource::Backend));
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens, src),
+            (5, 3, 8, UsageSource::Backend)
+        );
         assert!(m.saw_done);
         // Hung up after the final usage: still the backend's own numbers.
         assert_eq!(m.finish(false).1, UsageSource::Backend);
@@ -288,13 +305,19 @@ mod tests {
             r#"{"choices":[{"index":0,"delta":{"content":"b"}}],"usage":{"prompt_tokens":5,"total_tokens":7,"completion_tokens":2}}"#,
         ]);
         let (u, src) = m.finish(false);
-        assert_eq!((u.completion_tokens, u.total_tokens, src), (2, 7, UsageSource::Partial));
+        assert_eq!(
+            (u.completion_tokens, u.total_tokens, src),
+            (2, 7, UsageSource::Partial)
+        );
         assert_eq!(m.finish(true).1, UsageSource::Backend);
     }
 
     #[test]
     fn vllm_error_event_both_shapes() {
-        let (m, _) = run(&[r#"{"error":{"message":"boom","type":"InternalServerError","param":null,"code":500}}"#, "[DONE]"]);
+        let (m, _) = run(&[
+            r#"{"error":{"message":"boom","type":"InternalServerError","param":null,"code":500}}"#,
+            "[DONE]",
+        ]);
         assert!(m.saw_error);
         assert_eq!(m.finish(true).1, UsageSource::None);
         let (m, _) = run(&[r#"{"object":"error","message":"boom","type":"x","code":500}"#]);
@@ -308,12 +331,25 @@ mod tests {
             r#"{"choices":[{"index":0,"text":"y","finish_reason":"length"}],"usage":{"prompt_tokens":2,"completion_tokens":2,"total_tokens":4}}"#,
         ]);
         assert_eq!(kinds, vec![EventKind::Output, EventKind::Output]);
-        assert_eq!(m.finish(false), (Usage { prompt_tokens: 2, completion_tokens: 2, total_tokens: 4, details: String::new() }, UsageSource::Backend));
+        assert_eq!(
+            m.finish(false),
+            (
+                Usage {
+                    prompt_tokens: 2,
+                    completion_tokens: 2,
+                    total_tokens: 4,
+                    details: String::new()
+                },
+                UsageSource::Backend
+            )
+        );
     }
 
     #[test]
     fn tgi_chat_usage_chunk_with_empty_id() {
-        let (_, kinds) = run(&[r#"{"id":"","choices":[],"usage":{"prompt_tokens":2,"completion_tokens":2,"total_tokens":4}}"#]);
+        let (_, kinds) = run(&[
+            r#"{"id":"","choices":[],"usage":{"prompt_tokens":2,"completion_tokens":2,"total_tokens":4}}"#,
+        ]);
         assert_eq!(kinds, vec![EventKind::UsageOnly]);
     }
 
@@ -340,10 +376,15 @@ mod tests {
 
     #[test]
     fn llama_cpp_timings_and_reasoning_total() {
-        let (m, _) = run(&[r#"{"choices":[],"usage":{"completion_tokens":5,"prompt_tokens":3,"total_tokens":20,"completion_tokens_details":{"reasoning_tokens":12}},"timings":{"prompt_n":3}}"#]);
+        let (m, _) = run(&[
+            r#"{"choices":[],"usage":{"completion_tokens":5,"prompt_tokens":3,"total_tokens":20,"completion_tokens_details":{"reasoning_tokens":12}},"timings":{"prompt_n":3}}"#,
+        ]);
         let (u, _) = m.finish(true);
         assert_eq!(u.total_tokens, 20);
-        assert_eq!(u.details, r#""completion_tokens_details":{"reasoning_tokens":12}"#);
+        assert_eq!(
+            u.details,
+            r#""completion_tokens_details":{"reasoning_tokens":12}"#
+        );
     }
 
     #[test]
@@ -355,7 +396,10 @@ mod tests {
         ]);
         assert_eq!(kinds[..2], [EventKind::Output, EventKind::Output]);
         let (u, src) = m.finish(false);
-        assert_eq!((u.prompt_tokens, u.completion_tokens, src), (0, 2, UsageSource::Estimated));
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, src),
+            (0, 2, UsageSource::Estimated)
+        );
         assert_eq!(m.unparsed, 1);
     }
 }

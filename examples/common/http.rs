@@ -1,0 +1,162 @@
+//! A tiny blocking HTTP/1.1 server for the examples (mock backend, webhook receiver):
+//! thread per connection, keep-alive, Content-Length and chunked request bodies.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Binds `host:port` (port 0 picks one) and prints `<name> listening on ADDR`.
+pub fn listen(name: &str, host: &str, port: u16) -> TcpListener {
+    let listener = TcpListener::bind((host, port)).unwrap_or_else(|e| {
+        eprintln!("{name}: cannot listen on {host}:{port}: {e}");
+        std::process::exit(1);
+    });
+    let addr = listener.local_addr().expect("local addr");
+    println!("{name} listening on {addr}");
+    let _ = std::io::stdout().flush();
+    listener
+}
+
+/// Serves each connection on its own thread with `handler`, which writes the response.
+pub fn serve<H>(listener: TcpListener, handler: H)
+where
+    H: Fn(&Request, &mut TcpStream) -> std::io::Result<bool> + Send + Sync + 'static,
+{
+    let handler = std::sync::Arc::new(handler);
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let handler = handler.clone();
+        std::thread::spawn(move || {
+            let _ = stream.set_nodelay(true);
+            let mut writer = match stream.try_clone() {
+                Ok(w) => w,
+                Err(_) => return,
+            };
+            let mut reader = BufReader::with_capacity(64 * 1024, stream);
+            while let Some(req) = read_request(&mut reader) {
+                match handler(&req, &mut writer) {
+                    Ok(true) => {}
+                    _ => return,
+                }
+                if req
+                    .header("connection")
+                    .is_some_and(|c| c.eq_ignore_ascii_case("close"))
+                {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
+    let mut head = Vec::new();
+    loop {
+        let n = r.read_until(b'\n', &mut head).ok()?;
+        if n == 0 {
+            return None;
+        }
+        if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") {
+            break;
+        }
+        if head.len() > 1 << 20 {
+            return None;
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(&head).ok()?;
+    let mut out = Request {
+        method: req.method?.to_string(),
+        path: req.path?.to_string(),
+        headers: req
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_string(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect(),
+        body: Vec::new(),
+    };
+    if let Some(len) = out
+        .header("content-length")
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        out.body.resize(len, 0);
+        r.read_exact(&mut out.body).ok()?;
+    } else if out
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).ok()?;
+            let size = usize::from_str_radix(line.trim().split(';').next()?, 16).ok()?;
+            if size == 0 {
+                let mut end = String::new();
+                r.read_line(&mut end).ok()?;
+                break;
+            }
+            let start = out.body.len();
+            out.body.resize(start + size, 0);
+            r.read_exact(&mut out.body[start..]).ok()?;
+            let mut crlf = [0u8; 2];
+            r.read_exact(&mut crlf).ok()?;
+        }
+    }
+    Some(out)
+}
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        409 => "Conflict",
+        422 => "Unprocessable Entity",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+/// Writes a whole response with a Content-Length body.
+pub fn respond(w: &mut TcpStream, status: u16, ctype: &str, body: &[u8]) -> std::io::Result<bool> {
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n\r\n",
+        reason(status),
+        body.len()
+    );
+    let mut all = head.into_bytes();
+    all.extend_from_slice(body);
+    w.write_all(&all)?;
+    Ok(true)
+}
+
+/// Value of a `--name value` command-line flag.
+pub fn flag(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}

@@ -1,0 +1,291 @@
+//! A mock vLLM: an OpenAI-compatible server with deterministic token counts, in the
+//! exact wire shapes vLLM uses (see SPEC.md "Backend quirks"). Used by the README demo,
+//! the integration tests and the benchmarks.
+//!
+//!     cargo run --example mock_vllm -- --port 8000 [--models a,b] [--tokens 16]
+//!         [--token-delay-ms 0] [--name backend-a]
+//!
+//! Prompt tokens are the whitespace-separated words of the prompt (at least 1);
+//! completion tokens are `max_tokens`, else `--tokens`. Per-request knobs, as headers:
+//!   x-mock-tokens: N             completion tokens
+//!   x-mock-token-delay-ms: N     pause between streamed tokens
+//!   x-mock-pause-after-first-ms: N  pause after the first content chunk
+//!   x-mock-split: N              write the stream in pieces of N bytes
+//!   x-mock-fail: status-500 | error-event | reset | hang
+//! `GET /mock/last` returns the last request received (headers and body) as JSON.
+
+#[path = "common/http.rs"]
+mod http;
+
+use serde_json::{Value, json};
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::Mutex;
+use std::time::Duration;
+
+struct Mock {
+    models: Vec<String>,
+    tokens: u64,
+    token_delay: u64,
+    name: String,
+    last: Mutex<Value>,
+}
+
+fn main() {
+    let port: u16 = http::flag("--port")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8000);
+    let host = http::flag("--host").unwrap_or_else(|| "127.0.0.1".into());
+    let mock = Mock {
+        models: http::flag("--models")
+            .unwrap_or_else(|| "mock-model".into())
+            .split(',')
+            .map(str::to_owned)
+            .collect(),
+        tokens: http::flag("--tokens")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(16),
+        token_delay: http::flag("--token-delay-ms")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0),
+        name: http::flag("--name").unwrap_or_else(|| format!("mock-{port}")),
+        last: Mutex::new(Value::Null),
+    };
+    let listener = http::listen("mock-vllm", &host, port);
+    let mock = std::sync::Arc::new(mock);
+    http::serve(listener, move |req, w| mock.handle(req, w));
+}
+
+fn error_json(status: u16, msg: &str) -> Vec<u8> {
+    json!({"object": "error", "message": msg, "type": "BadRequestError", "param": null, "code": status})
+        .to_string()
+        .into_bytes()
+}
+
+fn words(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.split_whitespace().count() as u64,
+        Value::Array(a) => a.iter().map(words).sum(),
+        Value::Object(o) => o.get("content").map_or(0, words),
+        _ => 0,
+    }
+}
+
+impl Mock {
+    fn handle(&self, req: &http::Request, w: &mut TcpStream) -> std::io::Result<bool> {
+        let route = req.path.split('?').next().unwrap_or("");
+        if route != "/mock/last" && route != "/health" {
+            let headers: serde_json::Map<String, Value> = req
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), Value::String(v.clone())))
+                .collect();
+            if let Ok(mut last) = self.last.lock() {
+                *last = json!({
+                    "method": req.method, "path": req.path, "headers": headers,
+                    "body": String::from_utf8_lossy(&req.body),
+                });
+            }
+        }
+        match (req.method.as_str(), route) {
+            ("GET", "/health") => http::respond(w, 200, "application/json", b"{}"),
+            ("GET", "/mock/last") => {
+                let last = self.last.lock().map(|l| l.to_string()).unwrap_or_default();
+                http::respond(w, 200, "application/json", last.as_bytes())
+            }
+            ("GET", "/v1/models") => {
+                let data: Vec<Value> = self
+                    .models
+                    .iter()
+                    .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": self.name}))
+                    .collect();
+                http::respond(
+                    w,
+                    200,
+                    "application/json",
+                    json!({"object": "list", "data": data})
+                        .to_string()
+                        .as_bytes(),
+                )
+            }
+            ("POST", "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings") => {
+                self.generate(req, route, w)
+            }
+            _ => http::respond(w, 404, "application/json", &error_json(404, "not found")),
+        }
+    }
+
+    fn generate(
+        &self,
+        req: &http::Request,
+        route: &str,
+        w: &mut TcpStream,
+    ) -> std::io::Result<bool> {
+        let body: Value = match serde_json::from_slice(&req.body) {
+            Ok(v) => v,
+            Err(e) => {
+                return http::respond(w, 400, "application/json", &error_json(400, &e.to_string()));
+            }
+        };
+        let model = body["model"].as_str().unwrap_or_default().to_string();
+        if !self.models.contains(&model) {
+            return http::respond(
+                w,
+                404,
+                "application/json",
+                &error_json(404, &format!("The model `{model}` does not exist.")),
+            );
+        }
+        let stream = body["stream"].as_bool() == Some(true);
+        // vLLM's own rule: stream_options is only allowed with stream=true.
+        if !body["stream_options"].is_null() && !stream {
+            return http::respond(
+                w,
+                400,
+                "application/json",
+                &error_json(
+                    400,
+                    "Stream options can only be defined when `stream=True`.",
+                ),
+            );
+        }
+        let fail = req.header("x-mock-fail").unwrap_or("");
+        match fail {
+            "status-500" => {
+                return http::respond(w, 500, "application/json", &error_json(500, "mock failure"));
+            }
+            "hang" => {
+                std::thread::sleep(Duration::from_secs(3600));
+                return Ok(false);
+            }
+            _ => {}
+        }
+        let num = |h: &str| req.header(h).and_then(|v| v.parse::<u64>().ok());
+        let prompt_tokens = match route {
+            "/v1/chat/completions" => words(&body["messages"]),
+            "/v1/completions" => words(&body["prompt"]),
+            _ => words(&body["input"]),
+        }
+        .max(1);
+        if route == "/v1/embeddings" {
+            let dim = num("x-mock-embedding-dim").unwrap_or(8) as usize;
+            let emb: Vec<f64> = (0..dim).map(|i| (i as f64 * 0.001).sin()).collect();
+            let resp = json!({
+                "id": "embd-mock", "object": "list", "created": 0, "model": model,
+                "data": [{"index": 0, "object": "embedding", "embedding": emb}],
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0}
+            });
+            return http::respond(w, 200, "application/json", resp.to_string().as_bytes());
+        }
+        let completion = num("x-mock-tokens")
+            .or(body["max_tokens"].as_u64())
+            .or(body["max_completion_tokens"].as_u64())
+            .unwrap_or(self.tokens);
+        let chat = route == "/v1/chat/completions";
+        let usage = |c: u64| json!({"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + c, "completion_tokens": c});
+        let text: String = (0..completion).map(|i| format!("tok{i} ")).collect();
+        if !stream {
+            let choice = if chat {
+                json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
+            } else {
+                json!({"index": 0, "text": text, "finish_reason": "length"})
+            };
+            let resp = json!({
+                "id": "cmpl-mock", "object": if chat { "chat.completion" } else { "text_completion" },
+                "created": 0, "model": model, "choices": [choice], "usage": usage(completion)
+            });
+            return http::respond(w, 200, "application/json", resp.to_string().as_bytes());
+        }
+
+        let include_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
+        let continuous = body["stream_options"]["continuous_usage_stats"].as_bool() == Some(true);
+        let delay = num("x-mock-token-delay-ms").unwrap_or(self.token_delay);
+        let pause_after_first = num("x-mock-pause-after-first-ms").unwrap_or(0);
+        let split = num("x-mock-split").unwrap_or(0) as usize;
+        w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n")?;
+        let object = if chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let mut sse = SseWriter { w, split };
+        let chunk = |choice: Value, c: u64| {
+            let mut v = json!({"id": "cmpl-mock", "object": object, "created": 0, "model": model, "choices": [choice]});
+            if continuous {
+                v["usage"] = usage(c);
+            }
+            v.to_string()
+        };
+        if chat {
+            sse.event(&chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}), 0))?;
+        }
+        for i in 0..completion {
+            if fail == "reset" && i == 2 {
+                // Die mid-stream: no last chunk, no [DONE].
+                let _ = sse.w.flush();
+                let _ = sse.w.shutdown(std::net::Shutdown::Both);
+                return Ok(false);
+            }
+            if fail == "error-event" && i == 1 {
+                sse.event(&json!({"error": {"message": "mock engine failure", "type": "InternalServerError", "param": null, "code": 500}}).to_string())?;
+                sse.event("[DONE]")?;
+                sse.w.write_all(b"0\r\n\r\n")?;
+                return Ok(true);
+            }
+            let tok = format!("tok{i} ");
+            let choice = if chat {
+                json!({"index": 0, "delta": {"content": tok}, "logprobs": null, "finish_reason": null})
+            } else {
+                json!({"index": 0, "text": tok, "logprobs": null, "finish_reason": null})
+            };
+            sse.event(&chunk(choice, i + 1))?;
+            if i == 0 && pause_after_first > 0 {
+                std::thread::sleep(Duration::from_millis(pause_after_first));
+            } else if delay > 0 {
+                std::thread::sleep(Duration::from_millis(delay));
+            }
+        }
+        let last = if chat {
+            json!({"index": 0, "delta": {"content": ""}, "logprobs": null, "finish_reason": "length", "stop_reason": null})
+        } else {
+            json!({"index": 0, "text": "", "logprobs": null, "finish_reason": "length", "stop_reason": null})
+        };
+        sse.event(&chunk(last, completion))?;
+        if include_usage {
+            let v = json!({"id": "cmpl-mock", "object": object, "created": 0, "model": model, "choices": [], "usage": usage(completion)});
+            sse.event(&v.to_string())?;
+        }
+        sse.event("[DONE]")?;
+        sse.w.write_all(b"0\r\n\r\n")?;
+        Ok(true)
+    }
+}
+
+/// Writes `data: ...\n\n` events as HTTP chunks, optionally in small pieces.
+struct SseWriter<'a> {
+    w: &'a mut TcpStream,
+    split: usize,
+}
+
+impl SseWriter<'_> {
+    fn event(&mut self, data: &str) -> std::io::Result<()> {
+        let ev = format!("data: {data}\n\n");
+        let bytes = ev.as_bytes();
+        let step = if self.split == 0 {
+            bytes.len()
+        } else {
+            self.split
+        };
+        for piece in bytes.chunks(step) {
+            let mut out = format!("{:x}\r\n", piece.len()).into_bytes();
+            out.extend_from_slice(piece);
+            out.extend_from_slice(b"\r\n");
+            self.w.write_all(&out)?;
+            if self.split > 0 {
+                self.w.flush()?;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,587 @@
+//! One client connection: read a request, run it through the phases, answer, repeat
+//! while keep-alive holds. The life of a proxied request is `proxy`:
+//! authenticate → inspect body → route → rewrite → relay → meter → emit record.
+
+use super::{Worker, endpoints};
+use crate::auth;
+use crate::http::body::{BodyDecoder, Framing};
+use crate::http::error::{ProxyError, itoa_u64, write_response};
+use crate::http::head::{HeadError, RequestHead, is_hop_by_hop};
+use crate::io::{Io, Wait};
+use crate::metrics::path_index;
+use crate::relay::response::{self, Buffers, End, Spec};
+use crate::relay::rewrite::{self, RequestInfo};
+use crate::upstream::Pick;
+use crate::upstream::pool::{ConnectError, Pool};
+use crate::usage::{Outcome, UsageRecord, format_api_key};
+use crate::warn;
+use monoio::net::TcpStream;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Initial read buffer per client connection.
+const CLIENT_BUF: usize = 8 * 1024;
+
+struct Conn {
+    client: Io,
+    head: RequestHead,
+    body: Vec<u8>,
+    /// The request as sent upstream (kept for one retry on a stale pooled connection).
+    up_req: Vec<u8>,
+    bufs: Buffers,
+}
+
+/// Where a request goes, decided from its head alone.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Health,
+    Metrics,
+    Models,
+    /// Proxied and metered, with the endpoint named in the record.
+    Metered(&'static str),
+    Proxied,
+    NotFound,
+}
+
+fn target(method: &str, route: &str) -> Target {
+    match (method, route) {
+        ("GET" | "HEAD", "/health") => Target::Health,
+        ("GET", "/metrics") => Target::Metrics,
+        ("GET", "/v1/models") => Target::Models,
+        ("POST", "/v1/chat/completions") => Target::Metered("/v1/chat/completions"),
+        ("POST", "/v1/completions") => Target::Metered("/v1/completions"),
+        ("POST", "/v1/embeddings") => Target::Metered("/v1/embeddings"),
+        (_, r) if r.starts_with("/v1/") => Target::Proxied,
+        _ => Target::NotFound,
+    }
+}
+
+pub async fn serve(w: &Worker, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut c = Conn {
+        client: Io::new(stream, CLIENT_BUF),
+        head: RequestHead::default(),
+        body: Vec::new(),
+        up_req: Vec::new(),
+        bufs: Buffers::default(),
+    };
+    let mut first = true;
+    while let Some(head_len) = read_head(w, &mut c, first).await {
+        first = false;
+        if !handle(w, &mut c, head_len).await {
+            break;
+        }
+    }
+}
+
+/// Over `limits.max_connections`: a 503 and close.
+pub async fn reject(stream: TcpStream) {
+    let mut io = Io::new(stream, 0);
+    let mut out = Vec::new();
+    ProxyError::TooManyConnections.write_response(&mut out, &new_request_id(), false);
+    let _ = io.write_all(&mut out).await;
+}
+
+/// Reads one request head. `None`: close the connection (any error already answered).
+async fn read_head(w: &Worker, c: &mut Conn, first: bool) -> Option<usize> {
+    let limits = &w.shared.config.limits;
+    let max = limits.max_header_bytes.0 as usize;
+    let mut started = !c.client.data().is_empty();
+    let mut deadline = Instant::now()
+        + if first || started {
+            limits.header_timeout.0
+        } else {
+            limits.idle_timeout.0
+        };
+    loop {
+        if started {
+            let err = match c.head.parse(c.client.data(), max) {
+                Ok(Some(n)) => return Some(n),
+                Ok(None) => None,
+                Err(HeadError::TooLarge | HeadError::TooManyHeaders) => {
+                    Some(ProxyError::HeadersTooLarge)
+                }
+                Err(HeadError::Malformed(m)) => Some(ProxyError::BadRequest(m)),
+            };
+            if let Some(e) = err {
+                answer_early(w, c, e).await;
+                return None;
+            }
+        }
+        let shutdown = &w.shared.shutdown;
+        let idle = !started;
+        match c
+            .client
+            .fill_until(deadline, || idle && shutdown.load(Relaxed))
+            .await
+        {
+            Wait::Data => {
+                if !started {
+                    started = true;
+                    deadline = Instant::now() + limits.header_timeout.0;
+                }
+            }
+            Wait::TimedOut if started => {
+                answer_early(w, c, ProxyError::HeaderTimeout).await;
+                return None;
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// Answers an error found before a request head could be read; always closes.
+async fn answer_early(w: &Worker, c: &mut Conn, e: ProxyError) {
+    let out = &mut c.bufs.out;
+    out.clear();
+    e.write_response(out, &new_request_id(), false);
+    w.shared
+        .metrics
+        .count_request(path_index("other"), false, None, e.status());
+    let _ = c.client.write_all(out).await;
+}
+
+fn new_request_id() -> String {
+    format!("req_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A caller's `X-Request-Id` of 1–128 characters from `[A-Za-z0-9._:-]` is kept.
+fn request_id(head: &RequestHead) -> String {
+    match head.headers.get("x-request-id") {
+        Some(v)
+            if !v.is_empty()
+                && v.len() <= 128
+                && v.iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)) =>
+        {
+            String::from_utf8_lossy(v).into_owned()
+        }
+        _ => new_request_id(),
+    }
+}
+
+struct Request {
+    id: String,
+    arrived: Instant,
+    timestamp: SystemTime,
+    path: usize,
+}
+
+/// Handles one request whose head is parsed. Returns whether to keep the connection.
+async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
+    let rq = Request {
+        id: request_id(&c.head),
+        arrived: Instant::now(),
+        timestamp: SystemTime::now(),
+        path: path_index(c.head.route()),
+    };
+    c.client.consume(head_len);
+    let tgt = target(c.head.method(), c.head.route());
+
+    // Phase: the request body, whole and bounded (requests are small; reading it lets a
+    // malformed or oversized body be refused before anything reaches a backend).
+    match read_body(w, c).await {
+        Ok(()) => {}
+        Err(Some(e)) => return answer(w, c, &rq, e, false).await,
+        Err(None) => return false,
+    }
+    if w.shutting_down() {
+        return answer(w, c, &rq, ProxyError::ShuttingDown, false).await;
+    }
+    match tgt {
+        Target::Health => {
+            let (status, body) = endpoints::health(w);
+            reply(w, c, &rq, status, "application/json", body.as_bytes()).await
+        }
+        Target::Metrics => {
+            let body = endpoints::metrics(w);
+            reply(w, c, &rq, 200, "text/plain; version=0.0.4", body.as_bytes()).await
+        }
+        Target::NotFound => answer(w, c, &rq, ProxyError::NotFound, false).await,
+        Target::Models | Target::Metered(_) | Target::Proxied => {
+            // Phase: authenticate.
+            let key = auth::presented_key(&c.head.headers).map(str::to_owned);
+            let auth = &w.shared.auth;
+            let user = if auth.enabled {
+                match auth.user_for(key.as_deref()) {
+                    Some(u) => Some(u.to_owned()),
+                    None => return answer(w, c, &rq, ProxyError::InvalidApiKey, false).await,
+                }
+            } else {
+                None
+            };
+            if tgt == Target::Models {
+                let forward = if auth.enabled {
+                    None
+                } else {
+                    c.head.headers.get("authorization").map(<[u8]>::to_vec)
+                };
+                return match endpoints::models(w, forward.as_deref(), &rq.id).await {
+                    Ok(body) => reply(w, c, &rq, 200, "application/json", &body).await,
+                    Err(e) => answer(w, c, &rq, e, false).await,
+                };
+            }
+            let endpoint = match tgt {
+                Target::Metered(e) => Some(e),
+                _ => None,
+            };
+            proxy(w, c, &rq, endpoint, key, user).await
+        }
+    }
+}
+
+/// Reads the request body into `c.body`. `Err(None)`: the caller went away.
+async fn read_body(w: &Worker, c: &mut Conn) -> Result<(), Option<ProxyError>> {
+    c.body.clear();
+    let limits = &w.shared.config.limits;
+    let max = limits.max_request_body.0;
+    let framing = c.head.framing();
+    match framing {
+        Framing::Empty | Framing::Length(0) => return Ok(()),
+        Framing::Length(n) if n > max => return Err(Some(ProxyError::RequestTooLarge)),
+        _ => {}
+    }
+    let buffered = c.client.data().len() as u64;
+    if c.head.expect_continue && !matches!(framing, Framing::Length(n) if n <= buffered) {
+        let mut cont = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        c.client.write_all(&mut cont).await.map_err(|_| None)?;
+    }
+    let mut decoder = BodyDecoder::new(framing);
+    loop {
+        let mut over = false;
+        let body = &mut c.body;
+        let n = decoder
+            .decode(c.client.data(), |s| {
+                if (body.len() + s.len()) as u64 > max {
+                    over = true;
+                } else {
+                    body.extend_from_slice(s);
+                }
+            })
+            .map_err(|e| {
+                Some(ProxyError::BadRequest(
+                    if e == crate::http::body::BodyError::TrailerTooLarge {
+                        "chunked trailer too large"
+                    } else {
+                        "invalid chunked body"
+                    },
+                ))
+            })?;
+        c.client.consume(n);
+        if over {
+            return Err(Some(ProxyError::RequestTooLarge));
+        }
+        if decoder.is_done() {
+            return Ok(());
+        }
+        match c
+            .client
+            .fill_until(Instant::now() + limits.header_timeout.0, || false)
+            .await
+        {
+            Wait::Data => {}
+            Wait::TimedOut => return Err(Some(ProxyError::HeaderTimeout)),
+            _ => return Err(None),
+        }
+    }
+}
+
+/// Answers a proxy-made error; returns whether to keep the connection.
+async fn answer(w: &Worker, c: &mut Conn, rq: &Request, e: ProxyError, stream: bool) -> bool {
+    let keep = c.head.keep_alive && !e.must_close() && !w.shutting_down();
+    let out = &mut c.bufs.out;
+    out.clear();
+    e.write_response(out, &rq.id, keep);
+    w.shared
+        .metrics
+        .count_request(rq.path, stream, None, e.status());
+    c.client.write_all(out).await.is_ok() && keep
+}
+
+async fn reply(
+    w: &Worker,
+    c: &mut Conn,
+    rq: &Request,
+    status: u16,
+    ctype: &str,
+    body: &[u8],
+) -> bool {
+    let keep = c.head.keep_alive && !w.shutting_down();
+    let out = &mut c.bufs.out;
+    out.clear();
+    let body = if c.head.method() == "HEAD" {
+        &[][..]
+    } else {
+        body
+    };
+    write_response(out, status, ctype, body, &rq.id, keep);
+    w.shared.metrics.count_request(rq.path, false, None, status);
+    c.client.write_all(out).await.is_ok() && keep
+}
+
+/// The life of a proxied request.
+async fn proxy(
+    w: &Worker,
+    c: &mut Conn,
+    rq: &Request,
+    endpoint: Option<&'static str>,
+    key: Option<String>,
+    user: Option<String>,
+) -> bool {
+    let shared = &w.shared;
+    let cfg = &shared.config;
+
+    // Phase: inspect the body (metered endpoints need a JSON object with a model).
+    let info: Option<RequestInfo> = match endpoint {
+        Some(_) => match rewrite::inspect(&c.body, true) {
+            Ok(i) => Some(i),
+            Err(m) => return answer(w, c, rq, ProxyError::InvalidRequest(m), false).await,
+        },
+        None => None,
+    };
+    let stream = info.as_ref().is_some_and(|i| i.stream);
+    let model = info.as_ref().map(|i| i.model.as_str());
+
+    // Phase: route. A backend that refuses the connection is marked down and the next
+    // one is tried: nothing was sent, so this is safe.
+    let mut tried = 0u64;
+    let (bi, mut up, mut reused) = loop {
+        match w.up.pick(model, tried) {
+            Pick::NoModel => {
+                let m = model.unwrap_or_default().to_owned();
+                return answer(w, c, rq, ProxyError::ModelNotFound(m), stream).await;
+            }
+            Pick::Exhausted => {
+                return answer(w, c, rq, ProxyError::BackendUnavailable, stream).await;
+            }
+            Pick::Backend(i) => {
+                tried |= 1 << i.min(63);
+                if let Some(io) = w.up.pool.take(i) {
+                    break (i, io, true);
+                }
+                match Pool::connect(&w.up.backends[i], cfg.limits.connect_timeout.0).await {
+                    Ok(io) => break (i, io, false),
+                    Err(ConnectError::Unreachable(e)) => {
+                        let b = &w.up.backends[i];
+                        warn!("backend {} unreachable, marked down: {e}", b.name);
+                        b.set_health(false, Some(e));
+                    }
+                }
+            }
+        }
+    };
+    let backend = w.up.backends[bi].clone();
+    let in_flight = w.up.start(bi);
+
+    // Phase: rewrite the request for the backend.
+    let rewritten = info
+        .as_ref()
+        .and_then(|i| rewrite::rewrite(&c.body, i, backend.usage_mode));
+    let body = rewritten.as_deref().unwrap_or(&c.body);
+    c.up_req.clear();
+    write_upstream_head(
+        &mut c.up_req,
+        &c.head,
+        &backend,
+        &rq.id,
+        body.len(),
+        shared.auth.enabled,
+        endpoint.is_some(),
+    );
+    c.up_req.extend_from_slice(body);
+
+    // Phase: relay. A pooled connection the backend closed in the meantime fails before
+    // any response byte: then the request is sent once more on a fresh connection.
+    let spec = Spec {
+        method: c.head.method(),
+        request_id: &rq.id,
+        client_http11: c.head.version == 1,
+        client_keep_alive: c.head.keep_alive && !w.shutting_down(),
+        metered: endpoint.is_some(),
+        hide_usage_only: info
+            .as_ref()
+            .is_some_and(|i| i.stream && !i.caller_wants_usage),
+        read_timeout: cfg.limits.first_byte_timeout.0,
+    };
+    let mut sent_at = Instant::now();
+    let o = loop {
+        let written = up.write_keep(&mut c.up_req).await.is_ok();
+        sent_at = if written { Instant::now() } else { sent_at };
+        let o = if written {
+            Some(response::relay(&mut c.client, &mut up, &spec, &mut c.bufs).await)
+        } else {
+            None
+        };
+        let stale = o.as_ref().is_none_or(|o| o.end == End::NoResponse);
+        if stale && reused {
+            reused = false;
+            match Pool::connect(&backend, cfg.limits.connect_timeout.0).await {
+                Ok(io) => {
+                    up = io;
+                    continue;
+                }
+                Err(ConnectError::Unreachable(e)) => backend.set_health(false, Some(e)),
+            }
+        }
+        break o;
+    };
+    let ended = Instant::now();
+    drop(in_flight);
+
+    // Phase: answer what the relay could not, and settle the connections.
+    let (status, end, keep) = match &o {
+        Some(o) if o.status.is_some() => (
+            o.status.unwrap_or(502),
+            o.end,
+            o.client_reusable && !w.shutting_down(),
+        ),
+        Some(o) if o.end == End::Timeout => {
+            let keep = answer(w, c, rq, ProxyError::BackendTimeout, stream).await;
+            (504, End::Timeout, keep)
+        }
+        Some(o) if o.end == End::ClientGone => (499, End::ClientGone, false),
+        other => {
+            let end = other.as_ref().map_or(End::NoResponse, |o| o.end);
+            let keep = answer(w, c, rq, ProxyError::BackendUnavailable, stream).await;
+            (502, end, keep)
+        }
+    };
+    if let Some(o) = &o
+        && o.upstream_reusable
+    {
+        w.up.pool.put(bi, up);
+    }
+
+    // Phase: meter and emit the record.
+    let m = &shared.metrics;
+    if o.as_ref().is_some_and(|o| o.status.is_some()) {
+        m.count_request(rq.path, stream, Some(bi), status);
+    }
+    let total_us = ended.duration_since(rq.arrived).as_micros() as u64;
+    m.latency.observe_us(total_us);
+    if let Some(o) = &o {
+        let mut overhead = sent_at.saturating_duration_since(rq.arrived);
+        if let (Some(r), Some(s)) = (o.head_received, o.head_sent) {
+            overhead += s.saturating_duration_since(r);
+        }
+        m.overhead.observe_us(overhead.as_micros() as u64);
+        if stream && let Some(t) = o.first_output {
+            m.ttft
+                .observe_us(t.duration_since(rq.arrived).as_micros() as u64);
+        }
+    }
+    if let (Some(info), Some(endpoint)) = (info, endpoint) {
+        let (meter_ok, first_output, usage) = match &o {
+            Some(o) => (
+                !o.meter.saw_error,
+                o.first_output,
+                o.meter.finish(o.end == End::Completed),
+            ),
+            None => (
+                true,
+                None,
+                (Default::default(), crate::usage::UsageSource::None),
+            ),
+        };
+        let outcome = match end {
+            End::Completed if (200..300).contains(&status) && meter_ok => Outcome::Completed,
+            End::Completed | End::BackendBroken | End::NoResponse | End::BadGateway => {
+                Outcome::BackendError
+            }
+            End::ClientGone => Outcome::ClientDisconnected,
+            End::Timeout => Outcome::Timeout,
+        };
+        let user_id = match user {
+            Some(u) => u,
+            None => c
+                .head
+                .headers
+                .get_str("x-user-id")
+                .map(str::to_owned)
+                .or(info.user)
+                .unwrap_or_default(),
+        };
+        shared.sink.emit(UsageRecord {
+            request_id: rq.id.clone(),
+            user_id,
+            api_key: format_api_key(key.as_deref().unwrap_or(""), cfg.usage_hook.api_key_format),
+            model: info.model,
+            usage: usage.0,
+            is_stream: info.stream,
+            endpoint,
+            timestamp: rq.timestamp,
+            backend_url: backend.url.clone(),
+            status_code: status,
+            outcome,
+            usage_source: usage.1,
+            duration_ms: ms(ended.duration_since(rq.arrived)),
+            ttft_ms: if info.stream {
+                first_output.map(|t| ms(t.duration_since(rq.arrived)))
+            } else {
+                None
+            },
+        });
+    }
+    keep
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// The request head sent upstream: the caller's headers minus hop-by-hop ones and,
+/// when the proxy authenticates, minus the caller's key.
+fn write_upstream_head(
+    out: &mut Vec<u8>,
+    head: &RequestHead,
+    backend: &crate::upstream::Backend,
+    request_id: &str,
+    body_len: usize,
+    auth_enabled: bool,
+    metered: bool,
+) {
+    out.extend_from_slice(head.method().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.path().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(backend.authority.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let strip_key = auth_enabled || backend.api_key.is_some();
+    let listed_in_connection = |name: &[u8]| {
+        head.headers.iter().any(|(n, v)| {
+            n.eq_ignore_ascii_case(b"connection")
+                && v.split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+        })
+    };
+    for (name, value) in head.headers.iter() {
+        let skip = is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case(b"host")
+            || name.eq_ignore_ascii_case(b"x-request-id")
+            || name.eq_ignore_ascii_case(b"expect")
+            || (strip_key && (name.eq_ignore_ascii_case(b"authorization") || name.eq_ignore_ascii_case(b"x-api-key")))
+            // Usage is read from the body: it must not arrive compressed.
+            || (metered && name.eq_ignore_ascii_case(b"accept-encoding"))
+            || listed_in_connection(name);
+        if !skip {
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    if let Some(k) = &backend.api_key {
+        out.extend_from_slice(b"authorization: Bearer ");
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"x-request-id: ");
+    out.extend_from_slice(request_id.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if body_len > 0 || matches!(head.method(), "POST" | "PUT" | "PATCH") {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa_u64(body_len as u64).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}

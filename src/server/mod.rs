@@ -1,0 +1,257 @@
+//! Workers: one pinned OS thread per core, each with its own monoio runtime (io_uring,
+//! or epoll where io_uring is unavailable), its own SO_REUSEPORT listener and its own
+//! upstream pool. Nothing is shared on the hot path but atomics (metrics, health) and
+//! the record channel.
+
+pub mod conn;
+mod endpoints;
+
+use crate::auth::Auth;
+use crate::config::{Config, parse_listen};
+use crate::delivery::{self, RecordSink};
+use crate::io::TICK;
+use crate::metrics::Metrics;
+use crate::upstream::health::HealthChecker;
+use crate::upstream::{Backend, Upstreams};
+use crate::{error, info, warn};
+use monoio::net::{ListenerOpts, TcpListener, TcpStream};
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Instant;
+
+/// What every worker reads; written once at start.
+pub struct Shared {
+    pub config: Config,
+    pub backends: Arc<[Arc<Backend>]>,
+    pub metrics: Arc<Metrics>,
+    pub sink: RecordSink,
+    pub auth: Auth,
+    pub shutdown: Arc<AtomicBool>,
+}
+
+/// One worker's state, owned by its thread (`Rc`, `Cell`: no locks).
+pub struct Worker {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub up: Upstreams,
+    pub conns: Cell<usize>,
+}
+
+impl Worker {
+    pub fn shutting_down(&self) -> bool {
+        self.shared.shutdown.load(Relaxed)
+    }
+}
+
+/// Runs the proxy until SIGTERM/SIGINT, then drains and delivers. Returns an error
+/// message for start-up failures.
+pub fn run(config: Config) -> Result<(), String> {
+    let addr = parse_listen(&config.listen)?;
+    let backends: Arc<[Arc<Backend>]> = Backend::from_config(&config)?.into();
+    let metrics = Arc::new(Metrics::new(
+        backends.iter().map(|b| b.name.clone()).collect(),
+    ));
+    let (sink, delivery_thread) = if config.usage_hook.enabled {
+        let (sink, handle) = delivery::start(&config.usage_hook, metrics.clone())
+            .map_err(|e| format!("cannot start the delivery thread: {e}"))?;
+        info!(
+            "usage records go to {}",
+            crate::config::redact_url(&config.usage_hook.url)
+        );
+        (sink, Some(handle))
+    } else {
+        warn!("usage_hook is disabled: usage records are counted in /metrics but not delivered");
+        (RecordSink::disabled(metrics.clone()), None)
+    };
+    warn!(
+        "the durable usage spool is not built yet: records the webhook cannot take are logged in full (UNDELIVERED RECORD) and counted"
+    );
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        // A second signal while shutting down exits at once.
+        signal_hook::flag::register_conditional_shutdown(sig, 1, shutdown.clone())
+            .and_then(|_| signal_hook::flag::register(sig, shutdown.clone()))
+            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    }
+
+    let mut checker = HealthChecker::new(
+        backends.clone(),
+        config.health_check.clone(),
+        config.limits.connect_timeout.0,
+    );
+    checker.check_once();
+    let health_stop = Arc::new(AtomicBool::new(false));
+    let health_thread = {
+        let stop = health_stop.clone();
+        std::thread::Builder::new()
+            .name("health-check".into())
+            .spawn(move || checker.run(stop))
+            .map_err(|e| format!("cannot start the health checker: {e}"))?
+    };
+
+    let workers = config.worker_count();
+    let shared = Arc::new(Shared {
+        auth: Auth::new(&config.auth),
+        config,
+        backends,
+        metrics,
+        sink,
+        shutdown: shutdown.clone(),
+    });
+
+    // Worker 0 binds first, so `listen: "host:0"` gives every worker the same port.
+    let mut handles = Vec::with_capacity(workers);
+    let mut bound = addr;
+    for id in 0..workers {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = shared.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("worker-{id}"))
+            .spawn(move || worker_thread(id, s, bound, tx))
+            .map_err(|e| format!("cannot start worker {id}: {e}"))?;
+        handles.push(h);
+        match rx.recv() {
+            Ok(Ok(a)) => bound = a,
+            Ok(Err(e)) => {
+                shutdown.store(true, Relaxed);
+                return Err(e);
+            }
+            Err(_) => return Err(format!("worker {id} failed to start")),
+        }
+    }
+    let driver = if monoio::utils::detect_uring() {
+        "io_uring"
+    } else {
+        "epoll (io_uring unavailable)"
+    };
+    info!("llmproxy listening on {bound} ({workers} workers, {driver})");
+
+    for h in handles {
+        if h.join().is_err() {
+            error!("a worker thread panicked");
+        }
+    }
+    info!("workers stopped; delivering queued usage records");
+    health_stop.store(true, Relaxed);
+    let _ = health_thread.join();
+    drop(shared); // the last RecordSink: the delivery thread drains and ends
+    if let Some(h) = delivery_thread {
+        let _ = h.join();
+    }
+    info!("shutdown complete");
+    Ok(())
+}
+
+fn pin_to_core(id: usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(id % cores, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            warn!(
+                "worker {id}: cannot pin to core {}: {}",
+                id % cores,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+fn worker_thread(
+    id: usize,
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    ready: std::sync::mpsc::Sender<Result<SocketAddr, String>>,
+) {
+    pin_to_core(id);
+    let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .with_entries(4096)
+        .build();
+    let mut rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(format!("worker {id}: cannot build the runtime: {e}")));
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let opts = ListenerOpts::new().reuse_port(true).backlog(4096);
+        let listener = match TcpListener::bind_with_config(addr, &opts) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(format!("listen {addr}: {e}")));
+                return;
+            }
+        };
+        let _ = ready.send(listener.local_addr().map_err(|e| e.to_string()));
+        let w = Rc::new(Worker {
+            id,
+            up: Upstreams::new(shared.backends.clone()),
+            shared,
+            conns: Cell::new(0),
+        });
+        accept_loop(&w, listener).await;
+    });
+}
+
+async fn accept_loop(w: &Rc<Worker>, listener: TcpListener) {
+    let limits = &w.shared.config.limits;
+    {
+        let mut accept = std::pin::pin!(listener.accept());
+        loop {
+            monoio::select! {
+                r = &mut accept => {
+                    match r {
+                        Ok((stream, _)) => admit(w, stream, limits.max_connections),
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            warn!("worker {}: accept failed: {e}", w.id);
+                            monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                    }
+                    accept.set(listener.accept());
+                }
+                _ = monoio::time::sleep(TICK) => {
+                    if w.shutting_down() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    drop(listener);
+    let deadline = Instant::now() + limits.shutdown_timeout.0;
+    while w.conns.get() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if w.conns.get() > 0 {
+        warn!(
+            "worker {}: {} connections still open after shutdown_timeout; closing them",
+            w.id,
+            w.conns.get()
+        );
+    }
+}
+
+fn admit(w: &Rc<Worker>, stream: TcpStream, max: usize) {
+    let metrics = &w.shared.metrics;
+    if w.conns.get() >= max {
+        metrics.connections_rejected.fetch_add(1, Relaxed);
+        monoio::spawn(conn::reject(stream));
+        return;
+    }
+    w.conns.set(w.conns.get() + 1);
+    metrics.connections_open.fetch_add(1, Relaxed);
+    let w = w.clone();
+    monoio::spawn(async move {
+        conn::serve(&w, stream).await;
+        w.conns.set(w.conns.get() - 1);
+        w.shared.metrics.connections_open.fetch_sub(1, Relaxed);
+    });
+}

@@ -1,0 +1,267 @@
+//! Backends: their shared state (health, in-flight counts), per-worker balancing and
+//! connection pools, and the health checker.
+
+pub mod health;
+pub mod pool;
+
+use crate::config::{BackendUrl, Config, UsageMode};
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+/// A configured backend, shared by all workers. Health is an atomic so every worker
+/// sees a change at once; `last_error` is only written on failures and read by /health.
+#[derive(Debug)]
+pub struct Backend {
+    pub index: usize,
+    pub name: String,
+    pub url: Arc<str>,
+    /// `host:port`, sent as the upstream Host header.
+    pub authority: String,
+    pub addrs: Vec<SocketAddr>,
+    pub weight: u32,
+    pub models: Vec<String>,
+    pub api_key: Option<String>,
+    pub usage_mode: UsageMode,
+    healthy: AtomicBool,
+    in_flight: AtomicI64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Backend {
+    pub fn from_config(cfg: &Config) -> Result<Vec<Arc<Backend>>, String> {
+        cfg.backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let url =
+                    BackendUrl::parse(&b.url).map_err(|e| format!("backends[{i}].url: {e}"))?;
+                let addrs = url
+                    .resolve()
+                    .map_err(|e| format!("backends[{i}].url: cannot resolve {}: {e}", url.host))?;
+                Ok(Arc::new(Backend {
+                    index: i,
+                    name: b.name.clone().unwrap_or_else(|| url.authority.clone()),
+                    url: Arc::from(b.url.trim_end_matches('/')),
+                    authority: url.authority,
+                    addrs,
+                    weight: b.weight,
+                    models: b.models.clone(),
+                    api_key: b.api_key.clone(),
+                    usage_mode: b.usage_mode,
+                    healthy: AtomicBool::new(true),
+                    in_flight: AtomicI64::new(0),
+                    last_error: Mutex::new(None),
+                }))
+            })
+            .collect()
+    }
+
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|m| m == model)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Relaxed)
+    }
+
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Relaxed)
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    pub fn set_health(&self, healthy: bool, error: Option<String>) {
+        self.healthy.store(healthy, Relaxed);
+        // try_lock: a worker reporting a failure never waits on /health readers.
+        if let Ok(mut e) = self.last_error.try_lock()
+            && (error.is_some() || healthy)
+        {
+            *e = error;
+        }
+    }
+}
+
+/// One worker's view of the backends: its own in-flight counts and round-robin state,
+/// in `Cell`s because only this worker's thread touches them.
+pub struct Upstreams {
+    pub backends: Arc<[Arc<Backend>]>,
+    local: Vec<LocalBackend>,
+    pub pool: pool::Pool,
+}
+
+#[derive(Default)]
+struct LocalBackend {
+    in_flight: Cell<u32>,
+    current: Cell<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    Backend(usize),
+    /// No backend lists the model.
+    NoModel,
+    /// Backends serve the model, but every one was tried or excluded.
+    Exhausted,
+}
+
+impl Upstreams {
+    pub fn new(backends: Arc<[Arc<Backend>]>) -> Self {
+        let n = backends.len();
+        Upstreams {
+            local: (0..n).map(|_| LocalBackend::default()).collect(),
+            pool: pool::Pool::new(n),
+            backends,
+        }
+    }
+
+    /// Weighted least-outstanding-requests: the lowest in-flight/weight among healthy
+    /// backends serving `model`; ties go by smooth weighted round robin, so idle
+    /// backends share traffic in proportion to weight. When no serving backend is
+    /// healthy, the unhealthy ones are tried rather than failing without an attempt
+    /// (a refused connection then answers quickly). `tried` marks backends already
+    /// attempted for this request.
+    ///
+    /// In-flight counts are per worker: each worker balances its own share, which with
+    /// SO_REUSEPORT spreading connections evenly is close to the global balance and
+    /// needs no cross-core traffic on the hot path.
+    pub fn pick(&self, model: Option<&str>, tried: u64) -> Pick {
+        let serving = |i: usize| model.is_none_or(|m| self.backends[i].serves(m));
+        if !(0..self.backends.len()).any(serving) {
+            return Pick::NoModel;
+        }
+        let untried = |i: usize| tried & (1 << i.min(63)) == 0 && serving(i);
+        let any_healthy =
+            (0..self.backends.len()).any(|i| untried(i) && self.backends[i].is_healthy());
+        let eligible = |i: usize| untried(i) && (!any_healthy || self.backends[i].is_healthy());
+        // Lowest in_flight/weight, compared by cross-multiplying.
+        let mut best: Option<(u64, u64)> = None;
+        for i in (0..self.backends.len()).filter(|&i| eligible(i)) {
+            let load = (
+                self.local[i].in_flight.get() as u64,
+                self.backends[i].weight as u64,
+            );
+            if best.is_none_or(|(f, w)| load.0 * w < f * load.1) {
+                best = Some(load);
+            }
+        }
+        let Some((bf, bw)) = best else {
+            return Pick::Exhausted;
+        };
+        let tied = |i: usize| {
+            eligible(i)
+                && self.local[i].in_flight.get() as u64 * bw == bf * self.backends[i].weight as u64
+        };
+        let mut total = 0i64;
+        let mut chosen: Option<usize> = None;
+        for i in (0..self.backends.len()).filter(|&i| tied(i)) {
+            let l = &self.local[i];
+            l.current
+                .set(l.current.get() + self.backends[i].weight as i64);
+            total += self.backends[i].weight as i64;
+            if chosen.is_none_or(|c| l.current.get() > self.local[c].current.get()) {
+                chosen = Some(i);
+            }
+        }
+        match chosen {
+            Some(c) => {
+                let l = &self.local[c];
+                l.current.set(l.current.get() - total);
+                Pick::Backend(c)
+            }
+            None => Pick::Exhausted,
+        }
+    }
+
+    /// Marks a request in flight on backend `i` until the guard drops.
+    pub fn start(&self, i: usize) -> InFlight<'_> {
+        self.local[i]
+            .in_flight
+            .set(self.local[i].in_flight.get() + 1);
+        self.backends[i].in_flight.fetch_add(1, Relaxed);
+        InFlight { up: self, index: i }
+    }
+}
+
+pub struct InFlight<'a> {
+    up: &'a Upstreams,
+    index: usize,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let l = &self.up.local[self.index];
+        l.in_flight.set(l.in_flight.get().saturating_sub(1));
+        self.up.backends[self.index].in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ups(spec: &[(u32, &[&str])]) -> Upstreams {
+        let backends: Vec<Arc<Backend>> = spec
+            .iter()
+            .enumerate()
+            .map(|(i, (w, models))| {
+                Arc::new(Backend {
+                    index: i,
+                    name: format!("b{i}"),
+                    url: Arc::from("http://x"),
+                    authority: "x".into(),
+                    addrs: vec![],
+                    weight: *w,
+                    models: models.iter().map(|s| s.to_string()).collect(),
+                    api_key: None,
+                    usage_mode: UsageMode::Final,
+                    healthy: AtomicBool::new(true),
+                    in_flight: AtomicI64::new(0),
+                    last_error: Mutex::new(None),
+                })
+            })
+            .collect();
+        Upstreams::new(backends.into())
+    }
+
+    #[test]
+    fn idle_backends_share_by_weight() {
+        let u = ups(&[(5, &[]), (3, &[])]);
+        let mut counts = [0; 2];
+        for _ in 0..80 {
+            let Pick::Backend(i) = u.pick(Some("m"), 0) else {
+                panic!()
+            };
+            counts[i] += 1;
+        }
+        assert_eq!(counts, [50, 30]);
+    }
+
+    #[test]
+    fn least_loaded_wins() {
+        let u = ups(&[(1, &[]), (1, &[])]);
+        let _a = u.start(0);
+        let _b = u.start(0);
+        assert_eq!(u.pick(None, 0), Pick::Backend(1));
+        assert_eq!(u.pick(None, 0b10), Pick::Backend(0));
+        assert_eq!(u.pick(None, 0b11), Pick::Exhausted);
+    }
+
+    #[test]
+    fn routes_by_model_and_health() {
+        let u = ups(&[(1, &["a"]), (1, &["b"]), (1, &["b"])]);
+        assert_eq!(u.pick(Some("a"), 0), Pick::Backend(0));
+        assert_eq!(u.pick(Some("zzz"), 0), Pick::NoModel);
+        u.backends[1].set_health(false, Some("down".into()));
+        for _ in 0..5 {
+            assert_eq!(u.pick(Some("b"), 0), Pick::Backend(2));
+        }
+        u.backends[2].set_health(false, None);
+        // Nothing healthy: try the unhealthy rather than refuse without an attempt.
+        assert!(matches!(u.pick(Some("b"), 0), Pick::Backend(1 | 2)));
+        assert_eq!(u.backends[1].last_error().as_deref(), Some("down"));
+    }
+}
