@@ -9,9 +9,9 @@ use crate::config::UsageHookConfig;
 use crate::metrics::Metrics;
 use crate::usage::UsageRecord;
 use crate::{error, info, warn};
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 /// The workers' side: cheap to clone, never blocks.
@@ -19,12 +19,23 @@ use std::time::Duration;
 pub struct RecordSink {
     tx: Option<Sender<UsageRecord>>,
     metrics: Arc<Metrics>,
+    closing: Arc<AtomicBool>,
 }
 
 impl RecordSink {
     /// A sink that only counts (usage_hook disabled).
     pub fn disabled(metrics: Arc<Metrics>) -> Self {
-        RecordSink { tx: None, metrics }
+        RecordSink {
+            tx: None,
+            metrics,
+            closing: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Tells the delivery thread to deliver what is queued and stop. Records emitted
+    /// afterwards still count but may not be delivered: call once workers are done.
+    pub fn close(&self) {
+        self.closing.store(true, Relaxed);
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -60,13 +71,16 @@ pub fn start(
 ) -> std::io::Result<(RecordSink, std::thread::JoinHandle<()>)> {
     let (tx, rx) = crossbeam_channel::bounded(cfg.queue_size);
     let outbox = Outbox::new(cfg, metrics.clone());
+    let closing = Arc::new(AtomicBool::new(false));
+    let stop = closing.clone();
     let handle = std::thread::Builder::new()
         .name("usage-delivery".into())
-        .spawn(move || outbox.run(rx))?;
+        .spawn(move || outbox.run(rx, &stop))?;
     Ok((
         RecordSink {
             tx: Some(tx),
             metrics,
+            closing,
         },
         handle,
     ))
@@ -114,8 +128,16 @@ impl Outbox {
         }
     }
 
-    fn run(mut self, rx: Receiver<UsageRecord>) {
-        while let Ok(record) = rx.recv() {
+    fn run(mut self, rx: Receiver<UsageRecord>, closing: &AtomicBool) {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(record) => self.deliver(&record),
+                Err(RecvTimeoutError::Timeout) if closing.load(Relaxed) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        while let Ok(record) = rx.try_recv() {
             self.deliver(&record);
         }
         info!("usage delivery: queue drained, delivery thread stopping");

@@ -68,7 +68,10 @@ pub async fn serve(w: &Worker, stream: TcpStream) {
     let mut first = true;
     while let Some(head_len) = read_head(w, &mut c, first).await {
         first = false;
-        if !handle(w, &mut c, head_len).await {
+        w.shared.busy.fetch_add(1, Relaxed);
+        let keep = handle(w, &mut c, head_len).await;
+        w.shared.busy.fetch_sub(1, Relaxed);
+        if !keep {
             break;
         }
     }
@@ -108,13 +111,10 @@ async fn read_head(w: &Worker, c: &mut Conn, first: bool) -> Option<usize> {
                 return None;
             }
         }
-        let shutdown = &w.shared.shutdown;
+        // At shutdown an idle connection stays open until the worker has drained, so
+        // a request sent on it is answered 503 rather than reset.
         let idle = !started;
-        match c
-            .client
-            .fill_until(deadline, || idle && shutdown.load(Relaxed))
-            .await
-        {
+        match c.client.fill_until(deadline, || idle && w.closing.get()).await {
             Wait::Data => {
                 if !started {
                     started = true;

@@ -19,7 +19,7 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
 /// What every worker reads; written once at start.
@@ -30,6 +30,10 @@ pub struct Shared {
     pub sink: RecordSink,
     pub auth: Auth,
     pub shutdown: Arc<AtomicBool>,
+    /// Requests being handled, all workers together: shutdown waits for it to reach 0
+    /// before closing idle connections, so a request sent on any open connection
+    /// meanwhile is answered 503 rather than reset.
+    pub busy: AtomicUsize,
 }
 
 /// One worker's state, owned by its thread (`Rc`, `Cell`: no locks).
@@ -38,6 +42,8 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     pub up: Upstreams,
     pub conns: Cell<usize>,
+    /// Set once the whole process has drained: idle connections then close.
+    pub closing: Cell<bool>,
 }
 
 impl Worker {
@@ -101,6 +107,7 @@ pub fn run(config: Config) -> Result<(), String> {
         metrics,
         sink,
         shutdown: shutdown.clone(),
+        busy: AtomicUsize::new(0),
     });
 
     // Worker 0 binds first, so `listen: "host:0"` gives every worker the same port.
@@ -138,7 +145,7 @@ pub fn run(config: Config) -> Result<(), String> {
     info!("workers stopped; delivering queued usage records");
     health_stop.store(true, Relaxed);
     let _ = health_thread.join();
-    drop(shared); // the last RecordSink: the delivery thread drains and ends
+    shared.sink.close();
     if let Some(h) = delivery_thread {
         let _ = h.join();
     }
@@ -195,6 +202,7 @@ fn worker_thread(
             up: Upstreams::new(shared.backends.clone()),
             shared,
             conns: Cell::new(0),
+            closing: Cell::new(false),
         });
         accept_loop(&w, listener).await;
     });
@@ -227,15 +235,20 @@ async fn accept_loop(w: &Rc<Worker>, listener: TcpListener) {
     }
     drop(listener);
     let deadline = Instant::now() + limits.shutdown_timeout.0;
-    while w.conns.get() > 0 && Instant::now() < deadline {
+    let busy = || w.shared.busy.load(Relaxed);
+    while busy() > 0 && Instant::now() < deadline {
         monoio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    if w.conns.get() > 0 {
+    if busy() > 0 {
         warn!(
-            "worker {}: {} connections still open after shutdown_timeout; closing them",
-            w.id,
-            w.conns.get()
+            "worker {}: requests still in flight after shutdown_timeout; cutting them",
+            w.id
         );
+    }
+    w.closing.set(true);
+    let deadline = Instant::now() + TICK * 3;
+    while w.conns.get() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
 

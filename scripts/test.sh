@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every test: unit and property tests, and the end-to-end tests that start the
+# real proxy, the mock vLLM and the webhook receiver on loopback (plus the official
+# openai Python SDK against the proxy). Sets up what it needs on first run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The openai SDK, in a private virtualenv (tests/sdk_client.py drives it).
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai" 2>/dev/null; then
+    echo "==> setting up .venv with the openai SDK"
+    if ! python3 -m venv .venv 2>/dev/null; then
+        if command -v apt-get >/dev/null; then
+            apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+        fi
+        python3 -m venv .venv
+    fi
+    .venv/bin/pip install --quiet --disable-pip-version-check "openai>=1.40"
+fi
+export LLMPROXY_TEST_PYTHON="$PWD/.venv/bin/python"
+
+echo "==> cargo test"
+cargo test --all-targets "$@"

@@ -1,0 +1,341 @@
+//! Real processes on loopback: the llmproxy binary, the mock vLLM and the webhook
+//! receiver from examples/, each on a port it picks itself and reports.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct Proc {
+    pub child: Child,
+    pub addr: String,
+    /// Every line the process printed (stdout and stderr).
+    pub lines: Arc<Mutex<Vec<String>>>,
+    /// The scratch directory the process was given, if any.
+    pub dir: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+pub fn example(name: &str) -> PathBuf {
+    // tests run from target/<profile>/deps; examples are built to target/<profile>/examples.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().join("examples").join(name);
+    assert!(dir.exists(), "{} missing: run through `cargo test`, which builds the examples", dir.display());
+    dir
+}
+
+pub fn proxy_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_llmproxy"))
+}
+
+/// Starts `cmd` and waits for its "listening on ADDR" line.
+pub fn spawn(mut cmd: Command) -> Proc {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+    let mut child = cmd.spawn().expect("spawn");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    for pipe in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let lines = lines.clone();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(addr) => Proc { child, addr, lines, dir: PathBuf::new() },
+        Err(_) => {
+            let _ = child.kill();
+            panic!("process did not start: {}", lines.lock().unwrap().join("\n"));
+        }
+    }
+}
+
+pub fn mock(args: &[&str]) -> Proc {
+    let mut cmd = Command::new(example("mock_vllm"));
+    cmd.args(["--port", "0"]).args(args);
+    spawn(cmd)
+}
+
+static DIRS: AtomicUsize = AtomicUsize::new(0);
+
+pub fn temp_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "llmproxy-test-{}-{}",
+        std::process::id(),
+        DIRS.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn receiver(args: &[&str]) -> Proc {
+    let dir = temp_dir();
+    let mut cmd = Command::new(example("webhook_receiver"));
+    cmd.args(["--port", "0", "--quiet", "--log"])
+        .arg(dir.join("usage_log.jsonl"))
+        .arg("--raw-log")
+        .arg(dir.join("raw.jsonl"))
+        .args(args);
+    let mut p = spawn(cmd);
+    p.dir = dir;
+    p
+}
+
+pub fn proxy_with_config(yaml: &str) -> Proc {
+    let dir = temp_dir();
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut cmd = Command::new(proxy_bin());
+    cmd.arg("--config").arg(&path);
+    let mut p = spawn(cmd);
+    p.dir = dir;
+    p
+}
+
+/// A proxy in front of one mock backend, delivering to one receiver.
+pub struct Stack {
+    pub proxy: Proc,
+    pub mock: Proc,
+    pub receiver: Proc,
+}
+
+impl Stack {
+    pub fn start() -> Stack {
+        Stack::with("", &[])
+    }
+
+    /// `extra`: YAML appended to the config (top-level keys).
+    pub fn with(extra: &str, mock_args: &[&str]) -> Stack {
+        let mock = mock(mock_args);
+        let receiver = receiver(&[]);
+        let proxy = proxy_with_config(&format!(
+            "listen: \"127.0.0.1:0\"\nworkers: 2\nbackends:\n  - url: \"http://{}\"\n    models: [mock-model]\nusage_hook:\n  enabled: true\n  url: \"http://{}/llm-usage\"\n  timeout: 2s\n  retry: 2\n{extra}",
+            mock.addr, receiver.addr
+        ));
+        Stack { proxy, mock, receiver }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.proxy.addr
+    }
+
+    /// Waits until the receiver holds at least `n` records, then returns them all.
+    pub fn records(&self, n: usize) -> Vec<Value> {
+        wait_records(&self.receiver, n)
+    }
+
+    pub fn record(&self, request_id: &str) -> Value {
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            let all = fetch_records(&self.receiver);
+            if let Some(r) = all.iter().find(|r| r["request_id"] == request_id) {
+                return r.clone();
+            }
+            assert!(Instant::now() < end, "no record for {request_id}; have {all:?}\nproxy log:\n{}", self.proxy.output());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// What the mock backend last received.
+    pub fn backend_saw(&self) -> Value {
+        let r = request(&self.mock.addr, "GET", "/mock/last", &[], b"");
+        serde_json::from_slice(&r.body).unwrap()
+    }
+}
+
+pub fn fetch_records(receiver: &Proc) -> Vec<Value> {
+    let r = request(&receiver.addr, "GET", "/records", &[], b"");
+    serde_json::from_slice::<Vec<Value>>(&r.body).unwrap_or_default()
+}
+
+pub fn wait_records(receiver: &Proc, n: usize) -> Vec<Value> {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let all = fetch_records(receiver);
+        if all.len() >= n || Instant::now() > end {
+            return all;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Every record POST the receiver accepted, duplicates included.
+pub fn raw_posts(receiver: &Proc) -> Vec<Value> {
+    let text = std::fs::read_to_string(receiver.dir.join("raw.jsonl")).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The body ended as framed (false: the connection closed mid-body).
+    pub complete: bool,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The `data:` payloads of an SSE body.
+    pub fn sse_data(&self) -> Vec<String> {
+        self.text()
+            .split("\n\n")
+            .filter_map(|ev| ev.strip_prefix("data: ").map(str::to_owned))
+            .collect()
+    }
+}
+
+pub fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write_request(&mut s, method, path, headers, body, true);
+    read_response(&mut BufReader::new(s), method == "HEAD")
+}
+
+pub fn post_json(addr: &str, path: &str, headers: &[(&str, &str)], body: &Value) -> Response {
+    let mut h = vec![("content-type", "application/json")];
+    h.extend_from_slice(headers);
+    request(addr, "POST", path, &h, body.to_string().as_bytes())
+}
+
+pub fn write_request(s: &mut TcpStream, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8], close: bool) {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: test\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    if close {
+        req.push_str("connection: close\r\n");
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    s.write_all(&bytes).unwrap();
+}
+
+pub fn read_head(r: &mut BufReader<TcpStream>) -> Option<(u16, Vec<(String, String)>)> {
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let status: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
+    let mut headers = Vec::new();
+    loop {
+        let mut l = String::new();
+        r.read_line(&mut l).ok()?;
+        let l = l.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':')?;
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    Some((status, headers))
+}
+
+pub fn read_response(r: &mut BufReader<TcpStream>, head_only: bool) -> Response {
+    let (status, headers) = read_head(r).expect("response head");
+    let mut resp = Response { status, headers, body: Vec::new(), complete: true };
+    if head_only {
+        return resp;
+    }
+    if resp.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                resp.complete = false;
+                break;
+            }
+            let Ok(size) = usize::from_str_radix(line.trim(), 16) else {
+                resp.complete = false;
+                break;
+            };
+            if size == 0 {
+                let mut end = String::new();
+                let _ = r.read_line(&mut end);
+                break;
+            }
+            let start = resp.body.len();
+            resp.body.resize(start + size + 2, 0);
+            if r.read_exact(&mut resp.body[start..]).is_err() {
+                resp.complete = false;
+                break;
+            }
+            resp.body.truncate(start + size);
+        }
+    } else if let Some(len) = resp.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        resp.body.resize(len, 0);
+        resp.complete = r.read_exact(&mut resp.body).is_ok();
+    } else {
+        let _ = r.read_to_end(&mut resp.body);
+    }
+    resp
+}
+
+pub fn chat(stream: bool, max_tokens: u64) -> Value {
+    serde_json::json!({
+        "model": "mock-model",
+        "messages": [{"role": "user", "content": "one two three four five"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    })
+}

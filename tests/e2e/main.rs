@@ -1,0 +1,9 @@
+//! End-to-end tests: the real llmproxy binary between a mock vLLM and a webhook
+//! receiver, all on loopback with ports picked at run time. One test crate with
+//! modules, so one binary links.
+
+mod cli;
+mod errors;
+mod harness;
+mod metering;
+mod sdk;
