@@ -114,7 +114,11 @@ async fn read_head(w: &Worker, c: &mut Conn, first: bool) -> Option<usize> {
         // At shutdown an idle connection stays open until the worker has drained, so
         // a request sent on it is answered 503 rather than reset.
         let idle = !started;
-        match c.client.fill_until(deadline, || idle && w.closing.get()).await {
+        match c
+            .client
+            .fill_until(deadline, || idle && w.closing.get())
+            .await
+        {
             Wait::Data => {
                 if !started {
                     started = true;

@@ -7,7 +7,12 @@ fn run_with(yaml: &str, extra: &[&str]) -> (i32, String, String) {
     let dir = temp_dir();
     let path = dir.join("config.yaml");
     std::fs::write(&path, yaml).unwrap();
-    let out = Command::new(proxy_bin()).arg("--config").arg(&path).args(extra).output().unwrap();
+    let out = Command::new(proxy_bin())
+        .arg("--config")
+        .arg(&path)
+        .args(extra)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -17,14 +22,21 @@ fn run_with(yaml: &str, extra: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn check_accepts_the_shipped_config_and_hides_secrets() {
-    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")).unwrap();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")).unwrap();
     let (code, out, err) = run_with(&shipped, &["--check"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("is valid"));
     let secret = "listen: \":8080\"\nbackends:\n  - url: http://127.0.0.1:1\n    api_key: sk-backend-secret\nusage_hook:\n  enabled: true\n  url: https://u:pw-secret@bill.example/x?token=tok-secret\n  headers:\n    Authorization: Bearer hook-secret\nauth:\n  enabled: true\n  keys:\n    - key: sk-caller-secret\n      user_id: a\n";
     let (code, out, _) = run_with(secret, &["--check"]);
     assert_eq!(code, 0);
-    for s in ["sk-backend-secret", "pw-secret", "tok-secret", "hook-secret", "sk-caller-secret"] {
+    for s in [
+        "sk-backend-secret",
+        "pw-secret",
+        "tok-secret",
+        "hook-secret",
+        "sk-caller-secret",
+    ] {
         assert!(!out.contains(s), "--check printed a secret: {out}");
     }
 }
@@ -42,7 +54,10 @@ fn invalid_configs_exit_2_naming_the_key() {
     let base = "backends:\n  - url: \"http://localhost:8000\"\nusage_hook:\n  enabled: true\n  url: \"http://x/y\"\n  timeout: fast\n";
     let (code, _, err) = run_with(base, &["--check"]);
     assert_eq!(code, 2);
-    assert!(err.contains("usage_hook.timeout: expected a duration like \"1s\", got \"fast\""), "{err}");
+    assert!(
+        err.contains("usage_hook.timeout: expected a duration like \"1s\", got \"fast\""),
+        "{err}"
+    );
     let (code, _, err) = run_with("backends: []\nsurprise: 1\n", &[]);
     assert_eq!(code, 2);
     assert!(err.contains("surprise"), "{err}");

@@ -14,7 +14,11 @@ fn assert_error(r: &Response, status: u16, code: &str) {
     assert!(v["error"]["message"].is_string());
     assert!(v["error"]["type"].is_string());
     assert!(r.header("x-request-id").is_some_and(|id| !id.is_empty()));
-    assert!(r.header("content-type").unwrap().starts_with("application/json"));
+    assert!(
+        r.header("content-type")
+            .unwrap()
+            .starts_with("application/json")
+    );
 }
 
 /// Sends raw bytes, returns the response and whether the proxy then closed.
@@ -34,10 +38,25 @@ fn bad_bodies_and_unknown_models() {
     let s = Stack::start();
     let r = request(s.addr(), "POST", "/v1/chat/completions", &[], b"{not json");
     assert_error(&r, 400, "invalid_request");
-    let r = post_json(s.addr(), "/v1/chat/completions", &[], &json!({"messages": []}));
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[],
+        &json!({"messages": []}),
+    );
     assert_error(&r, 400, "invalid_request");
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("model"));
-    let r = post_json(s.addr(), "/v1/embeddings", &[], &json!({"model": "other-model", "input": "x"}));
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("model")
+    );
+    let r = post_json(
+        s.addr(),
+        "/v1/embeddings",
+        &[],
+        &json!({"model": "other-model", "input": "x"}),
+    );
     assert_error(&r, 404, "model_not_found");
     let r = request(s.addr(), "GET", "/not-an-api", &[], b"");
     assert_error(&r, 404, "not_found");
@@ -60,11 +79,18 @@ fn framing_errors_close_the_connection() {
     for c in cases {
         let (r, closed) = raw(s.addr(), c);
         assert_error(&r, 400, "bad_request");
-        assert!(closed, "connection must close after {:?}", String::from_utf8_lossy(c));
+        assert!(
+            closed,
+            "connection must close after {:?}",
+            String::from_utf8_lossy(c)
+        );
     }
     assert_eq!(s.backend_saw(), serde_json::Value::Null);
     // The proxy is fine afterwards.
-    assert_eq!(post_json(s.addr(), "/v1/chat/completions", &[], &chat(false, 1)).status, 200);
+    assert_eq!(
+        post_json(s.addr(), "/v1/chat/completions", &[], &chat(false, 1)).status,
+        200
+    );
 }
 
 #[test]
@@ -84,7 +110,10 @@ fn chunked_request_bodies_are_accepted() {
 
 #[test]
 fn size_limits() {
-    let s = Stack::with("limits:\n  max_request_body: 1KiB\n  max_header_bytes: 2KiB\n", &[]);
+    let s = Stack::with(
+        "limits:\n  max_request_body: 1KiB\n  max_header_bytes: 2KiB\n",
+        &[],
+    );
     let mut big = chat(false, 1);
     big["messages"][0]["content"] = json!("x ".repeat(1000));
     let r = post_json(s.addr(), "/v1/chat/completions", &[], &big);
@@ -98,7 +127,11 @@ fn size_limits() {
 #[test]
 fn unreachable_backend_is_502_without_record() {
     // A port with nothing listening: bind, note, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let receiver = receiver(&[]);
     let proxy = proxy_with_config(&format!(
         "listen: \"127.0.0.1:0\"\nworkers: 1\nbackends:\n  - url: \"http://127.0.0.1:{port}\"\nusage_hook:\n  enabled: true\n  url: \"http://{}/x\"\n",
@@ -117,7 +150,12 @@ fn unreachable_backend_is_502_without_record() {
 #[test]
 fn silent_backend_is_504_with_timeout_record() {
     let s = Stack::with("limits:\n  first_byte_timeout: 1s\n", &[]);
-    let r = post_json(s.addr(), "/v1/chat/completions", &[("x-request-id", "t-504"), ("x-mock-fail", "hang")], &chat(true, 1));
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[("x-request-id", "t-504"), ("x-mock-fail", "hang")],
+        &chat(true, 1),
+    );
     assert_error(&r, 504, "backend_timeout");
     let rec = s.record("t-504");
     assert_eq!(rec["outcome"], "timeout");
@@ -129,26 +167,54 @@ fn silent_backend_is_504_with_timeout_record() {
 fn shutdown_answers_503_on_open_connections_and_exits_cleanly() {
     let mut s = Stack::start();
     let mut sock = TcpStream::connect(s.addr()).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let body = chat(false, 1).to_string();
-    write_request(&mut sock, "POST", "/v1/chat/completions", &[("x-request-id", "t-before-term")], body.as_bytes(), false);
+    write_request(
+        &mut sock,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-request-id", "t-before-term")],
+        body.as_bytes(),
+        false,
+    );
     let mut r = BufReader::new(sock.try_clone().unwrap());
     assert_eq!(read_response(&mut r, false).status, 200);
     // A stream in flight when SIGTERM arrives is finished, not cut.
     let addr = s.addr().to_string();
     let inflight = std::thread::spawn(move || {
-        post_json(&addr, "/v1/chat/completions", &[("x-request-id", "t-inflight"), ("x-mock-token-delay-ms", "100")], &chat(true, 10))
+        post_json(
+            &addr,
+            "/v1/chat/completions",
+            &[
+                ("x-request-id", "t-inflight"),
+                ("x-mock-token-delay-ms", "100"),
+            ],
+            &chat(true, 10),
+        )
     });
     std::thread::sleep(Duration::from_millis(300));
     s.proxy.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(50));
-    write_request(&mut sock, "POST", "/v1/chat/completions", &[], body.as_bytes(), false);
+    write_request(
+        &mut sock,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        body.as_bytes(),
+        false,
+    );
     let resp = read_response(&mut r, false);
     assert_error(&resp, 503, "shutting_down");
     assert_eq!(resp.header("connection"), Some("close"));
     let streamed = inflight.join().unwrap();
     assert!(streamed.complete);
-    assert_eq!(s.proxy.wait_exit(Duration::from_secs(15)), Some(0), "{}", s.proxy.output());
+    assert_eq!(
+        s.proxy.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        s.proxy.output()
+    );
     assert_eq!(s.record("t-inflight")["completion_tokens"], 10);
     s.record("t-before-term");
 }

@@ -53,8 +53,18 @@ impl Proc {
 pub fn example(name: &str) -> PathBuf {
     // tests run from target/<profile>/deps; examples are built to target/<profile>/examples.
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().join("examples").join(name);
-    assert!(dir.exists(), "{} missing: run through `cargo test`, which builds the examples", dir.display());
+    let dir = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        dir.exists(),
+        "{} missing: run through `cargo test`, which builds the examples",
+        dir.display()
+    );
     dir
 }
 
@@ -64,7 +74,9 @@ pub fn proxy_bin() -> PathBuf {
 
 /// Starts `cmd` and waits for its "listening on ADDR" line.
 pub fn spawn(mut cmd: Command) -> Proc {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
     let mut child = cmd.spawn().expect("spawn");
     let lines = Arc::new(Mutex::new(Vec::new()));
     let (tx, rx) = std::sync::mpsc::channel::<String>();
@@ -84,10 +96,18 @@ pub fn spawn(mut cmd: Command) -> Proc {
         });
     }
     match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(addr) => Proc { child, addr, lines, dir: PathBuf::new() },
+        Ok(addr) => Proc {
+            child,
+            addr,
+            lines,
+            dir: PathBuf::new(),
+        },
         Err(_) => {
             let _ = child.kill();
-            panic!("process did not start: {}", lines.lock().unwrap().join("\n"));
+            panic!(
+                "process did not start: {}",
+                lines.lock().unwrap().join("\n")
+            );
         }
     }
 }
@@ -155,7 +175,11 @@ impl Stack {
             "listen: \"127.0.0.1:0\"\nworkers: 2\nbackends:\n  - url: \"http://{}\"\n    models: [mock-model]\nusage_hook:\n  enabled: true\n  url: \"http://{}/llm-usage\"\n  timeout: 2s\n  retry: 2\n{extra}",
             mock.addr, receiver.addr
         ));
-        Stack { proxy, mock, receiver }
+        Stack {
+            proxy,
+            mock,
+            receiver,
+        }
     }
 
     pub fn addr(&self) -> &str {
@@ -174,7 +198,11 @@ impl Stack {
             if let Some(r) = all.iter().find(|r| r["request_id"] == request_id) {
                 return r.clone();
             }
-            assert!(Instant::now() < end, "no record for {request_id}; have {all:?}\nproxy log:\n{}", self.proxy.output());
+            assert!(
+                Instant::now() < end,
+                "no record for {request_id}; have {all:?}\nproxy log:\n{}",
+                self.proxy.output()
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -205,7 +233,9 @@ pub fn wait_records(receiver: &Proc, n: usize) -> Vec<Value> {
 /// Every record POST the receiver accepted, duplicates included.
 pub fn raw_posts(receiver: &Proc) -> Vec<Value> {
     let text = std::fs::read_to_string(receiver.dir.join("raw.jsonl")).unwrap_or_default();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[derive(Debug)]
@@ -226,7 +256,8 @@ impl Response {
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     pub fn text(&self) -> String {
@@ -242,7 +273,13 @@ impl Response {
     }
 }
 
-pub fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+pub fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write_request(&mut s, method, path, headers, body, true);
@@ -255,7 +292,14 @@ pub fn post_json(addr: &str, path: &str, headers: &[(&str, &str)], body: &Value)
     request(addr, "POST", path, &h, body.to_string().as_bytes())
 }
 
-pub fn write_request(s: &mut TcpStream, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8], close: bool) {
+pub fn write_request(
+    s: &mut TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    close: bool,
+) {
     let mut req = format!("{method} {path} HTTP/1.1\r\nhost: test\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -294,11 +338,19 @@ pub fn read_head(r: &mut BufReader<TcpStream>) -> Option<(u16, Vec<(String, Stri
 
 pub fn read_response(r: &mut BufReader<TcpStream>, head_only: bool) -> Response {
     let (status, headers) = read_head(r).expect("response head");
-    let mut resp = Response { status, headers, body: Vec::new(), complete: true };
+    let mut resp = Response {
+        status,
+        headers,
+        body: Vec::new(),
+        complete: true,
+    };
     if head_only {
         return resp;
     }
-    if resp.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+    if resp
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
         loop {
             let mut line = String::new();
             if r.read_line(&mut line).unwrap_or(0) == 0 {
@@ -322,7 +374,10 @@ pub fn read_response(r: &mut BufReader<TcpStream>, head_only: bool) -> Response 
             }
             resp.body.truncate(start + size);
         }
-    } else if let Some(len) = resp.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+    } else if let Some(len) = resp
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         resp.body.resize(len, 0);
         resp.complete = r.read_exact(&mut resp.body).is_ok();
     } else {

@@ -11,27 +11,48 @@ use std::time::{Duration, Instant};
 #[test]
 fn stream_gets_exact_record_and_hides_injected_usage_chunk() {
     let s = Stack::start();
-    let r = post_json(s.addr(), "/v1/chat/completions", &[("x-request-id", "t-stream-1")], &chat(true, 5));
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[("x-request-id", "t-stream-1")],
+        &chat(true, 5),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.complete);
     assert_eq!(r.header("x-request-id"), Some("t-stream-1"));
-    assert!(r.header("content-type").unwrap().starts_with("text/event-stream"));
+    assert!(
+        r.header("content-type")
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     let events = r.sse_data();
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     for e in &events[..events.len() - 1] {
         let v: Value = serde_json::from_str(e).unwrap();
-        assert!(!v["choices"].as_array().unwrap().is_empty(), "usage-only chunk leaked to caller: {e}");
+        assert!(
+            !v["choices"].as_array().unwrap().is_empty(),
+            "usage-only chunk leaked to caller: {e}"
+        );
         assert!(v.get("usage").is_none());
     }
     let content: String = events[..events.len() - 1]
         .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"]["content"].as_str().unwrap_or("").to_string())
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
         .collect();
     assert_eq!(content, "tok0 tok1 tok2 tok3 tok4 ");
 
     let saw = s.backend_saw();
     let sent: Value = serde_json::from_str(saw["body"].as_str().unwrap()).unwrap();
-    assert_eq!(sent["stream_options"], json!({"include_usage": true}), "usage must be requested upstream");
+    assert_eq!(
+        sent["stream_options"],
+        json!({"include_usage": true}),
+        "usage must be requested upstream"
+    );
     assert_eq!(saw["headers"]["x-request-id"], "t-stream-1");
 
     let rec = s.record("t-stream-1");
@@ -54,7 +75,12 @@ fn caller_who_asked_for_usage_keeps_the_usage_chunk() {
     let s = Stack::start();
     let mut body = chat(true, 3);
     body["stream_options"] = json!({"include_usage": true});
-    let r = post_json(s.addr(), "/v1/chat/completions", &[("x-request-id", "t-usage-asked")], &body);
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[("x-request-id", "t-usage-asked")],
+        &body,
+    );
     let events = r.sse_data();
     let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert_eq!(usage["choices"], json!([]));
@@ -65,24 +91,46 @@ fn caller_who_asked_for_usage_keeps_the_usage_chunk() {
 #[test]
 fn stream_split_into_tiny_writes_still_metered_and_hidden() {
     let s = Stack::start();
-    let r = post_json(s.addr(), "/v1/completions", &[("x-request-id", "t-split"), ("x-mock-split", "7")],
-        &json!({"model": "mock-model", "prompt": "a b c", "max_tokens": 4, "stream": true}));
+    let r = post_json(
+        s.addr(),
+        "/v1/completions",
+        &[("x-request-id", "t-split"), ("x-mock-split", "7")],
+        &json!({"model": "mock-model", "prompt": "a b c", "max_tokens": 4, "stream": true}),
+    );
     let events = r.sse_data();
     assert_eq!(events.len(), 6, "4 tokens + finish + [DONE]: {events:?}");
     assert!(events.iter().all(|e| !e.contains("\"usage\"")));
     let rec = s.record("t-split");
-    assert_eq!((rec["prompt_tokens"].as_u64(), rec["completion_tokens"].as_u64()), (Some(3), Some(4)));
+    assert_eq!(
+        (
+            rec["prompt_tokens"].as_u64(),
+            rec["completion_tokens"].as_u64()
+        ),
+        (Some(3), Some(4))
+    );
     assert_eq!(rec["endpoint"], "/v1/completions");
 }
 
 #[test]
 fn non_stream_and_embeddings_records() {
     let s = Stack::start();
-    let r = post_json(s.addr(), "/v1/chat/completions", &[("x-request-id", "t-plain")], &chat(false, 7));
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[("x-request-id", "t-plain")],
+        &chat(false, 7),
+    );
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["usage"]["completion_tokens"], 7);
     let rec = s.record("t-plain");
-    assert_eq!((rec["prompt_tokens"].as_u64(), rec["completion_tokens"].as_u64(), rec["total_tokens"].as_u64()), (Some(5), Some(7), Some(12)));
+    assert_eq!(
+        (
+            rec["prompt_tokens"].as_u64(),
+            rec["completion_tokens"].as_u64(),
+            rec["total_tokens"].as_u64()
+        ),
+        (Some(5), Some(7), Some(12))
+    );
     assert_eq!(rec["is_stream"], false);
     assert!(rec["ttft_ms"].is_null());
     // Nothing is injected into non-streams (vLLM would answer 400).
@@ -90,12 +138,25 @@ fn non_stream_and_embeddings_records() {
     assert!(!saw["body"].as_str().unwrap().contains("stream_options"));
 
     // A large embeddings body is relayed intact and metered.
-    let r = post_json(s.addr(), "/v1/embeddings", &[("x-request-id", "t-embed"), ("x-mock-embedding-dim", "200000")],
-        &json!({"model": "mock-model", "input": ["alpha beta", "gamma"]}));
+    let r = post_json(
+        s.addr(),
+        "/v1/embeddings",
+        &[
+            ("x-request-id", "t-embed"),
+            ("x-mock-embedding-dim", "200000"),
+        ],
+        &json!({"model": "mock-model", "input": ["alpha beta", "gamma"]}),
+    );
     assert_eq!(r.status, 200);
-    assert_eq!(r.json()["data"][0]["embedding"].as_array().unwrap().len(), 200000);
+    assert_eq!(
+        r.json()["data"][0]["embedding"].as_array().unwrap().len(),
+        200000
+    );
     let rec = s.record("t-embed");
-    assert_eq!((rec["prompt_tokens"].as_u64(), rec["total_tokens"].as_u64()), (Some(3), Some(3)));
+    assert_eq!(
+        (rec["prompt_tokens"].as_u64(), rec["total_tokens"].as_u64()),
+        (Some(3), Some(3))
+    );
     assert_eq!(rec["endpoint"], "/v1/embeddings");
 }
 
@@ -105,20 +166,35 @@ fn first_chunk_is_not_held_back() {
     let mut sock = TcpStream::connect(s.addr()).unwrap();
     let body = chat(true, 3).to_string();
     let started = Instant::now();
-    write_request(&mut sock, "POST", "/v1/chat/completions",
-        &[("content-type", "application/json"), ("x-mock-pause-after-first-ms", "3000")], body.as_bytes(), true);
+    write_request(
+        &mut sock,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("x-mock-pause-after-first-ms", "3000"),
+        ],
+        body.as_bytes(),
+        true,
+    );
     let mut r = BufReader::new(sock);
     let (status, _) = read_head(&mut r).unwrap();
     assert_eq!(status, 200);
     let mut seen = String::new();
     while !seen.contains("tok0") {
         let mut line = String::new();
-        assert!(r.read_line(&mut line).unwrap() > 0, "stream ended before the first token");
+        assert!(
+            r.read_line(&mut line).unwrap() > 0,
+            "stream ended before the first token"
+        );
         seen.push_str(&line);
     }
     let first = started.elapsed();
     // The backend pauses 3 s after its first token; the caller must have it long before.
-    assert!(first < Duration::from_millis(1500), "first token took {first:?}");
+    assert!(
+        first < Duration::from_millis(1500),
+        "first token took {first:?}"
+    );
     let mut rest = Vec::new();
     let _ = r.read_to_end(&mut rest);
     assert!(started.elapsed() >= Duration::from_millis(2900));
@@ -134,20 +210,42 @@ fn auth_maps_keys_to_users_and_never_forwards_the_key() {
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["code"], "invalid_api_key");
     assert!(r.header("x-request-id").unwrap().starts_with("req_"));
-    let r = post_json(s.addr(), "/v1/chat/completions", &[("authorization", "Bearer sk-wrong")], &chat(false, 1));
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[("authorization", "Bearer sk-wrong")],
+        &chat(false, 1),
+    );
     assert_eq!(r.status, 401);
 
-    let r = post_json(s.addr(), "/v1/chat/completions",
-        &[("authorization", "Bearer sk-test-alice-0123456789"), ("x-request-id", "t-alice")], &chat(false, 2));
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[
+            ("authorization", "Bearer sk-test-alice-0123456789"),
+            ("x-request-id", "t-alice"),
+        ],
+        &chat(false, 2),
+    );
     assert_eq!(r.status, 200);
     let saw = s.backend_saw();
-    assert!(saw["headers"].get("authorization").is_none(), "caller key leaked upstream: {saw}");
+    assert!(
+        saw["headers"].get("authorization").is_none(),
+        "caller key leaked upstream: {saw}"
+    );
     let rec = s.record("t-alice");
     assert_eq!(rec["user_id"], "alice");
     assert_eq!(rec["api_key"], "sk-tes...6789");
 
-    let r = post_json(s.addr(), "/v1/chat/completions",
-        &[("x-api-key", "sk-test-bob-0123456789ab"), ("x-request-id", "t-bob")], &chat(true, 2));
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[
+            ("x-api-key", "sk-test-bob-0123456789ab"),
+            ("x-request-id", "t-bob"),
+        ],
+        &chat(true, 2),
+    );
     assert_eq!(r.status, 200);
     assert!(s.backend_saw()["headers"].get("x-api-key").is_none());
     assert_eq!(s.record("t-bob")["user_id"], "bob");
@@ -160,16 +258,32 @@ fn auth_maps_keys_to_users_and_never_forwards_the_key() {
 #[test]
 fn without_auth_user_comes_from_header_or_body_and_key_passes_through() {
     let s = Stack::start();
-    let r = post_json(s.addr(), "/v1/chat/completions",
-        &[("x-user-id", "u-header"), ("authorization", "Bearer sk-caller-key-123456789"), ("x-request-id", "t-hdr")], &chat(false, 1));
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[
+            ("x-user-id", "u-header"),
+            ("authorization", "Bearer sk-caller-key-123456789"),
+            ("x-request-id", "t-hdr"),
+        ],
+        &chat(false, 1),
+    );
     assert_eq!(r.status, 200);
-    assert_eq!(s.backend_saw()["headers"]["authorization"], "Bearer sk-caller-key-123456789");
+    assert_eq!(
+        s.backend_saw()["headers"]["authorization"],
+        "Bearer sk-caller-key-123456789"
+    );
     let rec = s.record("t-hdr");
     assert_eq!(rec["user_id"], "u-header");
     assert_eq!(rec["api_key"], "sk-cal...6789");
     let mut body = chat(false, 1);
     body["user"] = json!("u-body");
-    post_json(s.addr(), "/v1/chat/completions", &[("x-request-id", "t-body")], &body);
+    post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[("x-request-id", "t-body")],
+        &body,
+    );
     let rec = s.record("t-body");
     assert_eq!(rec["user_id"], "u-body");
     assert_eq!(rec["api_key"], "");
@@ -179,20 +293,40 @@ fn without_auth_user_comes_from_header_or_body_and_key_passes_through() {
 fn request_ids_kept_when_valid_and_made_otherwise() {
     let s = Stack::start();
     let bad = "has space";
-    let r = post_json(s.addr(), "/v1/chat/completions", &[("x-request-id", bad)], &chat(false, 1));
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[("x-request-id", bad)],
+        &chat(false, 1),
+    );
     let id = r.header("x-request-id").unwrap().to_string();
     assert!(id.starts_with("req_") && id.len() == 36, "{id}");
     assert_eq!(s.backend_saw()["headers"]["x-request-id"], id.as_str());
     s.record(&id);
     let long = "a".repeat(129);
-    let r = post_json(s.addr(), "/v1/chat/completions", &[("x-request-id", &long)], &chat(false, 1));
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[("x-request-id", &long)],
+        &chat(false, 1),
+    );
     assert!(r.header("x-request-id").unwrap().starts_with("req_"));
     let ok = "Abc.1_2:3-4";
-    let r = post_json(s.addr(), "/v1/chat/completions", &[("x-request-id", ok)], &chat(false, 1));
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[("x-request-id", ok)],
+        &chat(false, 1),
+    );
     assert_eq!(r.header("x-request-id"), Some(ok));
     // Generated ids are time-ordered and unique.
     let ids: Vec<String> = (0..20)
-        .map(|_| request(s.addr(), "GET", "/nope", &[], b"").header("x-request-id").unwrap().to_string())
+        .map(|_| {
+            request(s.addr(), "GET", "/nope", &[], b"")
+                .header("x-request-id")
+                .unwrap()
+                .to_string()
+        })
         .collect();
     let mut sorted = ids.clone();
     sorted.sort();
@@ -210,7 +344,12 @@ fn one_record_per_request_under_200_concurrent_requests() {
             std::thread::spawn(move || {
                 let id = format!("t-conc-{i}");
                 let stream = i % 2 == 0;
-                let r = post_json(&addr, "/v1/chat/completions", &[("x-request-id", &id)], &chat(stream, 1 + i % 7));
+                let r = post_json(
+                    &addr,
+                    "/v1/chat/completions",
+                    &[("x-request-id", &id)],
+                    &chat(stream, 1 + i % 7),
+                );
                 assert_eq!(r.status, 200, "{}", r.text());
                 (id, 1 + i % 7)
             })
@@ -220,7 +359,10 @@ fn one_record_per_request_under_200_concurrent_requests() {
     let records = s.records(200);
     assert_eq!(records.len(), 200);
     for (id, completion) in expected {
-        let r = records.iter().find(|r| r["request_id"] == id.as_str()).unwrap_or_else(|| panic!("missing {id}"));
+        let r = records
+            .iter()
+            .find(|r| r["request_id"] == id.as_str())
+            .unwrap_or_else(|| panic!("missing {id}"));
         assert_eq!(r["completion_tokens"].as_u64(), Some(completion));
         assert_eq!(r["prompt_tokens"], 5);
     }
@@ -234,7 +376,8 @@ fn keep_alive_and_pipelined_requests_answered_in_order() {
     use std::io::Write;
     let s = Stack::start();
     let mut sock = TcpStream::connect(s.addr()).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let mut all = Vec::new();
     for (i, stream) in [(1, true), (2, false), (3, true)] {
         let body = chat(stream, i).to_string();
@@ -245,19 +388,34 @@ fn keep_alive_and_pipelined_requests_answered_in_order() {
     for i in 1..=3 {
         let resp = read_response(&mut r, false);
         assert_eq!(resp.status, 200);
-        assert_eq!(resp.header("x-request-id"), Some(format!("t-pipe-{i}").as_str()));
+        assert_eq!(
+            resp.header("x-request-id"),
+            Some(format!("t-pipe-{i}").as_str())
+        );
     }
     for i in 1..=3u64 {
-        assert_eq!(s.record(&format!("t-pipe-{i}"))["completion_tokens"].as_u64(), Some(i));
+        assert_eq!(
+            s.record(&format!("t-pipe-{i}"))["completion_tokens"].as_u64(),
+            Some(i)
+        );
     }
 }
 
 #[test]
 fn backend_dying_mid_stream_is_visible_and_billed() {
     let s = Stack::start();
-    let r = post_json(s.addr(), "/v1/chat/completions", &[("x-request-id", "t-reset"), ("x-mock-fail", "reset")], &chat(true, 10));
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[("x-request-id", "t-reset"), ("x-mock-fail", "reset")],
+        &chat(true, 10),
+    );
     assert_eq!(r.status, 200);
-    assert!(!r.complete, "a truncated stream must not look complete: {}", r.text());
+    assert!(
+        !r.complete,
+        "a truncated stream must not look complete: {}",
+        r.text()
+    );
     let rec = s.record("t-reset");
     assert_eq!(rec["outcome"], "backend_error");
     assert_eq!(rec["status_code"], 200);
@@ -265,26 +423,52 @@ fn backend_dying_mid_stream_is_visible_and_billed() {
     assert_eq!(rec["completion_tokens"], 2);
     assert_eq!(rec["prompt_tokens"], 0);
 
-    let r = post_json(s.addr(), "/v1/chat/completions", &[("x-request-id", "t-errev"), ("x-mock-fail", "error-event")], &chat(true, 10));
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[("x-request-id", "t-errev"), ("x-mock-fail", "error-event")],
+        &chat(true, 10),
+    );
     assert!(r.complete);
     assert!(r.text().contains("mock engine failure"));
     let rec = s.record("t-errev");
     assert_eq!(rec["outcome"], "backend_error");
     assert_eq!(rec["completion_tokens"], 1);
 
-    let r = post_json(s.addr(), "/v1/chat/completions", &[("x-request-id", "t-500"), ("x-mock-fail", "status-500")], &chat(false, 1));
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[("x-request-id", "t-500"), ("x-mock-fail", "status-500")],
+        &chat(false, 1),
+    );
     assert_eq!(r.status, 500);
     let rec = s.record("t-500");
-    assert_eq!((rec["outcome"].as_str(), rec["status_code"].as_u64(), rec["usage_source"].as_str()), (Some("backend_error"), Some(500), Some("none")));
+    assert_eq!(
+        (
+            rec["outcome"].as_str(),
+            rec["status_code"].as_u64(),
+            rec["usage_source"].as_str()
+        ),
+        (Some("backend_error"), Some(500), Some("none"))
+    );
 }
 
 #[test]
 fn caller_hanging_up_mid_stream_still_gets_a_record() {
     let s = Stack::start();
     let mut sock = TcpStream::connect(s.addr()).unwrap();
-    write_request(&mut sock, "POST", "/v1/chat/completions",
-        &[("content-type", "application/json"), ("x-request-id", "t-hangup"), ("x-mock-token-delay-ms", "50")],
-        chat(true, 200).to_string().as_bytes(), true);
+    write_request(
+        &mut sock,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("x-request-id", "t-hangup"),
+            ("x-mock-token-delay-ms", "50"),
+        ],
+        chat(true, 200).to_string().as_bytes(),
+        true,
+    );
     let mut r = BufReader::new(sock);
     read_head(&mut r).unwrap();
     let mut seen = String::new();
@@ -313,7 +497,12 @@ fn models_health_and_metrics() {
     assert_eq!(h["status"], "ok");
     assert_eq!(h["backends"][0]["healthy"], true);
     assert_eq!(h["backends"][0]["in_flight"], 0);
-    post_json(s.addr(), "/v1/chat/completions", &[("x-request-id", "t-m")], &chat(true, 4));
+    post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[("x-request-id", "t-m")],
+        &chat(true, 4),
+    );
     s.record("t-m");
     let mut m = String::new();
     for _ in 0..100 {

@@ -55,5 +55,9 @@ fn openai_sdk_does_not_notice_the_proxy() {
         assert_eq!(r["outcome"], "completed");
         assert_eq!(r["usage_source"], "backend");
     }
-    assert_eq!(raw_posts(&s.receiver).len(), expect.len(), "a record was delivered twice");
+    assert_eq!(
+        raw_posts(&s.receiver).len(),
+        expect.len(),
+        "a record was delivered twice"
+    );
 }
