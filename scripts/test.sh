@@ -18,5 +18,8 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai" 2>/dev/nul
 fi
 export LLMPROXY_TEST_PYTHON="$PWD/.venv/bin/python"
 
+# The end-to-end tests start the example binaries (mock vLLM, webhook receiver).
+echo "==> cargo build --examples"
+cargo build --examples
 echo "==> cargo test"
-cargo test --all-targets "$@"
+cargo test "$@"

@@ -114,6 +114,12 @@ pub struct Metrics {
     pub tokens_completion: AtomicU64,
     pub connections_open: AtomicU64,
     pub connections_rejected: AtomicU64,
+    pub spooled: AtomicU64,
+    pub redelivered: AtomicU64,
+    /// The spool's own counters, once a spool is open (read at scrape time).
+    pub spool: std::sync::OnceLock<Arc<crate::delivery::spool::Shared>>,
+    /// Arrival (unix ms) of the oldest record waiting in the spool; 0 when none.
+    pub spool_oldest_ms: AtomicU64,
 }
 
 impl Metrics {
@@ -136,6 +142,10 @@ impl Metrics {
             tokens_completion: zero(),
             connections_open: zero(),
             connections_rejected: zero(),
+            spooled: zero(),
+            redelivered: zero(),
+            spool: std::sync::OnceLock::new(),
+            spool_oldest_ms: zero(),
         }
     }
 
@@ -188,7 +198,27 @@ impl Metrics {
             "llmproxy_proxy_overhead_ms",
             "Time spent in the proxy itself, not waiting for the backend, in ms.",
         );
-        let counters: [(&str, &str, &AtomicU64); 8] = [
+        let backlog = AtomicU64::new(
+            self.spool
+                .get()
+                .map_or(0, |s| s.backlog_bytes.load(Relaxed)),
+        );
+        let counters: [(&str, &str, &AtomicU64); 11] = [
+            (
+                "llmproxy_usage_spooled_total",
+                "Usage records written to the durable spool.",
+                &self.spooled,
+            ),
+            (
+                "llmproxy_usage_redelivered_total",
+                "Usage records delivered from the spool backlog after a webhook outage or a restart.",
+                &self.redelivered,
+            ),
+            (
+                "llmproxy_usage_spool_bytes",
+                "Bytes of spooled records not yet delivered.",
+                &backlog,
+            ),
             (
                 "llmproxy_webhook_success_total",
                 "Usage records delivered to the webhook.",

@@ -60,21 +60,22 @@ pub fn run(config: Config) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new(
         backends.iter().map(|b| b.name.clone()).collect(),
     ));
-    let (sink, delivery_thread) = if config.usage_hook.enabled {
-        let (sink, handle) = delivery::start(&config.usage_hook, metrics.clone())
-            .map_err(|e| format!("cannot start the delivery thread: {e}"))?;
+    let (sink, delivery_threads) = if config.usage_hook.enabled {
+        let (sink, handles) = delivery::start(&config.usage_hook, metrics.clone())?;
         info!(
-            "usage records go to {}",
-            crate::config::redact_url(&config.usage_hook.url)
+            "usage records go to {} (spool: {})",
+            crate::config::redact_url(&config.usage_hook.url),
+            if config.usage_hook.spool_dir.is_empty() {
+                "DISABLED"
+            } else {
+                &config.usage_hook.spool_dir
+            }
         );
-        (sink, Some(handle))
+        (sink, handles)
     } else {
         warn!("usage_hook is disabled: usage records are counted in /metrics but not delivered");
-        (RecordSink::disabled(metrics.clone()), None)
+        (RecordSink::disabled(metrics.clone()), Vec::new())
     };
-    warn!(
-        "the durable usage spool is not built yet: records the webhook cannot take are logged in full (UNDELIVERED RECORD) and counted"
-    );
 
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -146,7 +147,7 @@ pub fn run(config: Config) -> Result<(), String> {
     health_stop.store(true, Relaxed);
     let _ = health_thread.join();
     shared.sink.close();
-    if let Some(h) = delivery_thread {
+    for h in delivery_threads {
         let _ = h.join();
     }
     info!("shutdown complete");

@@ -62,7 +62,7 @@ pub fn example(name: &str) -> PathBuf {
         .join(name);
     assert!(
         dir.exists(),
-        "{} missing: run through `cargo test`, which builds the examples",
+        "{} missing: run scripts/test.sh, or `cargo build --examples` before `cargo test`",
         dir.display()
     );
     dir
@@ -144,12 +144,57 @@ pub fn receiver(args: &[&str]) -> Proc {
     p
 }
 
+/// A port with nothing listening on it (bound, noted, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A receiver on a given port (to bring one back where the proxy expects it).
+pub fn receiver_on(port: u16, args: &[&str]) -> Proc {
+    let dir = temp_dir();
+    let mut cmd = Command::new(example("webhook_receiver"));
+    cmd.args(["--port", &port.to_string(), "--quiet", "--log"])
+        .arg(dir.join("usage_log.jsonl"))
+        .arg("--raw-log")
+        .arg(dir.join("raw.jsonl"))
+        .args(args);
+    let mut p = spawn(cmd);
+    p.dir = dir;
+    p
+}
+
+/// The value of an unlabelled metric.
+pub fn metric(addr: &str, name: &str) -> f64 {
+    let text = request(addr, "GET", "/metrics", &[], b"").text();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.strip_prefix(' '))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+/// Waits until `f` holds, or fails with `what`.
+pub fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
 pub fn proxy_with_config(yaml: &str) -> Proc {
     let dir = temp_dir();
     let path = dir.join("config.yaml");
     std::fs::write(&path, yaml).unwrap();
     let mut cmd = Command::new(proxy_bin());
-    cmd.arg("--config").arg(&path);
+    // Relative paths in the config (the default spool dir) land in the test's own dir.
+    cmd.arg("--config").arg(&path).current_dir(&dir);
     let mut p = spawn(cmd);
     p.dir = dir;
     p

@@ -3,6 +3,7 @@
 //! modules, so one binary links.
 
 mod cli;
+mod delivery;
 mod errors;
 mod harness;
 mod metering;

@@ -1,0 +1,475 @@
+//! Delivery of usage records to billing. Workers hand records to a bounded channel with
+//! `try_send` (a worker never waits). With a spool (the default), a writer thread
+//! appends every record to disk and fsyncs it in batches before anything tries to
+//! deliver it, and a sender thread POSTs spooled records oldest first, advancing the
+//! spool cursor only once the webhook took a record (2xx) or refused it for good (4xx
+//! other than 408/429: dead letter). While the webhook is down, records wait on disk,
+//! also across restarts and crashes. Sending is sequential: a recovering receiver gets
+//! at most one request at a time from each proxy.
+//!
+//! Without a spool (`spool_dir: ""`) the sender reads the channel directly and a
+//! record that exhausts its retries is logged in full and counted, nothing more.
+
+pub mod spool;
+
+use crate::config::UsageHookConfig;
+use crate::metrics::Metrics;
+use crate::usage::UsageRecord;
+use crate::{error, info, warn};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use spool::{Next, Spool, SpoolReader, SpoolWriter};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Most bytes the writer buffers before a commit (one fsync covers them all).
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// After the webhook failed a record, wait this long (doubling) before trying again.
+const STALL_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_STALL_BACKOFF: Duration = Duration::from_secs(5);
+/// At shutdown, spooled records are delivered for at most this long; the rest waits
+/// in the spool for the next start.
+const SHUTDOWN_DELIVERY: Duration = Duration::from_secs(10);
+
+/// The workers' side: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct RecordSink {
+    tx: Option<Sender<UsageRecord>>,
+    metrics: Arc<Metrics>,
+    closing: Arc<AtomicBool>,
+}
+
+impl RecordSink {
+    /// A sink that only counts (usage_hook disabled).
+    pub fn disabled(metrics: Arc<Metrics>) -> Self {
+        RecordSink {
+            tx: None,
+            metrics,
+            closing: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.tx.as_ref().map_or(0, |t| t.len())
+    }
+
+    /// Tells the delivery threads to spool or deliver what is queued and stop. Call
+    /// once the workers are done.
+    pub fn close(&self) {
+        self.closing.store(true, Relaxed);
+    }
+
+    pub fn emit(&self, record: UsageRecord) {
+        let m = &self.metrics;
+        m.records_emitted.fetch_add(1, Relaxed);
+        m.tokens_prompt
+            .fetch_add(record.usage.prompt_tokens, Relaxed);
+        m.tokens_completion
+            .fetch_add(record.usage.completion_tokens, Relaxed);
+        let Some(tx) = &self.tx else { return };
+        if let Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) = tx.try_send(record) {
+            m.records_dropped.fetch_add(1, Relaxed);
+            error!(
+                "usage queue full: record not queued; UNDELIVERED RECORD: {}",
+                String::from_utf8_lossy(&r.to_json())
+            );
+        }
+    }
+}
+
+/// Starts the delivery threads. Join the handles after `RecordSink::close`.
+pub fn start(
+    cfg: &UsageHookConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(RecordSink, Vec<JoinHandle<()>>), String> {
+    let (tx, rx) = crossbeam_channel::bounded(cfg.queue_size);
+    let closing = Arc::new(AtomicBool::new(false));
+    let outbox = Outbox::new(cfg, metrics.clone());
+    let mut handles = Vec::new();
+    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(f)
+            .map_err(|e| format!("cannot start the {name} thread: {e}"))
+    };
+    if cfg.spool_dir.is_empty() {
+        warn!(
+            "usage_hook.spool_dir is empty: THE USAGE SPOOL IS DISABLED. Records the webhook cannot take are lost on restart (they are logged in full and counted)"
+        );
+        let stop = closing.clone();
+        handles.push(spawn(
+            "usage-sender",
+            Box::new(move || outbox.run_memory(rx, &stop)),
+        )?);
+    } else {
+        let spool = Spool::open(Path::new(&cfg.spool_dir))?;
+        let backlog = spool.shared.backlog_bytes.load(Relaxed);
+        if backlog > 0 {
+            info!(
+                "usage spool {}: {backlog} bytes of records from before this start will be delivered first",
+                cfg.spool_dir
+            );
+        }
+        let _ = metrics.spool.set(spool.shared.clone());
+        let writer = spool.writer().map_err(|e| {
+            format!(
+                "usage_hook.spool_dir: cannot create a segment in {}: {e}",
+                cfg.spool_dir
+            )
+        })?;
+        let reader = spool.reader();
+        let (stop_w, stop_s) = (closing.clone(), closing.clone());
+        let m = metrics.clone();
+        handles.push(spawn(
+            "usage-spool",
+            Box::new(move || write_spool(rx, writer, &m, &stop_w)),
+        )?);
+        let dir = spool.dir.clone();
+        let keep = Arc::new(spool); // holds the directory lock while the threads run
+        handles.push(spawn(
+            "usage-sender",
+            Box::new(move || {
+                outbox.run_spool(reader, &dir, &stop_s);
+                drop(keep);
+            }),
+        )?);
+    }
+    Ok((
+        RecordSink {
+            tx: Some(tx),
+            metrics,
+            closing,
+        },
+        handles,
+    ))
+}
+
+/// The spool writer thread: channel → disk, one fsync per batch.
+fn write_spool(
+    rx: Receiver<UsageRecord>,
+    mut writer: SpoolWriter,
+    metrics: &Metrics,
+    closing: &AtomicBool,
+) {
+    let mut line = Vec::with_capacity(1024);
+    let mut batch = 0u64;
+    let mut append = |writer: &mut SpoolWriter, r: UsageRecord, batch: &mut u64| {
+        line.clear();
+        r.write_json(&mut line);
+        writer.append(&line);
+        *batch += 1;
+    };
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(r) => {
+                append(&mut writer, r, &mut batch);
+                while writer.pending() < MAX_BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(r) => append(&mut writer, r, &mut batch),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) if closing.load(Relaxed) && rx.is_empty() => break,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        match writer.commit() {
+            Ok(()) => metrics
+                .spooled
+                .fetch_add(std::mem::take(&mut batch), Relaxed),
+            Err(e) => {
+                // Kept in memory and retried: the queue fills, then workers log and count.
+                error!("usage spool: write failed, retrying: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+                0
+            }
+        };
+    }
+    writer.close();
+}
+
+enum Delivery {
+    Delivered,
+    Refused(u16, String),
+    Failed(String),
+}
+
+enum Attempt {
+    Delivered,
+    Retryable(String),
+    Permanent(u16, String),
+}
+
+struct Outbox {
+    agent: ureq::Agent,
+    url: String,
+    headers: Vec<(String, String)>,
+    retries: u32,
+    metrics: Arc<Metrics>,
+    rng: u64,
+}
+
+impl Outbox {
+    fn new(cfg: &UsageHookConfig, metrics: Arc<Metrics>) -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(cfg.timeout.0))
+            .http_status_as_error(false)
+            .user_agent("llmproxy")
+            .build()
+            .into();
+        let seed = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0x9e37_79b9, |d| d.as_nanos() as u64);
+        Outbox {
+            agent,
+            url: cfg.url.clone(),
+            headers: cfg
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            retries: cfg.retry,
+            metrics,
+            rng: seed | 1,
+        }
+    }
+
+    fn run_memory(mut self, rx: Receiver<UsageRecord>, closing: &AtomicBool) {
+        let mut body = Vec::with_capacity(1024);
+        loop {
+            let r = match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(r) => r,
+                Err(RecvTimeoutError::Timeout) if closing.load(Relaxed) => break,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            body.clear();
+            r.write_json(&mut body);
+            match self.deliver(&body, &r.request_id) {
+                Delivery::Delivered => {}
+                Delivery::Refused(status, excerpt) => {
+                    self.metrics.dead_letter.fetch_add(1, Relaxed);
+                    error!(
+                        "usage webhook refused {} with {status} ({excerpt}); no spool; UNDELIVERED RECORD: {}",
+                        r.request_id,
+                        String::from_utf8_lossy(&body)
+                    );
+                }
+                Delivery::Failed(why) => {
+                    self.metrics.records_dropped.fetch_add(1, Relaxed);
+                    error!(
+                        "usage webhook: giving up on {} ({why}); no spool; UNDELIVERED RECORD: {}",
+                        r.request_id,
+                        String::from_utf8_lossy(&body)
+                    );
+                }
+            }
+        }
+    }
+
+    fn run_spool(mut self, mut reader: SpoolReader, dir: &Path, closing: &AtomicBool) {
+        let mut stall = Duration::ZERO;
+        let mut closed_at: Option<Instant> = None;
+        let shared = reader.shared();
+        // Records delivered while catching up (after an outage, or left from before
+        // this start) count as re-delivered from the spool.
+        let mut catching_up = shared.backlog_bytes.load(Relaxed) > 0;
+        loop {
+            if closing.load(Relaxed) {
+                let at = *closed_at.get_or_insert_with(Instant::now);
+                if at.elapsed() > SHUTDOWN_DELIVERY || !stall.is_zero() {
+                    break;
+                }
+            }
+            let line = match reader.next(Duration::from_millis(100)) {
+                Next::Record(line) => line,
+                Next::Empty => {
+                    self.metrics.spool_oldest_ms.store(0, Relaxed);
+                    catching_up = false;
+                    continue;
+                }
+                Next::Closed => break,
+            };
+            let (id, arrived_ms) = record_meta(&line);
+            self.metrics.spool_oldest_ms.store(arrived_ms, Relaxed);
+            match self.deliver(&line, &id) {
+                Delivery::Delivered => {
+                    reader.ack();
+                    if !stall.is_zero() {
+                        info!(
+                            "usage webhook is taking records again; delivering the spool oldest first"
+                        );
+                        stall = Duration::ZERO;
+                    }
+                    if catching_up {
+                        self.metrics.redelivered.fetch_add(1, Relaxed);
+                    }
+                }
+                Delivery::Refused(status, excerpt) => match spool::dead_letter(dir, &line) {
+                    Ok(()) => {
+                        self.metrics.dead_letter.fetch_add(1, Relaxed);
+                        error!(
+                            "usage webhook refused {id} with {status} ({excerpt}); moved to {}",
+                            dir.join("dead-letter.jsonl").display()
+                        );
+                        reader.ack();
+                    }
+                    Err(e) => {
+                        error!(
+                            "usage spool: cannot write dead letter for {id}: {e}; it stays spooled"
+                        );
+                        std::thread::sleep(STALL_BACKOFF);
+                    }
+                },
+                Delivery::Failed(why) => {
+                    catching_up = true;
+                    stall = if stall.is_zero() {
+                        STALL_BACKOFF
+                    } else {
+                        (stall * 2).min(MAX_STALL_BACKOFF)
+                    };
+                    warn!(
+                        "usage webhook unavailable ({why}); {id} and later records wait in the spool, next try in {stall:?}"
+                    );
+                    sleep_unless(stall, closing);
+                }
+            }
+        }
+        let left = shared.backlog_bytes.load(Relaxed);
+        if left > 0 {
+            warn!(
+                "usage delivery stopping with {left} bytes of records in the spool; they are delivered at the next start"
+            );
+        }
+        info!("usage delivery stopped");
+    }
+
+    /// One record, with `retry` further attempts on retryable failures.
+    fn deliver(&mut self, body: &[u8], request_id: &str) -> Delivery {
+        let mut attempt = 0;
+        loop {
+            match self.post(body, request_id) {
+                Attempt::Delivered => {
+                    self.metrics.webhook_success.fetch_add(1, Relaxed);
+                    return Delivery::Delivered;
+                }
+                Attempt::Permanent(status, excerpt) => {
+                    self.metrics.webhook_failure.fetch_add(1, Relaxed);
+                    return Delivery::Refused(status, excerpt);
+                }
+                Attempt::Retryable(why) if attempt < self.retries => {
+                    attempt += 1;
+                    self.metrics.webhook_retries.fetch_add(1, Relaxed);
+                    std::thread::sleep(self.backoff(attempt));
+                    let _ = why;
+                }
+                Attempt::Retryable(why) => {
+                    self.metrics.webhook_failure.fetch_add(1, Relaxed);
+                    return Delivery::Failed(why);
+                }
+            }
+        }
+    }
+
+    fn post(&mut self, body: &[u8], request_id: &str) -> Attempt {
+        let mut req = self
+            .agent
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("idempotency-key", request_id);
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        match req.send(body) {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let body = resp
+                    .into_body()
+                    .with_config()
+                    .limit(4096)
+                    .read_to_vec()
+                    .unwrap_or_default();
+                let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+                match status {
+                    200..=299 => Attempt::Delivered,
+                    408 | 429 | 500..=599 => Attempt::Retryable(format!("status {status}")),
+                    _ => Attempt::Permanent(status, excerpt),
+                }
+            }
+            Err(e) => Attempt::Retryable(e.to_string()),
+        }
+    }
+
+    /// Exponential backoff from 100 ms, capped at 10 s, with ±50 % jitter so a fleet of
+    /// proxies does not retry in lockstep.
+    fn backoff(&mut self, attempt: u32) -> Duration {
+        let base = 100u64.saturating_mul(1 << attempt.min(10)).min(10_000);
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        Duration::from_millis(base / 2 + self.rng % base.max(1))
+    }
+}
+
+fn sleep_unless(d: Duration, stop: &AtomicBool) {
+    let end = Instant::now() + d;
+    while Instant::now() < end && !stop.load(Relaxed) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The request id and arrival time (unix ms) of a spooled record.
+fn record_meta(line: &[u8]) -> (String, u64) {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        #[serde(default)]
+        request_id: String,
+        #[serde(default)]
+        timestamp: String,
+    }
+    match serde_json::from_slice::<Meta>(line) {
+        Ok(m) => {
+            let ms = humantime::parse_rfc3339(&m.timestamp)
+                .ok()
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as u64);
+            (m.request_id, ms)
+        }
+        Err(_) => (String::new(), 0),
+    }
+}
+
+/// `llmproxy spool replay-dead`: POSTs every dead-lettered record again; those the
+/// webhook now takes are removed, the rest stay. Returns (delivered, kept).
+pub fn replay_dead(cfg: &UsageHookConfig) -> Result<(usize, usize), String> {
+    if cfg.spool_dir.is_empty() {
+        return Err("usage_hook.spool_dir is empty: there is no dead-letter file".into());
+    }
+    let path = PathBuf::from(&cfg.spool_dir).join("dead-letter.jsonl");
+    let (lines, file) =
+        spool::take_dead_letters(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let metrics = Arc::new(Metrics::new(Vec::new()));
+    let mut outbox = Outbox::new(cfg, metrics);
+    let mut kept = Vec::new();
+    let mut delivered = 0;
+    for line in lines {
+        let (id, _) = record_meta(&line);
+        match outbox.deliver(&line, &id) {
+            Delivery::Delivered => delivered += 1,
+            Delivery::Refused(status, excerpt) => {
+                eprintln!("{id}: refused again with {status} ({excerpt})");
+                kept.push(line);
+            }
+            Delivery::Failed(why) => {
+                eprintln!("{id}: not delivered ({why})");
+                kept.push(line);
+            }
+        }
+    }
+    let n = kept.len();
+    spool::put_back_dead_letters(file, &kept).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((delivered, n))
+}

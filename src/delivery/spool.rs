@@ -1,0 +1,555 @@
+//! The durable spool: every record is appended to a segment file and fsync'd (group
+//! commit: one fdatasync per batch the writer thread drains) before anything tries to
+//! deliver it; the sender reads segments back oldest first and advances a cursor as
+//! records are delivered or dead-lettered. Delivered segments are deleted.
+//!
+//! Files in `spool_dir`: `seg-<seq>.jsonl` (JSON Lines, `jq`-readable), `cursor`
+//! (`<seq> <offset>` of the oldest record not yet delivered), `dead-letter.jsonl`
+//! (permanent refusals) and `lock` (flock'd: one proxy per spool dir).
+//!
+//! A crash mid-write can only tear the last line of the segment being written; a new
+//! start always opens a new segment, so a torn line is the unterminated end of an old
+//! one. It is skipped with a warning; nothing else is ever skipped.
+
+use crate::{error, warn};
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// Segments rotate past this size, so delivered records can be deleted in pieces.
+pub const SEGMENT_BYTES: u64 = 8 << 20;
+/// A line longer than this is not a record (records are well under 64 KiB).
+const MAX_LINE: u64 = 1 << 20;
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("seg-{seq:020}.jsonl"))
+}
+
+fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut seqs: Vec<u64> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_prefix("seg-")?
+                .strip_suffix(".jsonl")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    seqs.sort_unstable();
+    Ok(seqs)
+}
+
+/// What the writer has made durable, for the reader.
+#[derive(Default)]
+pub struct Committed {
+    /// The segment being written and its durable length.
+    pub seq: u64,
+    pub len: u64,
+    /// The writer has stopped: nothing more will come.
+    pub closed: bool,
+}
+
+/// State shared by the writer and the sender threads.
+#[derive(Default)]
+pub struct Shared {
+    pub committed: Mutex<Committed>,
+    pub grown: Condvar,
+    /// Bytes spooled and not yet delivered (or dead-lettered).
+    pub backlog_bytes: AtomicU64,
+    /// Arrival time (unix ms) of the oldest record not yet delivered; 0 when none.
+    pub oldest_ms: AtomicU64,
+    /// Set when delivery is failing (records wait in the spool).
+    pub stalled: AtomicBool,
+}
+
+/// An opened, locked spool directory.
+pub struct Spool {
+    pub dir: PathBuf,
+    _lock: File,
+    pub shared: Arc<Shared>,
+    first_new_seq: u64,
+}
+
+impl Spool {
+    pub fn open(dir: &Path) -> Result<Spool, String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("usage_hook.spool_dir: cannot create {}: {e}", dir.display()))?;
+        let lock = lock_file(&dir.join("lock"))
+            .map_err(|e| format!("usage_hook.spool_dir: {}: {e}", dir.display()))?;
+        let segs = list_segments(dir)
+            .map_err(|e| format!("usage_hook.spool_dir: cannot list {}: {e}", dir.display()))?;
+        let first_new_seq = segs.last().map_or(1, |s| s + 1);
+        // Backlog from before this start: everything from the cursor on.
+        let (cseq, coff) = read_cursor(dir);
+        let mut backlog = 0;
+        for s in &segs {
+            if *s >= cseq {
+                let len = std::fs::metadata(segment_path(dir, *s)).map_or(0, |m| m.len());
+                backlog += if *s == cseq {
+                    len.saturating_sub(coff)
+                } else {
+                    len
+                };
+            }
+        }
+        let shared = Arc::new(Shared::default());
+        shared.backlog_bytes.store(backlog, Relaxed);
+        Ok(Spool {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            shared,
+            first_new_seq,
+        })
+    }
+
+    pub fn writer(&self) -> io::Result<SpoolWriter> {
+        SpoolWriter::create(&self.dir, self.first_new_seq, self.shared.clone())
+    }
+
+    pub fn reader(&self) -> SpoolReader {
+        let (seq, offset) = read_cursor(&self.dir);
+        let cursor = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(self.dir.join("cursor"))
+            .ok();
+        SpoolReader {
+            dir: self.dir.clone(),
+            seq,
+            offset,
+            pending: 0,
+            file: None,
+            cursor,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// flock(LOCK_EX|LOCK_NB) on `path`, with the holder's pid written in it.
+pub fn lock_file(path: &Path) -> Result<File, String> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut holder = String::new();
+        let _ = f.read_to_string(&mut holder);
+        return Err(format!(
+            "in use by another llmproxy (pid {}); two proxies must not share a spool dir",
+            holder.trim()
+        ));
+    }
+    let _ = f.set_len(0);
+    let _ = f.write_all(std::process::id().to_string().as_bytes());
+    Ok(f)
+}
+
+fn read_cursor(dir: &Path) -> (u64, u64) {
+    let text = std::fs::read_to_string(dir.join("cursor")).unwrap_or_default();
+    let mut it = text.split_whitespace().map(|s| s.parse::<u64>().ok());
+    match (it.next().flatten(), it.next().flatten()) {
+        (Some(s), Some(o)) => (s, o),
+        _ => (0, 0),
+    }
+}
+
+pub struct SpoolWriter {
+    dir: PathBuf,
+    seq: u64,
+    file: File,
+    len: u64,
+    buf: Vec<u8>,
+    shared: Arc<Shared>,
+}
+
+impl SpoolWriter {
+    fn create(dir: &Path, seq: u64, shared: Arc<Shared>) -> io::Result<SpoolWriter> {
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(segment_path(dir, seq))?;
+        sync_dir(dir);
+        if let Ok(mut c) = shared.committed.lock() {
+            c.seq = seq;
+            c.len = 0;
+        }
+        Ok(SpoolWriter {
+            dir: dir.to_path_buf(),
+            seq,
+            file,
+            len: 0,
+            buf: Vec::with_capacity(64 * 1024),
+            shared,
+        })
+    }
+
+    /// Buffers one record (a JSON object without newline).
+    pub fn append(&mut self, record: &[u8]) {
+        self.buf.extend_from_slice(record);
+        self.buf.push(b'\n');
+    }
+
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes and fsyncs what is buffered, then tells the reader.
+    pub fn commit(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(&self.buf)?;
+        self.file.sync_data()?;
+        self.len += self.buf.len() as u64;
+        self.shared
+            .backlog_bytes
+            .fetch_add(self.buf.len() as u64, Relaxed);
+        self.buf.clear();
+        if let Ok(mut c) = self.shared.committed.lock() {
+            c.seq = self.seq;
+            c.len = self.len;
+        }
+        self.shared.grown.notify_all();
+        if self.len >= SEGMENT_BYTES {
+            let next = SpoolWriter::create(&self.dir, self.seq + 1, self.shared.clone())?;
+            *self = SpoolWriter {
+                buf: std::mem::take(&mut self.buf),
+                ..next
+            };
+            self.shared.grown.notify_all();
+        }
+        Ok(())
+    }
+
+    pub fn close(mut self) {
+        if let Err(e) = self.commit() {
+            error!("usage spool: final commit failed: {e}");
+        }
+        if let Ok(mut c) = self.shared.committed.lock() {
+            c.closed = true;
+        }
+        self.shared.grown.notify_all();
+    }
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+pub enum Next {
+    Record(Vec<u8>),
+    /// Nothing spooled yet beyond the cursor.
+    Empty,
+    /// The writer closed and everything was read.
+    Closed,
+}
+
+pub struct SpoolReader {
+    dir: PathBuf,
+    seq: u64,
+    offset: u64,
+    /// Length of the record handed out and not yet acknowledged.
+    pending: u64,
+    file: Option<BufReader<File>>,
+    cursor: Option<File>,
+    shared: Arc<Shared>,
+}
+
+impl SpoolReader {
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// The oldest record not yet acknowledged, waiting up to `wait` for one.
+    pub fn next(&mut self, wait: Duration) -> Next {
+        if self.pending > 0 {
+            // Not acknowledged: hand the same record out again.
+            self.file = None;
+            self.pending = 0;
+        }
+        loop {
+            let (cseq, clen, closed) = match self.shared.committed.lock() {
+                Ok(c) => (c.seq, c.len, c.closed),
+                Err(_) => return Next::Closed,
+            };
+            if self.seq < cseq || (self.seq == cseq && self.offset < clen) {
+                let limit = if self.seq == cseq {
+                    clen
+                } else {
+                    std::fs::metadata(segment_path(&self.dir, self.seq)).map_or(0, |m| m.len())
+                };
+                if self.offset < limit {
+                    match self.read_line(limit) {
+                        Ok(Some(line)) => return Next::Record(line),
+                        Ok(None) => continue, // a torn line was skipped
+                        Err(e) => {
+                            error!("usage spool: cannot read segment {}: {e}", self.seq);
+                            std::thread::sleep(wait);
+                            return Next::Empty;
+                        }
+                    }
+                }
+                if self.seq < cseq {
+                    self.finish_segment();
+                    continue;
+                }
+            }
+            if closed {
+                return Next::Closed;
+            }
+            let Ok(guard) = self.shared.committed.lock() else {
+                return Next::Closed;
+            };
+            let (_guard, timeout) = match self.shared.grown.wait_timeout(guard, wait) {
+                Ok(r) => r,
+                Err(_) => return Next::Closed,
+            };
+            if timeout.timed_out() {
+                return Next::Empty;
+            }
+        }
+    }
+
+    fn read_line(&mut self, limit: u64) -> io::Result<Option<Vec<u8>>> {
+        if self.file.is_none() {
+            match File::open(segment_path(&self.dir, self.seq)) {
+                Ok(mut f) => {
+                    f.seek(SeekFrom::Start(self.offset))?;
+                    self.file = Some(BufReader::with_capacity(64 * 1024, f));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.offset = limit;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(reader) = self.file.as_mut() else {
+            return Ok(None);
+        };
+        let mut line = Vec::with_capacity(512);
+        let max = (limit - self.offset).min(MAX_LINE);
+        reader.by_ref().take(max).read_until(b'\n', &mut line)?;
+        if line.last() == Some(&b'\n') {
+            line.pop();
+            self.pending = line.len() as u64 + 1;
+            return Ok(Some(line));
+        }
+        // No newline before the committed end: the torn tail of a crashed write.
+        warn!(
+            "usage spool: skipping a torn last line ({} bytes) in {}",
+            line.len(),
+            segment_path(&self.dir, self.seq).display()
+        );
+        self.shared
+            .backlog_bytes
+            .fetch_sub(line.len() as u64, Relaxed);
+        self.offset += line.len() as u64;
+        self.file = None;
+        self.save_cursor();
+        Ok(None)
+    }
+
+    /// The record last handed out was delivered or dead-lettered: move past it.
+    pub fn ack(&mut self) {
+        self.offset += self.pending;
+        self.shared.backlog_bytes.fetch_sub(
+            self.pending.min(self.shared.backlog_bytes.load(Relaxed)),
+            Relaxed,
+        );
+        self.pending = 0;
+        self.save_cursor();
+    }
+
+    fn save_cursor(&mut self) {
+        if let Some(c) = &self.cursor {
+            // Fixed width, so an overwrite in place never leaves stale digits.
+            let text = format!("{:020} {:020}\n", self.seq, self.offset);
+            if let Err(e) = c.write_all_at(text.as_bytes(), 0) {
+                error!("usage spool: cannot save the cursor: {e}");
+            }
+        }
+    }
+
+    fn finish_segment(&mut self) {
+        let path = segment_path(&self.dir, self.seq);
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            warn!(
+                "usage spool: cannot delete delivered segment {}: {e}",
+                path.display()
+            );
+        }
+        let next = list_segments(&self.dir)
+            .ok()
+            .and_then(|s| s.into_iter().find(|&s| s > self.seq));
+        let cseq = self.shared.committed.lock().map_or(self.seq + 1, |c| c.seq);
+        self.seq = next.unwrap_or(cseq).min(cseq);
+        self.offset = 0;
+        self.file = None;
+        self.save_cursor();
+    }
+}
+
+fn flock(f: &File) -> io::Result<()> {
+    // SAFETY: flock on a file descriptor we own; blocks until the holder is done.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Appends a refused record to `dead-letter.jsonl`, durably. The file is flock'd so
+/// `llmproxy spool replay-dead` can rewrite it while the proxy runs.
+pub fn dead_letter(dir: &Path, record: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("dead-letter.jsonl"))?;
+    flock(&f)?;
+    let mut line = Vec::with_capacity(record.len() + 1);
+    line.extend_from_slice(record);
+    line.push(b'\n');
+    f.write_all(&line)?;
+    f.sync_data()
+}
+
+/// Locks the dead-letter file and reads its records; hand the file back to
+/// `put_back_dead_letters`, which keeps the lock until the rewrite is done.
+pub fn take_dead_letters(path: &Path) -> io::Result<(Vec<Vec<u8>>, File)> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)?;
+    flock(&f)?;
+    let mut text = Vec::new();
+    f.read_to_end(&mut text)?;
+    let lines = text
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .map(<[u8]>::to_vec)
+        .collect();
+    Ok((lines, f))
+}
+
+pub fn put_back_dead_letters(f: File, kept: &[Vec<u8>]) -> io::Result<()> {
+    let mut out = Vec::new();
+    for l in kept {
+        out.extend_from_slice(l);
+        out.push(b'\n');
+    }
+    f.set_len(0)?;
+    f.write_all_at(&out, 0)?;
+    f.sync_data()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> PathBuf {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "llmproxy-spool-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn drain(r: &mut SpoolReader) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Next::Record(l) = r.next(Duration::from_millis(10)) {
+            out.push(String::from_utf8(l).unwrap());
+            r.ack();
+        }
+        out
+    }
+
+    #[test]
+    fn records_come_back_in_order_and_cursor_survives_restart() {
+        let d = dir();
+        {
+            let spool = Spool::open(&d).unwrap();
+            let mut w = spool.writer().unwrap();
+            let mut r = spool.reader();
+            for i in 0..5 {
+                w.append(format!("{{\"n\":{i}}}").as_bytes());
+            }
+            w.commit().unwrap();
+            let Next::Record(first) = r.next(Duration::from_millis(10)) else {
+                panic!()
+            };
+            assert_eq!(first, b"{\"n\":0}");
+            r.ack();
+            let Next::Record(again) = r.next(Duration::from_millis(10)) else {
+                panic!()
+            };
+            assert_eq!(again, b"{\"n\":1}");
+            // Not acknowledged: a restart hands it out again.
+            assert!(Spool::open(&d).is_err(), "the spool dir must be locked");
+        }
+        let spool = Spool::open(&d).unwrap();
+        let _w = spool.writer().unwrap();
+        let mut r = spool.reader();
+        assert_eq!(
+            drain(&mut r),
+            vec!["{\"n\":1}", "{\"n\":2}", "{\"n\":3}", "{\"n\":4}"]
+        );
+        assert_eq!(spool.shared.backlog_bytes.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn torn_last_line_is_skipped_and_rest_delivered() {
+        let d = dir();
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(segment_path(&d, 3), b"{\"a\":1}\n{\"b\":2}\n{\"c\":").unwrap();
+        std::fs::write(segment_path(&d, 4), b"{\"d\":4}\n").unwrap();
+        let spool = Spool::open(&d).unwrap();
+        let mut w = spool.writer().unwrap();
+        w.append(b"{\"e\":5}");
+        w.commit().unwrap();
+        let mut r = spool.reader();
+        assert_eq!(
+            drain(&mut r),
+            vec!["{\"a\":1}", "{\"b\":2}", "{\"d\":4}", "{\"e\":5}"]
+        );
+        // Delivered segments are gone; the one being written stays.
+        assert_eq!(list_segments(&d).unwrap(), vec![5]);
+    }
+
+    #[test]
+    fn rotates_segments() {
+        let d = dir();
+        let spool = Spool::open(&d).unwrap();
+        let mut w = spool.writer().unwrap();
+        let big = vec![b'x'; 1 << 20];
+        let rec = [b"\"".as_slice(), &big, b"\""].concat();
+        for _ in 0..10 {
+            w.append(&rec);
+            w.commit().unwrap();
+        }
+        assert!(list_segments(&d).unwrap().len() >= 2);
+        let mut r = spool.reader();
+        assert_eq!(drain(&mut r).len(), 10);
+        w.close();
+        assert!(matches!(r.next(Duration::from_millis(10)), Next::Closed));
+    }
+}

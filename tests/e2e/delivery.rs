@@ -1,0 +1,265 @@
+//! Billing loses nothing: webhook outages, retries, crashes, torn spool files, dead
+//! letters, and the spool lock. Records are counted by request_id at the receiver.
+
+use crate::harness::*;
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+fn config(hook_port: u16, spool: &Path, extra: &str, backend: &str) -> String {
+    format!(
+        "listen: \"127.0.0.1:0\"\nworkers: 2\nbackends:\n  - url: \"http://{backend}\"\nusage_hook:\n  enabled: true\n  url: \"http://127.0.0.1:{hook_port}/llm-usage\"\n  timeout: 500ms\n  retry: 1\n  spool_dir: \"{}\"\n{extra}",
+        spool.display()
+    )
+}
+
+fn send(addr: &str, n: usize, prefix: &str) -> Vec<String> {
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    let handles: Vec<_> = ids
+        .chunks(n.div_ceil(8).max(1))
+        .map(|chunk| {
+            let (addr, chunk) = (addr.to_string(), chunk.to_vec());
+            std::thread::spawn(move || {
+                for id in chunk {
+                    let r = post_json(
+                        &addr,
+                        "/v1/chat/completions",
+                        &[("x-request-id", &id)],
+                        &chat(id.len() % 2 == 0, 2),
+                    );
+                    assert_eq!(r.status, 200);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    ids
+}
+
+fn ids_of(records: &[serde_json::Value]) -> HashSet<String> {
+    records
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn receiver_outage_under_load_loses_nothing() {
+    let mock = mock(&[]);
+    let port = free_port();
+    let spool = temp_dir().join("spool");
+    let proxy = proxy_with_config(&config(port, &spool, "", &mock.addr));
+    let ids = send(&proxy.addr, 120, "t-outage");
+    wait_until("records spooled", 10, || {
+        metric(&proxy.addr, "llmproxy_usage_spooled_total") == 120.0
+    });
+    assert!(metric(&proxy.addr, "llmproxy_usage_spool_bytes") > 0.0);
+    wait_until("a failed delivery", 10, || {
+        metric(&proxy.addr, "llmproxy_webhook_failure_total") >= 1.0
+    });
+    // The receiver comes back; the spool drains oldest first.
+    let receiver = receiver_on(port, &[]);
+    let got = wait_records(&receiver, 120);
+    assert_eq!(ids_of(&got), ids.iter().cloned().collect::<HashSet<_>>());
+    let raw = raw_posts(&receiver);
+    assert_eq!(raw.len(), 120, "no record was sent twice");
+    wait_until("backlog drained", 10, || {
+        metric(&proxy.addr, "llmproxy_usage_spool_bytes") == 0.0
+    });
+    assert_eq!(metric(&proxy.addr, "llmproxy_webhook_success_total"), 120.0);
+    assert_eq!(
+        metric(&proxy.addr, "llmproxy_usage_redelivered_total"),
+        120.0
+    );
+    assert_eq!(metric(&proxy.addr, "llmproxy_usage_dead_letter_total"), 0.0);
+    // Delivered segments are deleted.
+    let segs = std::fs::read_dir(&spool)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("seg-")
+        })
+        .count();
+    assert_eq!(segs, 1, "only the segment being written remains");
+}
+
+#[test]
+fn webhook_errors_are_retried_then_delivered() {
+    let mock = mock(&[]);
+    let port = free_port();
+    let receiver = receiver_on(port, &["--fail-status", "503", "--fail-count", "3"]);
+    let proxy = proxy_with_config(&config(port, &temp_dir().join("spool"), "", &mock.addr));
+    let ids = send(&proxy.addr, 5, "t-retry");
+    let got = wait_records(&receiver, 5);
+    assert_eq!(ids_of(&got), ids.iter().cloned().collect::<HashSet<_>>());
+    assert!(metric(&proxy.addr, "llmproxy_webhook_retries_total") >= 1.0);
+    assert_eq!(metric(&proxy.addr, "llmproxy_webhook_success_total"), 5.0);
+}
+
+#[test]
+fn kill_9_then_restart_delivers_what_was_spooled() {
+    let mock = mock(&[]);
+    let port = free_port();
+    let spool = temp_dir().join("spool");
+    let mut first = proxy_with_config(&config(port, &spool, "", &mock.addr));
+    let ids = send(&first.addr, 30, "t-crash");
+    wait_until("records spooled", 10, || {
+        metric(&first.addr, "llmproxy_usage_spooled_total") == 30.0
+    });
+    first.signal(libc::SIGKILL);
+    first.wait_exit(Duration::from_secs(5));
+    let receiver = receiver_on(port, &[]);
+    let second = proxy_with_config(&config(port, &spool, "", &mock.addr));
+    let got = wait_records(&receiver, 30);
+    assert_eq!(
+        ids_of(&got),
+        ids.iter().cloned().collect::<HashSet<_>>(),
+        "{}",
+        second.output()
+    );
+    wait_until("spool drained", 10, || {
+        metric(&second.addr, "llmproxy_usage_spool_bytes") == 0.0
+    });
+    // A restart again delivers nothing twice: the cursor moved past every record.
+    drop(second);
+    let third = proxy_with_config(&config(port, &spool, "", &mock.addr));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(raw_posts(&receiver).len(), 30);
+    drop(third);
+}
+
+#[test]
+fn sigterm_with_webhook_down_spools_and_exits_0() {
+    let mock = mock(&["--token-delay-ms", "20"]);
+    let port = free_port();
+    let spool = temp_dir().join("spool");
+    let mut proxy = proxy_with_config(&config(port, &spool, "", &mock.addr));
+    let ids = send(&proxy.addr, 10, "t-term");
+    proxy.signal(libc::SIGTERM);
+    assert_eq!(
+        proxy.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        proxy.output()
+    );
+    let receiver = receiver_on(port, &[]);
+    let _next = proxy_with_config(&config(port, &spool, "", &mock.addr));
+    let got = wait_records(&receiver, 10);
+    assert_eq!(ids_of(&got), ids.iter().cloned().collect::<HashSet<_>>());
+}
+
+#[test]
+fn torn_last_line_is_skipped_and_the_rest_delivered() {
+    let mock = mock(&[]);
+    let receiver = receiver(&[]);
+    let port: u16 = receiver.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let spool = temp_dir().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let rec = |id: &str| {
+        format!(
+            "{{\"request_id\":\"{id}\",\"user_id\":\"\",\"api_key\":\"\",\"model\":\"m\",\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2,\"is_stream\":false,\"endpoint\":\"/v1/chat/completions\",\"timestamp\":\"2026-01-01T00:00:00.000Z\",\"backend_url\":\"http://x\",\"status_code\":200,\"outcome\":\"completed\",\"usage_source\":\"backend\",\"duration_ms\":1,\"ttft_ms\":null}}\n"
+        )
+    };
+    let torn = rec("t-torn-3");
+    std::fs::write(
+        spool.join("seg-00000000000000000007.jsonl"),
+        format!(
+            "{}{}{}",
+            rec("t-torn-1"),
+            rec("t-torn-2"),
+            &torn[..torn.len() / 2]
+        ),
+    )
+    .unwrap();
+    let proxy = proxy_with_config(&config(port, &spool, "", &mock.addr));
+    let got = wait_records(&receiver, 2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        ids_of(&fetch_records(&receiver)),
+        ["t-torn-1", "t-torn-2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    );
+    assert_eq!(got.len(), 2);
+    assert!(proxy.output().contains("torn"), "{}", proxy.output());
+}
+
+#[test]
+fn permanent_refusals_are_dead_lettered_and_replayable() {
+    let mock = mock(&[]);
+    let port = free_port();
+    let receiver = receiver_on(port, &["--fail-status", "422", "--fail-count", "1"]);
+    let spool = temp_dir().join("spool");
+    let cfg = config(port, &spool, "", &mock.addr);
+    let proxy = proxy_with_config(&cfg);
+    post_json(
+        &proxy.addr,
+        "/v1/chat/completions",
+        &[("x-request-id", "t-dead-1")],
+        &chat(false, 1),
+    );
+    wait_until("dead letter", 10, || {
+        metric(&proxy.addr, "llmproxy_usage_dead_letter_total") == 1.0
+    });
+    post_json(
+        &proxy.addr,
+        "/v1/chat/completions",
+        &[("x-request-id", "t-dead-2")],
+        &chat(false, 1),
+    );
+    wait_records(&receiver, 1);
+    let dead = std::fs::read_to_string(spool.join("dead-letter.jsonl")).unwrap();
+    assert!(
+        dead.contains("t-dead-1") && !dead.contains("t-dead-2"),
+        "{dead}"
+    );
+    // The receiver is fixed: replay (while the proxy runs).
+    let cfg_path = proxy.dir.join("config.yaml");
+    let out = std::process::Command::new(proxy_bin())
+        .args(["spool", "replay-dead", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("replayed 1"));
+    let got = wait_records(&receiver, 2);
+    assert_eq!(
+        ids_of(&got),
+        ["t-dead-1", "t-dead-2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    );
+    assert_eq!(
+        std::fs::read_to_string(spool.join("dead-letter.jsonl")).unwrap(),
+        ""
+    );
+}
+
+#[test]
+fn two_proxies_cannot_share_a_spool_dir() {
+    let mock = mock(&[]);
+    let spool = temp_dir().join("spool");
+    let cfg = config(free_port(), &spool, "", &mock.addr);
+    let _first = proxy_with_config(&cfg);
+    let dir = temp_dir();
+    std::fs::write(dir.join("c.yaml"), &cfg).unwrap();
+    let out = std::process::Command::new(proxy_bin())
+        .arg("--config")
+        .arg(dir.join("c.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another llmproxy"), "{err}");
+}
