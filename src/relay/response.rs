@@ -12,7 +12,7 @@ use crate::http::error::itoa_u64;
 use crate::http::head::{ResponseHead, is_hop_by_hop};
 use crate::io::{Io, PeerState, Wait, peek_fd};
 use crate::sse::SseScanner;
-use crate::usage::json::UsageFinder;
+use crate::usage::json::{UsageFinder, member_span};
 use crate::usage::{EventKind, StreamMeter};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -34,8 +34,13 @@ pub struct Spec<'a> {
     pub metered: bool,
     /// Cut the usage-only chunk (the caller did not ask for usage).
     pub hide_usage_only: bool,
+    /// Take `usage` out of every chunk that carries output (continuous usage was
+    /// requested by the proxy, not the caller).
+    pub strip_chunk_usage: bool,
     /// Longest wait for the head, and then between body reads.
     pub read_timeout: Duration,
+    /// Set when shutdown_timeout expired: stop relaying (the record says `timeout`).
+    pub cut: &'a std::cell::Cell<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +65,8 @@ pub struct Buffers {
     head: ResponseHead,
     hold: Vec<u8>,
     hold_next: Vec<u8>,
-    hides: Vec<(u64, u64)>,
+    edits: Vec<Edit>,
+    edit_buf: Vec<u8>,
     scanner: Option<SseScanner>,
     finder: Option<UsageFinder>,
 }
@@ -81,7 +87,11 @@ pub struct Outcome {
 enum Body {
     Raw,
     Json(UsageFinder),
-    Sse { scanner: SseScanner, hide: bool },
+    /// `edit`: events may be cut or rewritten, so unfinished ones are held.
+    Sse {
+        scanner: SseScanner,
+        edit: bool,
+    },
 }
 
 pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buffers) -> Outcome {
@@ -98,7 +108,12 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
     };
     let client_fd = client.stream.as_raw_fd();
     let mut watch_client = true;
+    let cut_hit = std::cell::Cell::new(false);
     let mut on_tick = || {
+        if spec.cut.get() {
+            cut_hit.set(true);
+            return true;
+        }
         if !watch_client {
             return false;
         }
@@ -149,7 +164,11 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
                 return o;
             }
             Wait::Interrupted => {
-                o.end = End::ClientGone;
+                o.end = if cut_hit.get() {
+                    End::Timeout
+                } else {
+                    End::ClientGone
+                };
                 return o;
             }
         }
@@ -167,7 +186,7 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
     } else if o.is_sse {
         Body::Sse {
             scanner: bufs.scanner.take().unwrap_or_default(),
-            hide: spec.hide_usage_only,
+            edit: spec.hide_usage_only || spec.strip_chunk_usage,
         }
     } else {
         Body::Json(bufs.finder.take().unwrap_or_default())
@@ -180,7 +199,7 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
     bufs.hold.clear();
 
     // Phase 2: the head to the caller, framed for what we will send.
-    let rewrites_body = matches!(body, Body::Sse { hide: true, .. });
+    let rewrites_body = matches!(body, Body::Sse { edit: true, .. });
     let (chunked, mut client_keep) = match framing {
         Framing::Empty => (false, spec.client_keep_alive),
         Framing::Length(_) if !rewrites_body => (false, spec.client_keep_alive),
@@ -211,10 +230,13 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
     let mut first_write = true;
     let end = loop {
         let data = up.data();
-        let mut hide_state = HideState {
+        let mut edit_state = EditState {
             hold: &mut bufs.hold,
             hold_next: &mut bufs.hold_next,
-            hides: &mut bufs.hides,
+            edits: &mut bufs.edits,
+            buf: &mut bufs.edit_buf,
+            hide_usage_only: spec.hide_usage_only,
+            strip_chunk_usage: spec.strip_chunk_usage,
         };
         let decoded = decoder.decode(data, |span| {
             on_body(
@@ -224,7 +246,7 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
                 chunked,
                 &mut o.meter,
                 &mut o.first_output,
-                &mut hide_state,
+                &mut edit_state,
             )
         });
         let Ok(consumed) = decoded else {
@@ -268,6 +290,7 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
             }
             Wait::Eof | Wait::Error(_) => break End::BackendBroken,
             Wait::TimedOut => break End::Timeout,
+            Wait::Interrupted if cut_hit.get() => break End::Timeout,
             Wait::Interrupted => break End::ClientGone,
         }
     };
@@ -288,10 +311,20 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
     o
 }
 
-struct HideState<'a> {
+/// An event to replace: bytes `start..end` of the stream become `edit_buf[with]`.
+struct Edit {
+    start: u64,
+    end: u64,
+    with: std::ops::Range<usize>,
+}
+
+struct EditState<'a> {
     hold: &'a mut Vec<u8>,
     hold_next: &'a mut Vec<u8>,
-    hides: &'a mut Vec<(u64, u64)>,
+    edits: &'a mut Vec<Edit>,
+    buf: &'a mut Vec<u8>,
+    hide_usage_only: bool,
+    strip_chunk_usage: bool,
 }
 
 fn frame(out: &mut Vec<u8>, chunked: bool, data: &[u8]) {
@@ -316,7 +349,7 @@ fn on_body(
     chunked: bool,
     meter: &mut StreamMeter,
     first_output: &mut Option<Instant>,
-    hs: &mut HideState<'_>,
+    hs: &mut EditState<'_>,
 ) {
     match body {
         Body::Raw => frame(out, chunked, span),
@@ -326,7 +359,7 @@ fn on_body(
         }
         Body::Sse {
             scanner,
-            hide: false,
+            edit: false,
         } => {
             scanner.feed(span, |ev| {
                 if meter.observe(ev.data) == EventKind::Output && first_output.is_none() {
@@ -337,20 +370,42 @@ fn on_body(
         }
         Body::Sse {
             scanner,
-            hide: true,
+            edit: true,
         } => {
             let span_base = scanner.position();
             let hold_base = span_base - hs.hold.len() as u64;
-            hs.hides.clear();
-            let hides = &mut *hs.hides;
-            scanner.feed(span, |ev| match meter.observe(ev.data) {
-                EventKind::Output => {
-                    if first_output.is_none() {
-                        *first_output = Some(Instant::now());
-                    }
+            hs.edits.clear();
+            hs.buf.clear();
+            let (edits, buf) = (&mut *hs.edits, &mut *hs.buf);
+            let (hide, strip) = (hs.hide_usage_only, hs.strip_chunk_usage);
+            scanner.feed(span, |ev| {
+                let kind = meter.observe(ev.data);
+                if kind == EventKind::Output && first_output.is_none() {
+                    *first_output = Some(Instant::now());
                 }
-                EventKind::UsageOnly => hides.push((ev.start, ev.end)),
-                EventKind::Other => {}
+                if kind == EventKind::UsageOnly {
+                    if hide {
+                        edits.push(Edit {
+                            start: ev.start,
+                            end: ev.end,
+                            with: 0..0,
+                        });
+                    }
+                } else if strip
+                    && meter.last_had_usage
+                    && let Some(r) = member_span(ev.data, b"usage")
+                {
+                    let from = buf.len();
+                    buf.extend_from_slice(b"data: ");
+                    buf.extend_from_slice(&ev.data[..r.start]);
+                    buf.extend_from_slice(&ev.data[r.end..]);
+                    buf.extend_from_slice(b"\n\n");
+                    edits.push(Edit {
+                        start: ev.start,
+                        end: ev.end,
+                        with: from..buf.len(),
+                    });
+                }
             });
             let span_end = span_base + span.len() as u64;
             let src = Source {
@@ -360,12 +415,15 @@ fn on_body(
                 span_base,
             };
             let mut cursor = hold_base;
-            for &(s, e) in hs.hides.iter() {
-                if s < cursor {
-                    continue; // began in bytes already forwarded: cannot be cut
+            for edit in hs.edits.iter() {
+                if edit.start < cursor {
+                    continue; // began in bytes already forwarded: cannot be changed
                 }
-                src.emit(out, chunked, cursor, s);
-                cursor = e.min(span_end);
+                src.emit(out, chunked, cursor, edit.start);
+                if !edit.with.is_empty() {
+                    frame(out, chunked, &hs.buf[edit.with.clone()]);
+                }
+                cursor = edit.end.min(span_end);
             }
             let mut keep = scanner
                 .pending_event_start()

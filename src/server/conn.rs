@@ -4,6 +4,7 @@
 
 use super::{Worker, endpoints};
 use crate::auth;
+use crate::config::UsageMode;
 use crate::http::body::{BodyDecoder, Framing};
 use crate::http::error::{ProxyError, itoa_u64, write_response};
 use crate::http::head::{HeadError, RequestHead, is_hop_by_hop};
@@ -405,7 +406,12 @@ async fn proxy(
         hide_usage_only: info
             .as_ref()
             .is_some_and(|i| i.stream && !i.caller_wants_usage),
+        strip_chunk_usage: backend.usage_mode == UsageMode::Continuous
+            && info
+                .as_ref()
+                .is_some_and(|i| i.stream && !i.caller_wants_continuous),
         read_timeout: cfg.limits.first_byte_timeout.0,
+        cut: &w.cutting,
     };
     let mut sent_at = Instant::now();
     let o = loop {

@@ -44,6 +44,8 @@ pub struct Worker {
     pub conns: Cell<usize>,
     /// Set once the whole process has drained: idle connections then close.
     pub closing: Cell<bool>,
+    /// Set when shutdown_timeout expired: in-flight relays stop (with records).
+    pub cutting: Cell<bool>,
 }
 
 impl Worker {
@@ -78,12 +80,7 @@ pub fn run(config: Config) -> Result<(), String> {
     };
 
     let shutdown = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        // A second signal while shutting down exits at once.
-        signal_hook::flag::register_conditional_shutdown(sig, 1, shutdown.clone())
-            .and_then(|_| signal_hook::flag::register(sig, shutdown.clone()))
-            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    }
+    watch_signals(shutdown.clone(), sink.clone())?;
 
     let mut checker = HealthChecker::new(
         backends.clone(),
@@ -154,6 +151,34 @@ pub fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
+/// SIGTERM/SIGINT: graceful shutdown. A second one: spool what is queued, exit now.
+fn watch_signals(shutdown: Arc<AtomicBool>, sink: RecordSink) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if !shutdown.swap(true, Relaxed) {
+                    info!("signal {sig}: shutting down (in-flight requests finish; send it again to exit at once)");
+                    continue;
+                }
+                warn!("second signal: spooling queued usage records and exiting now");
+                sink.close();
+                let end = Instant::now() + std::time::Duration::from_secs(3);
+                while sink.queue_depth() > 0 && Instant::now() < end {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                // The spool writer commits within one 50 ms turn of its loop.
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                std::process::exit(1);
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    Ok(())
+}
+
 fn pin_to_core(id: usize) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within it.
@@ -204,6 +229,7 @@ fn worker_thread(
             shared,
             conns: Cell::new(0),
             closing: Cell::new(false),
+            cutting: Cell::new(false),
         });
         accept_loop(&w, listener).await;
     });
@@ -242,9 +268,14 @@ async fn accept_loop(w: &Rc<Worker>, listener: TcpListener) {
     }
     if busy() > 0 {
         warn!(
-            "worker {}: requests still in flight after shutdown_timeout; cutting them",
+            "worker {}: requests still in flight after shutdown_timeout; cutting them (their records say outcome timeout)",
             w.id
         );
+        w.cutting.set(true);
+        let end = Instant::now() + TICK * 5;
+        while busy() > 0 && Instant::now() < end {
+            monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
     w.closing.set(true);
     let deadline = Instant::now() + TICK * 3;

@@ -137,10 +137,119 @@ impl UsageFinder {
     }
 }
 
+/// The bytes to remove to drop top-level member `key` from the JSON object `json`
+/// (with one adjacent comma), or `None` when it has no such member. Used to take the
+/// per-chunk `usage` out of a stream for callers who did not ask for it.
+pub fn member_span(json: &[u8], key: &[u8]) -> Option<std::ops::Range<usize>> {
+    let (mut depth, mut in_str, mut escape, mut expect_key) = (0u32, false, false, false);
+    let mut key_start = None;
+    let mut cur_key = 0..0;
+    let mut member_start = 0;
+    let mut last_comma: Option<usize> = None;
+    let mut target: Option<(usize, Option<usize>)> = None;
+    for (i, &b) in json.iter().enumerate() {
+        if in_str {
+            if escape {
+                escape = false;
+            } else if b == b'\\' {
+                escape = true;
+            } else if b == b'"' {
+                in_str = false;
+                if let Some(ks) = key_start.take() {
+                    cur_key = ks + 1..i;
+                }
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_str = true;
+                if depth == 1 && expect_key {
+                    key_start = Some(i);
+                    member_start = i;
+                    expect_key = false;
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth == 1 {
+                    if b != b'{' {
+                        return None;
+                    }
+                    expect_key = true;
+                }
+            }
+            b'}' | b']' | b',' if depth == 1 => {
+                if let Some((from, comma)) = target {
+                    return Some(match comma {
+                        Some(c) => c..i,
+                        None if b == b',' => from..i + 1,
+                        None => from..i,
+                    });
+                }
+                if b == b',' {
+                    last_comma = Some(i);
+                    expect_key = true;
+                } else {
+                    depth -= 1;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b':' if depth == 1 && &json[cur_key.clone()] == key => {
+                target = Some((member_start, last_comma));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn strip(json: &str) -> String {
+        match member_span(json.as_bytes(), b"usage") {
+            Some(r) => format!("{}{}", &json[..r.start], &json[r.end..]),
+            None => json.to_string(),
+        }
+    }
+
+    #[test]
+    fn strips_usage_member_anywhere() {
+        assert_eq!(
+            strip(r#"{"choices":[1],"usage":{"a":1}}"#),
+            r#"{"choices":[1]}"#
+        );
+        assert_eq!(
+            strip(r#"{"usage":{"a":[1,{"b":"}"}]}, "x":2}"#),
+            r#"{ "x":2}"#
+        );
+        assert_eq!(strip(r#"{"usage":null}"#), r#"{}"#);
+        assert_eq!(
+            strip(r#"{"a":{"usage":1},"b":"usage"}"#),
+            r#"{"a":{"usage":1},"b":"usage"}"#
+        );
+        assert_eq!(
+            strip(r#"{"a":1 , "usage" : {} , "c":3}"#),
+            r#"{"a":1 , "c":3}"#
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn stripping_leaves_the_rest(keys in proptest::collection::btree_map("[a-z\\\"]{1,6}", any::<i32>(), 0..5), with_usage in any::<bool>(), pos in 0usize..6) {
+            let mut pairs: Vec<(String, serde_json::Value)> = keys.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).filter(|(k, _)| k != "usage").collect();
+            let want: serde_json::Map<String, serde_json::Value> = pairs.iter().cloned().collect();
+            if with_usage {
+                pairs.insert(pos.min(pairs.len()), ("usage".into(), serde_json::json!({"prompt_tokens": 1, "x": [1, "}"]})));
+            }
+            let body = format!("{{{}}}", pairs.iter().map(|(k, v)| format!("{}:{}", serde_json::to_string(k).unwrap(), v)).collect::<Vec<_>>().join(","));
+            let out: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&strip(&body)).unwrap();
+            prop_assert_eq!(out, want);
+        }
+    }
 
     fn find_split(input: &[u8], cuts: &[usize]) -> Option<Vec<u8>> {
         let mut f = UsageFinder::new();

@@ -34,6 +34,8 @@ pub struct StreamMeter {
     pub saw_error: bool,
     /// Events whose data was not JSON (other than `[DONE]`).
     pub unparsed: u64,
+    /// The event last observed carried a non-null `usage`.
+    pub last_had_usage: bool,
 }
 
 impl StreamMeter {
@@ -42,6 +44,7 @@ impl StreamMeter {
     }
 
     pub fn observe(&mut self, data: &[u8]) -> EventKind {
+        self.last_had_usage = false;
         if data == b"[DONE]" {
             self.saw_done = true;
             return EventKind::Other;
@@ -57,6 +60,7 @@ impl StreamMeter {
             self.saw_error = true;
         }
         let choices = probe.choices.unwrap_or_default();
+        self.last_had_usage = probe.usage.is_some();
         if let Some(raw) = probe.usage
             && self.scratch.parse_into(raw.get().as_bytes()) == Parsed::Valid
         {

@@ -214,10 +214,15 @@ impl Stack {
 
     /// `extra`: YAML appended to the config (top-level keys).
     pub fn with(extra: &str, mock_args: &[&str]) -> Stack {
+        Stack::with_backend("", extra, mock_args)
+    }
+
+    /// `backend_extra`: YAML lines added to the backend (indented by 4 spaces).
+    pub fn with_backend(backend_extra: &str, extra: &str, mock_args: &[&str]) -> Stack {
         let mock = mock(mock_args);
         let receiver = receiver(&[]);
         let proxy = proxy_with_config(&format!(
-            "listen: \"127.0.0.1:0\"\nworkers: 2\nbackends:\n  - url: \"http://{}\"\n    models: [mock-model]\nusage_hook:\n  enabled: true\n  url: \"http://{}/llm-usage\"\n  timeout: 2s\n  retry: 2\n{extra}",
+            "listen: \"127.0.0.1:0\"\nworkers: 2\nbackends:\n  - url: \"http://{}\"\n    models: [mock-model]\n{backend_extra}usage_hook:\n  enabled: true\n  url: \"http://{}/llm-usage\"\n  timeout: 2s\n  retry: 2\n{extra}",
             mock.addr, receiver.addr
         ));
         Stack {

@@ -521,3 +521,108 @@ fn models_health_and_metrics() {
     assert!(m.contains("llmproxy_ttft_ms_count 1"));
     assert!(m.contains("llmproxy_latency_ms_count"));
 }
+
+fn continuous() -> Stack {
+    Stack::with_backend("    usage_mode: continuous\n", "", &[])
+}
+
+fn chunks(r: &Response) -> Vec<Value> {
+    r.sse_data()
+        .iter()
+        .filter(|e| e.as_str() != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
+#[test]
+fn continuous_mode_asks_for_running_usage_and_hides_it_from_callers() {
+    let s = continuous();
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[("x-request-id", "t-cont")],
+        &chat(true, 4),
+    );
+    assert!(r.complete);
+    let sent: Value = serde_json::from_str(s.backend_saw()["body"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        sent["stream_options"],
+        json!({"include_usage": true, "continuous_usage_stats": true})
+    );
+    let got = chunks(&r);
+    assert!(
+        got.iter()
+            .all(|c| c.get("usage").is_none() && !c["choices"].as_array().unwrap().is_empty()),
+        "{got:?}"
+    );
+    let text: String = got
+        .iter()
+        .map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(text, "tok0 tok1 tok2 tok3 ");
+    let rec = s.record("t-cont");
+    assert_eq!(
+        (
+            rec["completion_tokens"].as_u64(),
+            rec["usage_source"].as_str()
+        ),
+        (Some(4), Some("backend"))
+    );
+
+    // Asked for the final usage only: gets exactly that.
+    let mut body = chat(true, 2);
+    body["stream_options"] = json!({"include_usage": true});
+    let got = chunks(&post_json(s.addr(), "/v1/chat/completions", &[], &body));
+    let (last, rest) = got.split_last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["completion_tokens"], 2);
+    assert!(rest.iter().all(|c| c.get("usage").is_none()));
+
+    // Asked for continuous stats too: untouched.
+    body["stream_options"] = json!({"include_usage": true, "continuous_usage_stats": true});
+    let got = chunks(&post_json(s.addr(), "/v1/chat/completions", &[], &body));
+    assert!(got.iter().all(|c| c["usage"]["prompt_tokens"] == 5));
+}
+
+#[test]
+fn continuous_mode_bills_a_hang_up_from_the_backends_running_count() {
+    let s = continuous();
+    let mut sock = TcpStream::connect(s.addr()).unwrap();
+    write_request(
+        &mut sock,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("x-request-id", "t-cont-hangup"),
+            ("x-mock-token-delay-ms", "50"),
+        ],
+        chat(true, 200).to_string().as_bytes(),
+        true,
+    );
+    let mut r = BufReader::new(sock);
+    read_head(&mut r).unwrap();
+    let mut seen = String::new();
+    while !seen.contains("tok3") {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        seen.push_str(&line);
+    }
+    assert!(!seen.contains("usage"));
+    drop(r);
+    let rec = s.record("t-cont-hangup");
+    assert_eq!(rec["outcome"], "client_disconnected");
+    assert_eq!(rec["usage_source"], "partial");
+    assert_eq!(
+        rec["prompt_tokens"], 5,
+        "the backend's own prompt count, not an estimate"
+    );
+    let c = rec["completion_tokens"].as_u64().unwrap();
+    assert!((4..20).contains(&c), "{c}");
+    assert_eq!(rec["total_tokens"].as_u64(), Some(5 + c));
+}
