@@ -250,6 +250,11 @@ async fn accept_loop(w: &Rc<Worker>, listener: TcpListener) {
                             monoio::time::sleep(std::time::Duration::from_millis(20)).await;
                         }
                     }
+                    // Checked here too: under constant connection churn the accept
+                    // branch is always ready and the tick below would never fire.
+                    if w.shutting_down() {
+                        break;
+                    }
                     accept.set(listener.accept());
                 }
                 _ = monoio::time::sleep(TICK) => {
