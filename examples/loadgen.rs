@@ -7,7 +7,6 @@
 //!         [--concurrency 8] [--key sk-...] [--model mock-model] [--ids-out ids.txt]
 
 #[path = "common/http.rs"]
-#[allow(dead_code)]
 mod http;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -53,7 +52,7 @@ fn main() {
                     };
                     n += 1;
                     let id = format!("load-{run}-{t}-{n}");
-                    let stream = n % 2 == 0;
+                    let stream = n.is_multiple_of(2);
                     let body = format!(
                         "{{\"model\":\"{model}\",\"stream\":{stream},\"max_tokens\":8,\"messages\":[{{\"role\":\"user\",\"content\":\"one two three\"}}]}}"
                     );
