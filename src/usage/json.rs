@@ -57,6 +57,14 @@ impl UsageFinder {
                     None => return,
                 }
             }
+            if !self.in_str && !self.capturing && self.depth >= 2 {
+                // Inside nested values only quotes and brackets matter: skip the rest
+                // (the numbers of an embedding) eight bytes at a time.
+                i += skip_plain(&chunk[i..]);
+                if i == chunk.len() {
+                    return;
+                }
+            }
             let b = chunk[i];
             if self.in_str {
                 if self.capturing {
@@ -137,6 +145,29 @@ impl UsageFinder {
     }
 }
 
+/// How many leading bytes of `bytes` are none of `"`, `[`, `]`, `{`, `}`.
+fn skip_plain(bytes: &[u8]) -> usize {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(LO) & !v & HI;
+    let mut i = 0;
+    while i + 8 <= bytes.len() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&bytes[i..i + 8]);
+        let x = u64::from_le_bytes(word);
+        // `{` and `}` differ from `[` and `]` only in bit 5.
+        let y = x & 0xDFDF_DFDF_DFDF_DFDF;
+        if has_zero(x ^ (LO * 0x22)) | has_zero(y ^ (LO * 0x5B)) | has_zero(y ^ (LO * 0x5D)) != 0 {
+            break;
+        }
+        i += 8;
+    }
+    while i < bytes.len() && !matches!(bytes[i], b'"' | b'[' | b']' | b'{' | b'}') {
+        i += 1;
+    }
+    i
+}
+
 /// The bytes to remove to drop top-level member `key` from the JSON object `json`
 /// (with one adjacent comma), or `None` when it has no such member. Used to take the
 /// per-chunk `usage` out of a stream for callers who did not ask for it.
@@ -213,6 +244,30 @@ mod tests {
         match member_span(json.as_bytes(), b"usage") {
             Some(r) => format!("{}{}", &json[..r.start], &json[r.end..]),
             None => json.to_string(),
+        }
+    }
+
+    #[test]
+    fn skip_plain_stops_at_structure() {
+        for (s, n) in [
+            ("0.1,2.5e-3,", 11),
+            ("0.1,2.5e-3,]x", 11),
+            ("01234567{", 8),
+            ("0123456\"", 7),
+            ("", 0),
+            ("[", 0),
+            ("abcdefghijklmnop}", 16),
+        ] {
+            assert_eq!(skip_plain(s.as_bytes()), n, "{s}");
+        }
+        for b in 0..=255u8 {
+            let v = [b'1', b'2', b'3', b'4', b'5', b'6', b'7', b'8', b, b'0'];
+            let want = if matches!(b, b'"' | b'[' | b']' | b'{' | b'}') {
+                8
+            } else {
+                10
+            };
+            assert_eq!(skip_plain(&v), want, "byte {b}");
         }
     }
 
