@@ -70,7 +70,7 @@ fn main() {
             }
         }
     }
-    if let Err(e) = llmproxy::server::run(config) {
+    if let Err(e) = llmproxy::server::run(config, &config_path) {
         llmproxy::error!("{e}");
         std::process::exit(1);
     }

@@ -1,7 +1,9 @@
 //! Prometheus metrics. Every counter is an atomic written with `Relaxed` ordering:
 //! workers on different cores only ever add, and a scrape needs no consistent snapshot.
-//! `llmproxy_requests_total` is a fixed array indexed by (path, stream, backend,
-//! status), so counting a request never allocates or locks.
+//! `llmproxy_requests_total` is an array per backend label, indexed by (path, stream,
+//! status), so counting a request never allocates or locks. Backend labels get a slot
+//! when a backend is configured (at start or on reload); a slot's array is allocated
+//! on its first request.
 
 use crate::upstream::Backend;
 use std::fmt::Write;
@@ -35,6 +37,10 @@ pub fn path_index(route: &str) -> usize {
 }
 
 const STATUSES: usize = 500; // 100..=599
+/// Backend label slots, slot 0 being `none` (the proxy answered itself). Reloads that
+/// bring more distinct backend names than this share the last slot's label.
+pub const MAX_BACKEND_SLOTS: usize = 256;
+const PER_SLOT: usize = PATHS.len() * 2 * STATUSES;
 
 pub struct Histogram {
     /// Upper bounds in microseconds.
@@ -99,8 +105,9 @@ const OVERHEAD_BUCKETS: &[u64] = &[
 ];
 
 pub struct Metrics {
-    backend_names: Vec<String>,
-    requests: Vec<AtomicU64>,
+    /// Label of each slot; only locked when a backend is configured and at scrape.
+    slot_names: std::sync::Mutex<Vec<String>>,
+    requests: Vec<std::sync::OnceLock<Box<[AtomicU64]>>>,
     pub latency: Histogram,
     pub ttft: Histogram,
     pub overhead: Histogram,
@@ -122,13 +129,20 @@ pub struct Metrics {
     pub spool_oldest_ms: AtomicU64,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
-    pub fn new(backend_names: Vec<String>) -> Self {
-        let n = PATHS.len() * 2 * (backend_names.len() + 1) * STATUSES;
+    pub fn new() -> Self {
         let zero = || AtomicU64::new(0);
         Metrics {
-            requests: (0..n).map(|_| zero()).collect(),
-            backend_names,
+            requests: (0..MAX_BACKEND_SLOTS)
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+            slot_names: std::sync::Mutex::new(vec!["none".to_string()]),
             latency: Histogram::new(MS_BUCKETS),
             ttft: Histogram::new(MS_BUCKETS),
             overhead: Histogram::new(OVERHEAD_BUCKETS),
@@ -149,43 +163,62 @@ impl Metrics {
         }
     }
 
-    /// Counts one answered request. `backend`: index into the configured backends.
-    pub fn count_request(&self, path: usize, stream: bool, backend: Option<usize>, status: u16) {
-        let b = backend.map_or(0, |i| (i + 1).min(self.backend_names.len()));
+    /// The label slot for a backend name (the same name keeps its slot across reloads).
+    pub fn slot(&self, name: &str) -> usize {
+        let Ok(mut names) = self.slot_names.lock() else {
+            return 0;
+        };
+        if let Some(i) = names.iter().position(|n| n == name) {
+            return i;
+        }
+        if names.len() < MAX_BACKEND_SLOTS {
+            names.push(name.to_string());
+        }
+        names.len() - 1
+    }
+
+    /// Counts one answered request. `slot`: the backend's label slot, `None` when the
+    /// proxy answered itself.
+    pub fn count_request(&self, path: usize, stream: bool, slot: Option<usize>, status: u16) {
+        let b = slot.unwrap_or(0).min(MAX_BACKEND_SLOTS - 1);
         let s = (status.clamp(100, 599) - 100) as usize;
-        let i = ((path * 2 + stream as usize) * (self.backend_names.len() + 1) + b) * STATUSES + s;
-        if let Some(c) = self.requests.get(i) {
+        let i = (path * 2 + stream as usize) * STATUSES + s;
+        let counters =
+            self.requests[b].get_or_init(|| (0..PER_SLOT).map(|_| AtomicU64::new(0)).collect());
+        if let Some(c) = counters.get(i) {
             c.fetch_add(1, Relaxed);
         }
     }
 
     pub fn render(&self, backends: &[Arc<Backend>], queue_depth: usize) -> String {
         let mut o = String::with_capacity(8192);
-        let nb = self.backend_names.len() + 1;
+        let names = self
+            .slot_names
+            .lock()
+            .map(|n| n.clone())
+            .unwrap_or_default();
         let _ = writeln!(
             o,
             "# HELP llmproxy_requests_total Requests answered, by path, stream, backend and status.\n# TYPE llmproxy_requests_total counter"
         );
-        for (i, c) in self.requests.iter().enumerate() {
-            let v = c.load(Relaxed);
-            if v == 0 {
+        for (slot, counters) in self.requests.iter().enumerate() {
+            let Some(counters) = counters.get() else {
                 continue;
-            }
-            let status = i % STATUSES + 100;
-            let rest = i / STATUSES;
-            let b = rest % nb;
-            let rest = rest / nb;
-            let stream = rest % 2 == 1;
-            let path = PATHS[rest / 2];
-            let backend = if b == 0 {
-                "none"
-            } else {
-                &self.backend_names[b - 1]
             };
-            let _ = writeln!(
-                o,
-                "llmproxy_requests_total{{path=\"{path}\",stream=\"{stream}\",backend=\"{backend}\",status=\"{status}\"}} {v}"
-            );
+            let backend = names.get(slot).map_or("other", String::as_str);
+            for (i, c) in counters.iter().enumerate() {
+                let v = c.load(Relaxed);
+                if v == 0 {
+                    continue;
+                }
+                let status = i % STATUSES + 100;
+                let stream = (i / STATUSES) % 2 == 1;
+                let path = PATHS[i / STATUSES / 2];
+                let _ = writeln!(
+                    o,
+                    "llmproxy_requests_total{{path=\"{path}\",stream=\"{stream}\",backend=\"{backend}\",status=\"{status}\"}} {v}"
+                );
+            }
         }
         self.latency.render(
             &mut o,
@@ -324,8 +357,10 @@ mod tests {
 
     #[test]
     fn request_counter_labels_round_trip() {
-        let m = Metrics::new(vec!["a".into(), "b".into()]);
-        m.count_request(0, true, Some(1), 200);
+        let m = Metrics::new();
+        let (_a, b) = (m.slot("a"), m.slot("b"));
+        assert_eq!(m.slot("b"), b);
+        m.count_request(0, true, Some(b), 200);
         m.count_request(7, false, None, 401);
         m.count_request(7, false, None, 401);
         let text = m.render(&[], 0);

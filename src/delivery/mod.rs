@@ -451,7 +451,7 @@ pub fn replay_dead(cfg: &UsageHookConfig) -> Result<(usize, usize), String> {
     let path = PathBuf::from(&cfg.spool_dir).join("dead-letter.jsonl");
     let (lines, file) =
         spool::take_dead_letters(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let metrics = Arc::new(Metrics::new(Vec::new()));
+    let metrics = Arc::new(Metrics::new());
     let mut outbox = Outbox::new(cfg, metrics);
     let mut kept = Vec::new();
     let mut delivered = 0;

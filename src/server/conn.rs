@@ -2,7 +2,7 @@
 //! while keep-alive holds. The life of a proxied request is `proxy`:
 //! authenticate → inspect body → route → rewrite → relay → meter → emit record.
 
-use super::{Worker, endpoints};
+use super::{View, Worker, endpoints};
 use crate::auth;
 use crate::config::UsageMode;
 use crate::http::body::{BodyDecoder, Framing};
@@ -88,7 +88,8 @@ pub async fn reject(stream: TcpStream) {
 
 /// Reads one request head. `None`: close the connection (any error already answered).
 async fn read_head(w: &Worker, c: &mut Conn, first: bool) -> Option<usize> {
-    let limits = &w.shared.config.limits;
+    let v = w.view();
+    let limits = &v.live.config.limits;
     let max = limits.max_header_bytes.0 as usize;
     let mut started = !c.client.data().is_empty();
     let mut deadline = Instant::now()
@@ -182,6 +183,7 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
     };
     c.client.consume(head_len);
     let tgt = target(c.head.method(), c.head.route());
+    let v = w.view();
 
     // Phase: the request body, whole and bounded (requests are small; reading it lets a
     // malformed or oversized body be refused before anything reaches a backend).
@@ -206,7 +208,7 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
         Target::Models | Target::Metered(_) | Target::Proxied => {
             // Phase: authenticate.
             let key = auth::presented_key(&c.head.headers).map(str::to_owned);
-            let auth = &w.shared.auth;
+            let auth = &v.live.auth;
             let user = if auth.enabled {
                 match auth.user_for(key.as_deref()) {
                     Some(u) => Some(u.to_owned()),
@@ -230,7 +232,7 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
                 Target::Metered(e) => Some(e),
                 _ => None,
             };
-            proxy(w, c, &rq, endpoint, key, user).await
+            proxy(w, &v, c, &rq, endpoint, key, user).await
         }
     }
 }
@@ -238,7 +240,8 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
 /// Reads the request body into `c.body`. `Err(None)`: the caller went away.
 async fn read_body(w: &Worker, c: &mut Conn) -> Result<(), Option<ProxyError>> {
     c.body.clear();
-    let limits = &w.shared.config.limits;
+    let v = w.view();
+    let limits = &v.live.config.limits;
     let max = limits.max_request_body.0;
     let framing = c.head.framing();
     match framing {
@@ -327,6 +330,7 @@ async fn reply(
 /// The life of a proxied request.
 async fn proxy(
     w: &Worker,
+    v: &View,
     c: &mut Conn,
     rq: &Request,
     endpoint: Option<&'static str>,
@@ -334,7 +338,7 @@ async fn proxy(
     user: Option<String>,
 ) -> bool {
     let shared = &w.shared;
-    let cfg = &shared.config;
+    let cfg = &v.live.config;
 
     // Phase: inspect the body (metered endpoints need a JSON object with a model).
     let info: Option<RequestInfo> = match endpoint {
@@ -351,7 +355,7 @@ async fn proxy(
     // one is tried: nothing was sent, so this is safe.
     let mut tried = 0u64;
     let (bi, mut up, mut reused) = loop {
-        match w.up.pick(model, tried) {
+        match v.up.pick(model, tried) {
             Pick::NoModel => {
                 let m = model.unwrap_or_default().to_owned();
                 return answer(w, c, rq, ProxyError::ModelNotFound(m), stream).await;
@@ -361,13 +365,13 @@ async fn proxy(
             }
             Pick::Backend(i) => {
                 tried |= 1 << i.min(63);
-                if let Some(io) = w.up.pool.take(i) {
+                if let Some(io) = v.up.pool.take(i) {
                     break (i, io, true);
                 }
-                match Pool::connect(&w.up.backends[i], cfg.limits.connect_timeout.0).await {
+                match Pool::connect(&v.up.backends[i], cfg.limits.connect_timeout.0).await {
                     Ok(io) => break (i, io, false),
                     Err(ConnectError::Unreachable(e)) => {
-                        let b = &w.up.backends[i];
+                        let b = &v.up.backends[i];
                         warn!("backend {} unreachable, marked down: {e}", b.name);
                         b.set_health(false, Some(e));
                     }
@@ -375,8 +379,8 @@ async fn proxy(
             }
         }
     };
-    let backend = w.up.backends[bi].clone();
-    let in_flight = w.up.start(bi);
+    let backend = v.up.backends[bi].clone();
+    let in_flight = v.up.start(bi);
 
     // Phase: rewrite the request for the backend.
     let rewritten = info
@@ -390,7 +394,7 @@ async fn proxy(
         &backend,
         &rq.id,
         body.len(),
-        shared.auth.enabled,
+        v.live.auth.enabled,
         endpoint.is_some(),
     );
     c.up_req.extend_from_slice(body);
@@ -459,13 +463,13 @@ async fn proxy(
     if let Some(o) = &o
         && o.upstream_reusable
     {
-        w.up.pool.put(bi, up);
+        v.up.pool.put(bi, up);
     }
 
     // Phase: meter and emit the record.
     let m = &shared.metrics;
     if o.as_ref().is_some_and(|o| o.status.is_some()) {
-        m.count_request(rq.path, stream, Some(bi), status);
+        m.count_request(rq.path, stream, Some(backend.slot), status);
     }
     let total_us = ended.duration_since(rq.arrived).as_micros() as u64;
     m.latency.observe_us(total_us);

@@ -1,6 +1,6 @@
 //! The endpoints the proxy answers itself: /health, /metrics and the merged /v1/models.
 
-use super::Worker;
+use super::{View, Worker};
 use crate::http::body::BodyDecoder;
 use crate::http::error::ProxyError;
 use crate::http::head::ResponseHead;
@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 const MAX_MODELS_BODY: usize = 8 << 20;
 
 pub fn health(w: &Worker) -> (u16, String) {
+    let v = w.view();
     let backends: Vec<serde_json::Value> =
-        w.up.backends
+        v.up.backends
             .iter()
             .map(|b| {
                 serde_json::json!({
@@ -26,7 +27,7 @@ pub fn health(w: &Worker) -> (u16, String) {
                 })
             })
             .collect();
-    let any = w.up.backends.iter().any(|b| b.is_healthy());
+    let any = v.up.backends.iter().any(|b| b.is_healthy());
     let body = serde_json::json!({
         "status": if any { "ok" } else { "unavailable" },
         "backends": backends,
@@ -37,7 +38,7 @@ pub fn health(w: &Worker) -> (u16, String) {
 pub fn metrics(w: &Worker) -> String {
     w.shared
         .metrics
-        .render(&w.up.backends, w.shared.sink.queue_depth())
+        .render(&w.view().up.backends, w.shared.sink.queue_depth())
 }
 
 /// `GET /v1/models` of every healthy backend, merged by id (first seen wins).
@@ -49,13 +50,14 @@ pub async fn models(
     let mut seen = std::collections::HashSet::new();
     let mut data = Vec::new();
     let mut answered = false;
-    let any_healthy = w.up.backends.iter().any(|b| b.is_healthy());
-    for i in 0..w.up.backends.len() {
-        let b = &w.up.backends[i];
+    let v = w.view();
+    let any_healthy = v.up.backends.iter().any(|b| b.is_healthy());
+    for i in 0..v.up.backends.len() {
+        let b = &v.up.backends[i];
         if any_healthy && !b.is_healthy() {
             continue;
         }
-        match fetch(w, i, "/v1/models", authorization, request_id).await {
+        match fetch(&v, i, "/v1/models", authorization, request_id).await {
             Ok((200, body)) => {
                 answered = true;
                 let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
@@ -83,15 +85,15 @@ pub async fn models(
 
 /// A small GET to backend `i` through the worker's pool, body read whole (bounded).
 async fn fetch(
-    w: &Worker,
+    v: &View,
     i: usize,
     path: &str,
     authorization: Option<&[u8]>,
     request_id: &str,
 ) -> Result<(u16, Vec<u8>), String> {
-    let backend = &w.up.backends[i];
-    let limits = &w.shared.config.limits;
-    let mut up = match w.up.pool.take(i) {
+    let backend = &v.up.backends[i];
+    let limits = &v.live.config.limits;
+    let mut up = match v.up.pool.take(i) {
         Some(io) => io,
         None => match Pool::connect(backend, limits.connect_timeout.0).await {
             Ok(io) => io,
@@ -150,7 +152,7 @@ async fn fetch(
         }
     }
     if head.keep_alive && decoder.is_done() && up.data().is_empty() {
-        w.up.pool.put(i, up);
+        v.up.pool.put(i, up);
     }
     Ok((head.status, body))
 }

@@ -15,20 +15,31 @@ use crate::upstream::health::HealthChecker;
 use crate::upstream::{Backend, Upstreams};
 use crate::{error, info, warn};
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// What every worker reads; written once at start.
-pub struct Shared {
+/// The part of the configuration SIGHUP can replace: keys, backends and limits.
+pub struct Live {
     pub config: Config,
     pub backends: Arc<[Arc<Backend>]>,
+    pub auth: Auth,
+}
+
+/// What every worker reads.
+pub struct Shared {
+    /// Replaced by a reload; workers re-read it only when `generation` moves, so the
+    /// lock is never taken on the request path.
+    live: Mutex<Arc<Live>>,
+    generation: AtomicU64,
+    config_path: String,
     pub metrics: Arc<Metrics>,
     pub sink: RecordSink,
-    pub auth: Auth,
     pub shutdown: Arc<AtomicBool>,
     /// Requests being handled, all workers together: shutdown waits for it to reach 0
     /// before closing idle connections, so a request sent on any open connection
@@ -36,11 +47,81 @@ pub struct Shared {
     pub busy: AtomicUsize,
 }
 
+impl Shared {
+    pub fn live(&self) -> Arc<Live> {
+        match self.live.lock() {
+            Ok(l) => l.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// SIGHUP: load the file again and swap in keys, backends and limits. An invalid
+    /// file is refused and the running configuration stays.
+    pub fn reload(&self) {
+        let mut cfg = match Config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("reload refused, keeping the running configuration: {e}");
+                return;
+            }
+        };
+        let old = self.live();
+        let backends = match Backend::build(&cfg, &old.backends, &self.metrics) {
+            Ok(b) => b,
+            Err(e) => {
+                error!("reload refused, keeping the running configuration: {e}");
+                return;
+            }
+        };
+        let fixed = [
+            ("listen", cfg.listen != old.config.listen),
+            ("workers", cfg.workers != old.config.workers),
+            ("usage_hook", cfg.usage_hook != old.config.usage_hook),
+            ("health_check", cfg.health_check != old.config.health_check),
+        ];
+        for (key, changed) in fixed {
+            if changed {
+                warn!(
+                    "reload: {key} changes take effect at the next restart; keeping the running value"
+                );
+            }
+        }
+        cfg.listen = old.config.listen.clone();
+        cfg.workers = old.config.workers;
+        cfg.usage_hook = old.config.usage_hook.clone();
+        cfg.health_check = old.config.health_check.clone();
+        let live = Live {
+            auth: Auth::new(&cfg.auth),
+            backends: backends.into(),
+            config: cfg,
+        };
+        info!(
+            "configuration reloaded: {} backends, {} keys",
+            live.backends.len(),
+            live.config.auth.keys.len()
+        );
+        match self.live.lock() {
+            Ok(mut l) => *l = Arc::new(live),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(live),
+        }
+        self.generation.fetch_add(1, Release);
+    }
+}
+
+/// A worker's snapshot of the live configuration with its own balancing state and
+/// pool. A request holds its `Rc<View>` from start to end, so a reload never changes
+/// anything under a request in flight.
+pub struct View {
+    pub live: Arc<Live>,
+    pub up: Upstreams,
+}
+
 /// One worker's state, owned by its thread (`Rc`, `Cell`: no locks).
 pub struct Worker {
     pub id: usize,
     pub shared: Arc<Shared>,
-    pub up: Upstreams,
+    view: RefCell<Rc<View>>,
+    seen: Cell<u64>,
     pub conns: Cell<usize>,
     /// Set once the whole process has drained: idle connections then close.
     pub closing: Cell<bool>,
@@ -52,16 +133,26 @@ impl Worker {
     pub fn shutting_down(&self) -> bool {
         self.shared.shutdown.load(Relaxed)
     }
+
+    /// The current view; rebuilt here (once per reload) when the generation moved.
+    pub fn view(&self) -> Rc<View> {
+        let generation = self.shared.generation.load(Acquire);
+        if generation != self.seen.get() {
+            let live = self.shared.live();
+            let up = Upstreams::new(live.backends.clone(), Some(&self.view.borrow().up));
+            *self.view.borrow_mut() = Rc::new(View { live, up });
+            self.seen.set(generation);
+        }
+        self.view.borrow().clone()
+    }
 }
 
 /// Runs the proxy until SIGTERM/SIGINT, then drains and delivers. Returns an error
 /// message for start-up failures.
-pub fn run(config: Config) -> Result<(), String> {
+pub fn run(config: Config, config_path: &str) -> Result<(), String> {
     let addr = parse_listen(&config.listen)?;
-    let backends: Arc<[Arc<Backend>]> = Backend::from_config(&config)?.into();
-    let metrics = Arc::new(Metrics::new(
-        backends.iter().map(|b| b.name.clone()).collect(),
-    ));
+    let metrics = Arc::new(Metrics::new());
+    let backends: Arc<[Arc<Backend>]> = Backend::build(&config, &[], &metrics)?.into();
     let (sink, delivery_threads) = if config.usage_hook.enabled {
         let (sink, handles) = delivery::start(&config.usage_hook, metrics.clone())?;
         info!(
@@ -79,13 +170,29 @@ pub fn run(config: Config) -> Result<(), String> {
         (RecordSink::disabled(metrics.clone()), Vec::new())
     };
 
-    let shutdown = Arc::new(AtomicBool::new(false));
-    watch_signals(shutdown.clone(), sink.clone())?;
+    let workers = config.worker_count();
+    let health_cfg = config.health_check.clone();
+    let connect_timeout = config.limits.connect_timeout.0;
+    let shared = Arc::new(Shared {
+        live: Mutex::new(Arc::new(Live {
+            auth: Auth::new(&config.auth),
+            config,
+            backends,
+        })),
+        generation: AtomicU64::new(0),
+        config_path: config_path.to_string(),
+        metrics,
+        sink,
+        shutdown: Arc::new(AtomicBool::new(false)),
+        busy: AtomicUsize::new(0),
+    });
+    watch_signals(shared.clone())?;
 
+    let source = shared.clone();
     let mut checker = HealthChecker::new(
-        backends.clone(),
-        config.health_check.clone(),
-        config.limits.connect_timeout.0,
+        Box::new(move || source.live().backends.clone()),
+        health_cfg,
+        connect_timeout,
     );
     checker.check_once();
     let health_stop = Arc::new(AtomicBool::new(false));
@@ -96,17 +203,6 @@ pub fn run(config: Config) -> Result<(), String> {
             .spawn(move || checker.run(stop))
             .map_err(|e| format!("cannot start the health checker: {e}"))?
     };
-
-    let workers = config.worker_count();
-    let shared = Arc::new(Shared {
-        auth: Auth::new(&config.auth),
-        config,
-        backends,
-        metrics,
-        sink,
-        shutdown: shutdown.clone(),
-        busy: AtomicUsize::new(0),
-    });
 
     // Worker 0 binds first, so `listen: "host:0"` gives every worker the same port.
     let mut handles = Vec::with_capacity(workers);
@@ -122,7 +218,7 @@ pub fn run(config: Config) -> Result<(), String> {
         match rx.recv() {
             Ok(Ok(a)) => bound = a,
             Ok(Err(e)) => {
-                shutdown.store(true, Relaxed);
+                shared.shutdown.store(true, Relaxed);
                 return Err(e);
             }
             Err(_) => return Err(format!("worker {id} failed to start")),
@@ -151,20 +247,27 @@ pub fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
-/// SIGTERM/SIGINT: graceful shutdown. A second one: spool what is queued, exit now.
-fn watch_signals(shutdown: Arc<AtomicBool>, sink: RecordSink) -> Result<(), String> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+/// SIGTERM/SIGINT: graceful shutdown; a second one spools what is queued and exits
+/// at once. SIGHUP: reload the configuration file.
+fn watch_signals(shared: Arc<Shared>) -> Result<(), String> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
-                if !shutdown.swap(true, Relaxed) {
+                if sig == SIGHUP {
+                    info!("SIGHUP: reloading {}", shared.config_path);
+                    shared.reload();
+                    continue;
+                }
+                if !shared.shutdown.swap(true, Relaxed) {
                     info!("signal {sig}: shutting down (in-flight requests finish; send it again to exit at once)");
                     continue;
                 }
                 warn!("second signal: spooling queued usage records and exiting now");
+                let sink = &shared.sink;
                 sink.close();
                 let end = Instant::now() + std::time::Duration::from_secs(3);
                 while sink.queue_depth() > 0 && Instant::now() < end {
@@ -223,9 +326,14 @@ fn worker_thread(
             }
         };
         let _ = ready.send(listener.local_addr().map_err(|e| e.to_string()));
+        let live = shared.live();
         let w = Rc::new(Worker {
             id,
-            up: Upstreams::new(shared.backends.clone()),
+            view: RefCell::new(Rc::new(View {
+                up: Upstreams::new(live.backends.clone(), None),
+                live,
+            })),
+            seen: Cell::new(shared.generation.load(Acquire)),
             shared,
             conns: Cell::new(0),
             closing: Cell::new(false),
@@ -236,14 +344,13 @@ fn worker_thread(
 }
 
 async fn accept_loop(w: &Rc<Worker>, listener: TcpListener) {
-    let limits = &w.shared.config.limits;
     {
         let mut accept = std::pin::pin!(listener.accept());
         loop {
             monoio::select! {
                 r = &mut accept => {
                     match r {
-                        Ok((stream, _)) => admit(w, stream, limits.max_connections),
+                        Ok((stream, _)) => admit(w, stream, w.view().live.config.limits.max_connections),
                         Err(e) => {
                             // EMFILE and friends: back off instead of spinning.
                             warn!("worker {}: accept failed: {e}", w.id);
@@ -266,7 +373,7 @@ async fn accept_loop(w: &Rc<Worker>, listener: TcpListener) {
         }
     }
     drop(listener);
-    let deadline = Instant::now() + limits.shutdown_timeout.0;
+    let deadline = Instant::now() + w.view().live.config.limits.shutdown_timeout.0;
     let busy = || w.shared.busy.load(Relaxed);
     while busy() > 0 && Instant::now() < deadline {
         monoio::time::sleep(std::time::Duration::from_millis(20)).await;

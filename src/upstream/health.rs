@@ -9,19 +9,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+/// Where the checker finds the current backends (they change on reload).
+pub type BackendSource = Box<dyn Fn() -> Arc<[Arc<Backend>]> + Send>;
+
 pub struct HealthChecker {
-    backends: Arc<[Arc<Backend>]>,
+    backends: BackendSource,
     cfg: HealthCheckConfig,
     agent: ureq::Agent,
-    streaks: Vec<(u32, u32)>,
 }
 
 impl HealthChecker {
-    pub fn new(
-        backends: Arc<[Arc<Backend>]>,
-        cfg: HealthCheckConfig,
-        connect_timeout: Duration,
-    ) -> Self {
+    pub fn new(backends: BackendSource, cfg: HealthCheckConfig, connect_timeout: Duration) -> Self {
         let timeout = cfg.interval.0.min(Duration::from_secs(5));
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(timeout))
@@ -29,12 +27,10 @@ impl HealthChecker {
             .http_status_as_error(false)
             .build()
             .into();
-        let n = backends.len();
         HealthChecker {
             backends,
             cfg,
             agent,
-            streaks: vec![(0, 0); n],
         }
     }
 
@@ -53,7 +49,7 @@ impl HealthChecker {
 
     /// The check at start: its result is taken as is, with no streak needed.
     pub fn check_once(&mut self) {
-        for b in self.backends.iter() {
+        for b in (self.backends)().iter() {
             match self.probe(b) {
                 Ok(()) => {
                     b.set_health(true, None);
@@ -68,23 +64,20 @@ impl HealthChecker {
     }
 
     fn check_round(&mut self) {
-        for i in 0..self.backends.len() {
-            let b = self.backends[i].clone();
-            let result = self.probe(&b);
-            let (ok, fail) = &mut self.streaks[i];
-            match result {
+        for b in (self.backends)().iter() {
+            match self.probe(b) {
                 Ok(()) => {
-                    *ok += 1;
-                    *fail = 0;
-                    if !b.is_healthy() && *ok >= self.cfg.healthy_after {
+                    let ok = b.streak_ok.fetch_add(1, Relaxed) + 1;
+                    b.streak_fail.store(0, Relaxed);
+                    if !b.is_healthy() && ok >= self.cfg.healthy_after {
                         b.set_health(true, None);
                         info!("backend {} ({}) is healthy again", b.name, b.url);
                     }
                 }
                 Err(e) => {
-                    *fail += 1;
-                    *ok = 0;
-                    if b.is_healthy() && *fail >= self.cfg.unhealthy_after {
+                    let fail = b.streak_fail.fetch_add(1, Relaxed) + 1;
+                    b.streak_ok.store(0, Relaxed);
+                    if b.is_healthy() && fail >= self.cfg.unhealthy_after {
                         warn!("backend {} ({}) marked down: {e}", b.name, b.url);
                         b.set_health(false, Some(e));
                     } else if !b.is_healthy() {

@@ -5,16 +5,18 @@ pub mod health;
 pub mod pool;
 
 use crate::config::{BackendUrl, Config, UsageMode};
+use crate::metrics::Metrics;
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 /// A configured backend, shared by all workers. Health is an atomic so every worker
 /// sees a change at once; `last_error` is only written on failures and read by /health.
+/// A reload that leaves a backend's settings unchanged keeps the same `Backend`, so its
+/// health and in-flight count carry over.
 #[derive(Debug)]
 pub struct Backend {
-    pub index: usize,
     pub name: String,
     pub url: Arc<str>,
     /// `host:port`, sent as the upstream Host header.
@@ -24,35 +26,64 @@ pub struct Backend {
     pub models: Vec<String>,
     pub api_key: Option<String>,
     pub usage_mode: UsageMode,
+    /// Label slot in `llmproxy_requests_total`.
+    pub slot: usize,
     healthy: AtomicBool,
     in_flight: AtomicI64,
     last_error: Mutex<Option<String>>,
+    /// Passed and failed health checks in a row (health-check thread only).
+    pub(crate) streak_ok: AtomicU32,
+    pub(crate) streak_fail: AtomicU32,
 }
 
 impl Backend {
-    pub fn from_config(cfg: &Config) -> Result<Vec<Arc<Backend>>, String> {
+    /// The backends of `cfg`, reusing those of `old` whose settings did not change.
+    pub fn build(
+        cfg: &Config,
+        old: &[Arc<Backend>],
+        metrics: &Metrics,
+    ) -> Result<Vec<Arc<Backend>>, String> {
         cfg.backends
             .iter()
             .enumerate()
             .map(|(i, b)| {
                 let url =
                     BackendUrl::parse(&b.url).map_err(|e| format!("backends[{i}].url: {e}"))?;
+                let name = b.name.clone().unwrap_or_else(|| url.authority.clone());
+                let full = Arc::<str>::from(b.url.trim_end_matches('/'));
+                if let Some(same) = old.iter().find(|o| {
+                    o.name == name
+                        && o.url == full
+                        && o.weight == b.weight
+                        && o.models == b.models
+                        && o.api_key == b.api_key
+                        && o.usage_mode == b.usage_mode
+                }) {
+                    return Ok(same.clone());
+                }
                 let addrs = url
                     .resolve()
                     .map_err(|e| format!("backends[{i}].url: cannot resolve {}: {e}", url.host))?;
+                // A changed backend at the same URL keeps its known health.
+                let healthy = old
+                    .iter()
+                    .find(|o| o.url == full)
+                    .is_none_or(|o| o.is_healthy());
                 Ok(Arc::new(Backend {
-                    index: i,
-                    name: b.name.clone().unwrap_or_else(|| url.authority.clone()),
-                    url: Arc::from(b.url.trim_end_matches('/')),
+                    slot: metrics.slot(&name),
+                    name,
+                    url: full,
                     authority: url.authority,
                     addrs,
                     weight: b.weight,
                     models: b.models.clone(),
                     api_key: b.api_key.clone(),
                     usage_mode: b.usage_mode,
-                    healthy: AtomicBool::new(true),
+                    healthy: AtomicBool::new(healthy),
                     in_flight: AtomicI64::new(0),
                     last_error: Mutex::new(None),
+                    streak_ok: AtomicU32::new(0),
+                    streak_fail: AtomicU32::new(0),
                 }))
             })
             .collect()
@@ -76,6 +107,10 @@ impl Backend {
 
     pub fn set_health(&self, healthy: bool, error: Option<String>) {
         self.healthy.store(healthy, Relaxed);
+        if !healthy {
+            // Coming back takes `healthy_after` passed checks from now.
+            self.streak_ok.store(0, Relaxed);
+        }
         // try_lock: a worker reporting a failure never waits on /health readers.
         if let Ok(mut e) = self.last_error.try_lock()
             && (error.is_some() || healthy)
@@ -109,11 +144,23 @@ pub enum Pick {
 }
 
 impl Upstreams {
-    pub fn new(backends: Arc<[Arc<Backend>]>) -> Self {
+    /// A worker's view of `backends`; idle connections of `previous` (the view before a
+    /// reload) to backends that stay are carried over.
+    pub fn new(backends: Arc<[Arc<Backend>]>, previous: Option<&Upstreams>) -> Self {
         let n = backends.len();
+        let pool = pool::Pool::new(n);
+        if let Some(prev) = previous {
+            for (i, b) in backends.iter().enumerate() {
+                if let Some(j) = prev.backends.iter().position(|o| Arc::ptr_eq(o, b)) {
+                    for io in prev.pool.drain(j) {
+                        pool.put(i, io);
+                    }
+                }
+            }
+        }
         Upstreams {
             local: (0..n).map(|_| LocalBackend::default()).collect(),
-            pool: pool::Pool::new(n),
+            pool,
             backends,
         }
     }
@@ -209,7 +256,6 @@ mod tests {
             .enumerate()
             .map(|(i, (w, models))| {
                 Arc::new(Backend {
-                    index: i,
                     name: format!("b{i}"),
                     url: Arc::from("http://x"),
                     authority: "x".into(),
@@ -218,13 +264,16 @@ mod tests {
                     models: models.iter().map(|s| s.to_string()).collect(),
                     api_key: None,
                     usage_mode: UsageMode::Final,
+                    slot: i + 1,
                     healthy: AtomicBool::new(true),
                     in_flight: AtomicI64::new(0),
                     last_error: Mutex::new(None),
+                    streak_ok: AtomicU32::new(0),
+                    streak_fail: AtomicU32::new(0),
                 })
             })
             .collect();
-        Upstreams::new(backends.into())
+        Upstreams::new(backends.into(), None)
     }
 
     #[test]

@@ -42,6 +42,15 @@ impl Pool {
         None
     }
 
+    /// Takes every idle connection to backend `i` (a reload moves them to a new view).
+    pub fn drain(&self, i: usize) -> Vec<Io> {
+        self.idle
+            .borrow_mut()
+            .get_mut(i)
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
     pub fn put(&self, i: usize, io: Io) {
         let mut idle = self.idle.borrow_mut();
         if let Some(list) = idle.get_mut(i)
