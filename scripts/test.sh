@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The openai SDK, in a private virtualenv (tests/sdk_client.py drives it).
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai" 2>/dev/null; then
+# The openai SDK (tests/sdk_client.py drives it) and prometheus_client (its parser
+# checks /metrics), in a private virtualenv.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, prometheus_client" 2>/dev/null; then
     echo "==> setting up .venv with the openai SDK"
     if ! python3 -m venv .venv 2>/dev/null; then
         if command -v apt-get >/dev/null; then
@@ -14,7 +15,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai" 2>/dev/nul
         fi
         python3 -m venv .venv
     fi
-    .venv/bin/pip install --quiet --disable-pip-version-check "openai>=1.40"
+    .venv/bin/pip install --quiet --disable-pip-version-check "openai>=1.40" prometheus_client
 fi
 export LLMPROXY_TEST_PYTHON="$PWD/.venv/bin/python"
 

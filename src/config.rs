@@ -317,6 +317,13 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub limits: Limits,
+    /// `stdout`, `off`, or a file path.
+    #[serde(default = "default_access_log")]
+    pub access_log: String,
+}
+
+fn default_access_log() -> String {
+    "stdout".into()
 }
 
 fn default_listen() -> String {

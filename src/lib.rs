@@ -4,6 +4,7 @@
 //! `server` (accept, HTTP/1.1) → `auth` → `upstream` (route, pool) → `relay`
 //! (rewrite, stream) → `usage` (meter, record) → `delivery` (webhook).
 
+pub mod access_log;
 pub mod auth;
 pub mod config;
 pub mod delivery;

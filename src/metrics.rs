@@ -123,6 +123,7 @@ pub struct Metrics {
     pub connections_rejected: AtomicU64,
     pub spooled: AtomicU64,
     pub redelivered: AtomicU64,
+    pub access_log_dropped: AtomicU64,
     /// The spool's own counters, once a spool is open (read at scrape time).
     pub spool: std::sync::OnceLock<Arc<crate::delivery::spool::Shared>>,
     /// Arrival (unix ms) of the oldest record waiting in the spool; 0 when none.
@@ -158,6 +159,7 @@ impl Metrics {
             connections_rejected: zero(),
             spooled: zero(),
             redelivered: zero(),
+            access_log_dropped: zero(),
             spool: std::sync::OnceLock::new(),
             spool_oldest_ms: zero(),
         }
@@ -236,7 +238,12 @@ impl Metrics {
                 .get()
                 .map_or(0, |s| s.backlog_bytes.load(Relaxed)),
         );
-        let counters: [(&str, &str, &AtomicU64); 11] = [
+        let counters: [(&str, &str, &AtomicU64); 12] = [
+            (
+                "llmproxy_access_log_dropped_total",
+                "Access log lines dropped because the log writer fell behind.",
+                &self.access_log_dropped,
+            ),
             (
                 "llmproxy_usage_spooled_total",
                 "Usage records written to the durable spool.",

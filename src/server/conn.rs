@@ -3,6 +3,7 @@
 //! authenticate → inspect body → route → rewrite → relay → meter → emit record.
 
 use super::{View, Worker, endpoints};
+use crate::access_log::AccessEntry;
 use crate::auth;
 use crate::config::UsageMode;
 use crate::http::body::{BodyDecoder, Framing};
@@ -168,6 +169,8 @@ fn request_id(head: &RequestHead) -> String {
 
 struct Request {
     id: String,
+    /// The caller's key, always masked (for the access log).
+    masked_key: String,
     arrived: Instant,
     timestamp: SystemTime,
     path: usize,
@@ -176,6 +179,10 @@ struct Request {
 /// Handles one request whose head is parsed. Returns whether to keep the connection.
 async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
     let rq = Request {
+        masked_key: format_api_key(
+            auth::presented_key(&c.head.headers).unwrap_or(""),
+            crate::config::ApiKeyFormat::Masked,
+        ),
         id: request_id(&c.head),
         arrived: Instant::now(),
         timestamp: SystemTime::now(),
@@ -294,8 +301,58 @@ async fn read_body(w: &Worker, c: &mut Conn) -> Result<(), Option<ProxyError>> {
     }
 }
 
-/// Answers a proxy-made error; returns whether to keep the connection.
+/// Answers a proxy-made error and logs it; returns whether to keep the connection.
 async fn answer(w: &Worker, c: &mut Conn, rq: &Request, e: ProxyError, stream: bool) -> bool {
+    log_access(w, c, rq, e.status(), stream, None);
+    answer_unlogged(w, c, rq, e, stream).await
+}
+
+/// One access log line. `proxied`: the backend and, for metered requests, the record.
+fn log_access(
+    w: &Worker,
+    c: &Conn,
+    rq: &Request,
+    status: u16,
+    stream: bool,
+    proxied: Option<(&str, Option<&UsageRecord>)>,
+) {
+    let log = &w.shared.access_log;
+    if !log.enabled() {
+        return;
+    }
+    let rec = proxied.and_then(|p| p.1);
+    log.log(AccessEntry {
+        timestamp: rq.timestamp,
+        request_id: rq.id.clone(),
+        method: c.head.method().to_owned(),
+        path: c.head.route().chars().take(256).collect(),
+        status,
+        stream,
+        user_id: rec.map(|r| r.user_id.clone()).unwrap_or_default(),
+        api_key: rq.masked_key.clone(),
+        model: rec.map(|r| r.model.clone()).unwrap_or_default(),
+        backend: proxied.map(|p| p.0.to_owned()),
+        outcome: rec.map(|r| r.outcome),
+        usage_source: rec.map(|r| r.usage_source),
+        tokens: rec.map_or((0, 0, 0), |r| {
+            (
+                r.usage.prompt_tokens,
+                r.usage.completion_tokens,
+                r.usage.total_tokens,
+            )
+        }),
+        duration_us: rq.arrived.elapsed().as_micros() as u64,
+        ttft_ms: rec.and_then(|r| r.ttft_ms),
+    });
+}
+
+async fn answer_unlogged(
+    w: &Worker,
+    c: &mut Conn,
+    rq: &Request,
+    e: ProxyError,
+    stream: bool,
+) -> bool {
     let keep = c.head.keep_alive && !e.must_close() && !w.shutting_down();
     let out = &mut c.bufs.out;
     out.clear();
@@ -324,6 +381,8 @@ async fn reply(
     };
     write_response(out, status, ctype, body, &rq.id, keep);
     w.shared.metrics.count_request(rq.path, false, None, status);
+    log_access(w, c, rq, status, false, None);
+    let out = &mut c.bufs.out;
     c.client.write_all(out).await.is_ok() && keep
 }
 
@@ -450,13 +509,13 @@ async fn proxy(
             o.client_reusable && !w.shutting_down(),
         ),
         Some(o) if o.end == End::Timeout => {
-            let keep = answer(w, c, rq, ProxyError::BackendTimeout, stream).await;
+            let keep = answer_unlogged(w, c, rq, ProxyError::BackendTimeout, stream).await;
             (504, End::Timeout, keep)
         }
         Some(o) if o.end == End::ClientGone => (499, End::ClientGone, false),
         other => {
             let end = other.as_ref().map_or(End::NoResponse, |o| o.end);
-            let keep = answer(w, c, rq, ProxyError::BackendUnavailable, stream).await;
+            let keep = answer_unlogged(w, c, rq, ProxyError::BackendUnavailable, stream).await;
             (502, end, keep)
         }
     };
@@ -515,7 +574,7 @@ async fn proxy(
                 .or(info.user)
                 .unwrap_or_default(),
         };
-        shared.sink.emit(UsageRecord {
+        let record = UsageRecord {
             request_id: rq.id.clone(),
             user_id,
             api_key: format_api_key(key.as_deref().unwrap_or(""), cfg.usage_hook.api_key_format),
@@ -534,7 +593,18 @@ async fn proxy(
             } else {
                 None
             },
-        });
+        };
+        log_access(
+            w,
+            c,
+            rq,
+            status,
+            stream,
+            Some((&backend.name, Some(&record))),
+        );
+        shared.sink.emit(record);
+    } else {
+        log_access(w, c, rq, status, stream, Some((&backend.name, None)));
     }
     keep
 }

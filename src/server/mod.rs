@@ -6,6 +6,7 @@
 pub mod conn;
 mod endpoints;
 
+use crate::access_log::AccessLog;
 use crate::auth::Auth;
 use crate::config::{Config, parse_listen};
 use crate::delivery::{self, RecordSink};
@@ -40,6 +41,7 @@ pub struct Shared {
     config_path: String,
     pub metrics: Arc<Metrics>,
     pub sink: RecordSink,
+    pub access_log: AccessLog,
     pub shutdown: Arc<AtomicBool>,
     /// Requests being handled, all workers together: shutdown waits for it to reach 0
     /// before closing idle connections, so a request sent on any open connection
@@ -78,6 +80,7 @@ impl Shared {
             ("workers", cfg.workers != old.config.workers),
             ("usage_hook", cfg.usage_hook != old.config.usage_hook),
             ("health_check", cfg.health_check != old.config.health_check),
+            ("access_log", cfg.access_log != old.config.access_log),
         ];
         for (key, changed) in fixed {
             if changed {
@@ -90,6 +93,7 @@ impl Shared {
         cfg.workers = old.config.workers;
         cfg.usage_hook = old.config.usage_hook.clone();
         cfg.health_check = old.config.health_check.clone();
+        cfg.access_log = old.config.access_log.clone();
         let live = Live {
             auth: Auth::new(&cfg.auth),
             backends: backends.into(),
@@ -170,6 +174,7 @@ pub fn run(config: Config, config_path: &str) -> Result<(), String> {
         (RecordSink::disabled(metrics.clone()), Vec::new())
     };
 
+    let access_log = AccessLog::start(&config.access_log, metrics.clone())?;
     let workers = config.worker_count();
     let health_cfg = config.health_check.clone();
     let connect_timeout = config.limits.connect_timeout.0;
@@ -183,6 +188,7 @@ pub fn run(config: Config, config_path: &str) -> Result<(), String> {
         config_path: config_path.to_string(),
         metrics,
         sink,
+        access_log,
         shutdown: Arc::new(AtomicBool::new(false)),
         busy: AtomicUsize::new(0),
     });

@@ -114,7 +114,10 @@ pub fn spawn(mut cmd: Command) -> Proc {
 
 pub fn mock(args: &[&str]) -> Proc {
     let mut cmd = Command::new(example("mock_vllm"));
-    cmd.args(["--port", "0"]).args(args);
+    if !args.contains(&"--port") {
+        cmd.args(["--port", "0"]);
+    }
+    cmd.args(args);
     spawn(cmd)
 }
 

@@ -7,4 +7,5 @@ mod delivery;
 mod errors;
 mod harness;
 mod metering;
+mod routing;
 mod sdk;
