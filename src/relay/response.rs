@@ -7,19 +7,15 @@
 //! ended are held until its blank line arrives (an SSE client cannot act on half an
 //! event, so this costs nothing visible); everything else is written as it arrives.
 
-use crate::http::body::{BodyDecoder, Framing, LAST_CHUNK, encode_chunk, push_hex};
+use super::body::{BodyRelay, Mode};
+use crate::http::body::{BodyDecoder, Framing};
 use crate::http::error::itoa_u64;
 use crate::http::head::{ResponseHead, is_hop_by_hop};
 use crate::io::{Io, PeerState, Wait, peek_fd};
-use crate::sse::SseScanner;
-use crate::usage::json::{UsageFinder, member_span};
-use crate::usage::{EventKind, StreamMeter};
+use crate::usage::{Usage, UsageSource};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-/// A held (incomplete) event larger than this is forwarded as is: usage-only chunks
-/// are a few hundred bytes, so such an event is never one to cut.
-const MAX_HOLD: usize = 64 * 1024;
 /// Response heads from a backend larger than this are a bad gateway.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
@@ -63,12 +59,7 @@ pub enum End {
 pub struct Buffers {
     pub out: Vec<u8>,
     head: ResponseHead,
-    hold: Vec<u8>,
-    hold_next: Vec<u8>,
-    edits: Vec<Edit>,
-    edit_buf: Vec<u8>,
-    scanner: Option<SseScanner>,
-    finder: Option<UsageFinder>,
+    body: BodyRelay,
 }
 
 pub struct Outcome {
@@ -76,7 +67,10 @@ pub struct Outcome {
     /// Status the caller received, if a head was sent.
     pub status: Option<u16>,
     pub is_sse: bool,
-    pub meter: StreamMeter,
+    /// What the backend reported (or what could be estimated), and where it came from.
+    pub usage: (Usage, UsageSource),
+    /// The stream carried an error event.
+    pub saw_error: bool,
     pub first_output: Option<Instant>,
     pub head_received: Option<Instant>,
     pub head_sent: Option<Instant>,
@@ -84,22 +78,13 @@ pub struct Outcome {
     pub client_reusable: bool,
 }
 
-enum Body {
-    Raw,
-    Json(UsageFinder),
-    /// `edit`: events may be cut or rewritten, so unfinished ones are held.
-    Sse {
-        scanner: SseScanner,
-        edit: bool,
-    },
-}
-
 pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buffers) -> Outcome {
     let mut o = Outcome {
         end: End::NoResponse,
         status: None,
         is_sse: false,
-        meter: StreamMeter::new(),
+        usage: (Usage::default(), UsageSource::None),
+        saw_error: false,
         first_output: None,
         head_received: None,
         head_sent: None,
@@ -181,25 +166,19 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
     let content_type = head.headers.get("content-type").unwrap_or(b"");
     o.is_sse =
         content_type.len() >= 17 && content_type[..17].eq_ignore_ascii_case(b"text/event-stream");
-    let mut body = if !spec.metered {
-        Body::Raw
+    let mode = if !spec.metered {
+        Mode::Raw
     } else if o.is_sse {
-        Body::Sse {
-            scanner: bufs.scanner.take().unwrap_or_default(),
-            edit: spec.hide_usage_only || spec.strip_chunk_usage,
+        Mode::Sse {
+            hide_usage_only: spec.hide_usage_only,
+            strip_chunk_usage: spec.strip_chunk_usage,
         }
     } else {
-        Body::Json(bufs.finder.take().unwrap_or_default())
+        Mode::Json
     };
-    match &mut body {
-        Body::Sse { scanner, .. } => scanner.reset(),
-        Body::Json(finder) => finder.reset(),
-        Body::Raw => {}
-    }
-    bufs.hold.clear();
 
     // Phase 2: the head to the caller, framed for what we will send.
-    let rewrites_body = matches!(body, Body::Sse { edit: true, .. });
+    let rewrites_body = mode.rewrites();
     let (chunked, mut client_keep) = match framing {
         Framing::Empty => (false, spec.client_keep_alive),
         Framing::Length(_) if !rewrites_body => (false, spec.client_keep_alive),
@@ -224,41 +203,21 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
     );
     o.status = Some(head.status);
     let upstream_keep = head.keep_alive;
+    let body = &mut bufs.body;
+    body.start(mode, chunked);
 
     // Phase 3: the body, forwarded read by read.
     let mut decoder = BodyDecoder::new(framing);
     let mut first_write = true;
     let end = loop {
-        let data = up.data();
-        let mut edit_state = EditState {
-            hold: &mut bufs.hold,
-            hold_next: &mut bufs.hold_next,
-            edits: &mut bufs.edits,
-            buf: &mut bufs.edit_buf,
-            hide_usage_only: spec.hide_usage_only,
-            strip_chunk_usage: spec.strip_chunk_usage,
-        };
-        let decoded = decoder.decode(data, |span| {
-            on_body(
-                &mut body,
-                span,
-                out,
-                chunked,
-                &mut o.meter,
-                &mut o.first_output,
-                &mut edit_state,
-            )
-        });
+        let decoded = decoder.decode(up.data(), |span| body.on_span(span, out));
         let Ok(consumed) = decoded else {
             break End::BackendBroken;
         };
         up.consume(consumed);
         let done = decoder.is_done();
         if done {
-            flush_hold(&mut bufs.hold, out, chunked);
-            if chunked {
-                out.extend_from_slice(LAST_CHUNK);
-            }
+            body.finish(out);
         }
         if !out.is_empty() || first_write {
             if client.write_all(out).await.is_err() {
@@ -278,10 +237,7 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
         {
             Wait::Data => {}
             Wait::Eof if decoder.eof_is_clean() => {
-                flush_hold(&mut bufs.hold, out, chunked);
-                if chunked {
-                    out.extend_from_slice(LAST_CHUNK);
-                }
+                body.finish(out);
                 if client.write_all(out).await.is_err() {
                     break End::ClientGone;
                 }
@@ -298,195 +254,11 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
     o.upstream_reusable =
         end == End::Completed && upstream_keep && up.data().is_empty() && decoder.is_done();
     o.client_reusable = end == End::Completed && client_keep;
-    match body {
-        Body::Json(finder) => {
-            if let Some(raw) = finder.usage() {
-                o.meter.observe_usage(raw);
-            }
-            bufs.finder = Some(finder);
-        }
-        Body::Sse { scanner, .. } => bufs.scanner = Some(scanner),
-        Body::Raw => {}
-    }
+    body.finish_metering();
+    o.usage = body.meter.finish(end == End::Completed);
+    o.saw_error = body.meter.saw_error;
+    o.first_output = body.first_output;
     o
-}
-
-/// An event to replace: bytes `start..end` of the stream become `edit_buf[with]`.
-struct Edit {
-    start: u64,
-    end: u64,
-    with: std::ops::Range<usize>,
-}
-
-struct EditState<'a> {
-    hold: &'a mut Vec<u8>,
-    hold_next: &'a mut Vec<u8>,
-    edits: &'a mut Vec<Edit>,
-    buf: &'a mut Vec<u8>,
-    hide_usage_only: bool,
-    strip_chunk_usage: bool,
-}
-
-fn frame(out: &mut Vec<u8>, chunked: bool, data: &[u8]) {
-    if chunked {
-        encode_chunk(out, data);
-    } else {
-        out.extend_from_slice(data);
-    }
-}
-
-fn flush_hold(hold: &mut Vec<u8>, out: &mut Vec<u8>, chunked: bool) {
-    if !hold.is_empty() {
-        frame(out, chunked, hold);
-        hold.clear();
-    }
-}
-
-fn on_body(
-    body: &mut Body,
-    span: &[u8],
-    out: &mut Vec<u8>,
-    chunked: bool,
-    meter: &mut StreamMeter,
-    first_output: &mut Option<Instant>,
-    hs: &mut EditState<'_>,
-) {
-    match body {
-        Body::Raw => frame(out, chunked, span),
-        Body::Json(finder) => {
-            finder.feed(span);
-            frame(out, chunked, span);
-        }
-        Body::Sse {
-            scanner,
-            edit: false,
-        } => {
-            scanner.feed(span, |ev| {
-                if meter.observe(ev.data) == EventKind::Output && first_output.is_none() {
-                    *first_output = Some(Instant::now());
-                }
-            });
-            frame(out, chunked, span);
-        }
-        Body::Sse {
-            scanner,
-            edit: true,
-        } => {
-            let span_base = scanner.position();
-            let hold_base = span_base - hs.hold.len() as u64;
-            hs.edits.clear();
-            hs.buf.clear();
-            let (edits, buf) = (&mut *hs.edits, &mut *hs.buf);
-            let (hide, strip) = (hs.hide_usage_only, hs.strip_chunk_usage);
-            scanner.feed(span, |ev| {
-                let kind = meter.observe(ev.data);
-                if kind == EventKind::Output && first_output.is_none() {
-                    *first_output = Some(Instant::now());
-                }
-                if kind == EventKind::UsageOnly {
-                    if hide {
-                        edits.push(Edit {
-                            start: ev.start,
-                            end: ev.end,
-                            with: 0..0,
-                        });
-                    }
-                } else if strip
-                    && meter.last_had_usage
-                    && let Some(r) = member_span(ev.data, b"usage")
-                {
-                    let from = buf.len();
-                    buf.extend_from_slice(b"data: ");
-                    buf.extend_from_slice(&ev.data[..r.start]);
-                    buf.extend_from_slice(&ev.data[r.end..]);
-                    buf.extend_from_slice(b"\n\n");
-                    edits.push(Edit {
-                        start: ev.start,
-                        end: ev.end,
-                        with: from..buf.len(),
-                    });
-                }
-            });
-            let span_end = span_base + span.len() as u64;
-            let src = Source {
-                hold: hs.hold,
-                hold_base,
-                span,
-                span_base,
-            };
-            let mut cursor = hold_base;
-            for edit in hs.edits.iter() {
-                if edit.start < cursor {
-                    continue; // began in bytes already forwarded: cannot be changed
-                }
-                src.emit(out, chunked, cursor, edit.start);
-                if !edit.with.is_empty() {
-                    frame(out, chunked, &hs.buf[edit.with.clone()]);
-                }
-                cursor = edit.end.min(span_end);
-            }
-            let mut keep = scanner
-                .pending_event_start()
-                .unwrap_or(span_end)
-                .max(cursor);
-            if span_end - keep > MAX_HOLD as u64 {
-                keep = span_end;
-            }
-            src.emit(out, chunked, cursor, keep);
-            hs.hold_next.clear();
-            src.copy(hs.hold_next, keep, span_end);
-            std::mem::swap(hs.hold, hs.hold_next);
-        }
-    }
-}
-
-/// The stream as held bytes followed by the current span, by absolute offset.
-struct Source<'a> {
-    hold: &'a [u8],
-    hold_base: u64,
-    span: &'a [u8],
-    span_base: u64,
-}
-
-impl Source<'_> {
-    fn parts(&self, a: u64, b: u64) -> (&[u8], &[u8]) {
-        let h0 = (a.max(self.hold_base) - self.hold_base) as usize;
-        let h1 = (b.min(self.span_base).max(self.hold_base) - self.hold_base) as usize;
-        let s0 = (a.max(self.span_base) - self.span_base) as usize;
-        let s1 = (b.max(self.span_base) - self.span_base) as usize;
-        let hold = if h0 < h1 { &self.hold[h0..h1] } else { &[][..] };
-        let span = if s0 < s1 {
-            &self.span[s0..s1.min(self.span.len())]
-        } else {
-            &[][..]
-        };
-        (hold, span)
-    }
-
-    fn emit(&self, out: &mut Vec<u8>, chunked: bool, a: u64, b: u64) {
-        if b <= a {
-            return;
-        }
-        let (h, s) = self.parts(a, b);
-        if chunked {
-            push_hex(out, h.len() + s.len());
-            out.extend_from_slice(b"\r\n");
-            out.extend_from_slice(h);
-            out.extend_from_slice(s);
-            out.extend_from_slice(b"\r\n");
-        } else {
-            out.extend_from_slice(h);
-            out.extend_from_slice(s);
-        }
-    }
-
-    fn copy(&self, to: &mut Vec<u8>, a: u64, b: u64) {
-        if b > a {
-            let (h, s) = self.parts(a, b);
-            to.extend_from_slice(h);
-            to.extend_from_slice(s);
-        }
-    }
 }
 
 /// The caller's response head: the backend's headers minus hop-by-hop ones, our

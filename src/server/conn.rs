@@ -545,11 +545,7 @@ async fn proxy(
     }
     if let (Some(info), Some(endpoint)) = (info, endpoint) {
         let (meter_ok, first_output, usage) = match &o {
-            Some(o) => (
-                !o.meter.saw_error,
-                o.first_output,
-                o.meter.finish(o.end == End::Completed),
-            ),
+            Some(o) => (!o.saw_error, o.first_output, o.usage.clone()),
             None => (
                 true,
                 None,

@@ -24,7 +24,9 @@ pub struct UsageFinder {
     after_key: bool,
     capturing: bool,
     capture: Vec<u8>,
-    found: Option<Vec<u8>>,
+    /// The last complete capture (reused buffer); `has_found` says whether it is valid.
+    found: Vec<u8>,
+    has_found: bool,
 }
 
 impl UsageFinder {
@@ -35,16 +37,19 @@ impl UsageFinder {
     /// Starts a new body, keeping the capture buffer's capacity.
     pub fn reset(&mut self) {
         let mut capture = std::mem::take(&mut self.capture);
+        let mut found = std::mem::take(&mut self.found);
         capture.clear();
+        found.clear();
         *self = UsageFinder {
             capture,
+            found,
             ..UsageFinder::new()
         };
     }
 
     /// The raw bytes of the last complete top-level `usage` value seen.
     pub fn usage(&self) -> Option<&[u8]> {
-        self.found.as_deref()
+        self.has_found.then_some(&self.found[..])
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
@@ -94,12 +99,12 @@ impl UsageFinder {
             }
             if self.capturing && self.depth == 1 && (b == b',' || b == b'}') {
                 self.capturing = false;
-                let value = std::mem::take(&mut self.capture);
-                let trimmed = value.trim_ascii();
+                let trimmed = self.capture.trim_ascii();
                 if !trimmed.is_empty() {
-                    self.found = Some(trimmed.to_vec());
+                    self.found.clear();
+                    self.found.extend_from_slice(trimmed);
+                    self.has_found = true;
                 }
-                self.capture = value;
                 self.capture.clear();
             } else if self.capturing {
                 self.capture_byte(b);

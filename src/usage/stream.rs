@@ -7,7 +7,7 @@
 
 use super::{Parsed, Usage, UsageSource};
 use serde::Deserialize;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use std::fmt;
 
@@ -85,6 +85,20 @@ impl StreamMeter {
             self.has_usage = true;
             self.usage_final = true;
         }
+    }
+
+    /// Starts a new stream, keeping buffer capacity.
+    pub fn reset(&mut self) {
+        let (usage, scratch) = (
+            std::mem::take(&mut self.usage),
+            std::mem::take(&mut self.scratch),
+        );
+        *self = StreamMeter {
+            usage,
+            scratch,
+            ..StreamMeter::default()
+        };
+        self.usage.details.clear();
     }
 
     pub fn has_usage(&self) -> bool {
@@ -166,16 +180,16 @@ impl<'de> Deserialize<'de> for Choices {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
                 let mut c = Choices::default();
-                while let Some(choice) = seq.next_element::<Choice>()? {
+                while let Some(choice) = seq.next_element::<Choice<'de>>()? {
                     c.count += 1;
                     let d = choice.delta.unwrap_or_default();
-                    if choice.text.0
-                        || d.content.0
-                        || d.reasoning_content.0
-                        || d.reasoning.0
-                        || d.tool_calls.0
-                        || d.function_call.0
-                    {
+                    let output = non_empty(choice.text)
+                        || non_empty(d.content)
+                        || non_empty(d.reasoning_content)
+                        || non_empty(d.reasoning)
+                        || non_empty(d.tool_calls)
+                        || non_empty(d.function_call);
+                    if output {
                         c.with_output += 1;
                     }
                     c.finished |= choice.finish_reason.is_some();
@@ -188,78 +202,39 @@ impl<'de> Deserialize<'de> for Choices {
 }
 
 #[derive(Deserialize, Default)]
-struct Choice {
-    #[serde(default)]
-    delta: Option<Delta>,
-    #[serde(default)]
-    text: NonEmpty,
+struct Choice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(default, borrow)]
+    text: Option<&'a RawValue>,
     #[serde(default)]
     finish_reason: Option<IgnoredAny>,
 }
 
+/// Delta members are taken raw (borrowed, never unescaped), so probing a chunk whose
+/// text has escapes allocates nothing.
 #[derive(Deserialize, Default)]
-struct Delta {
-    #[serde(default)]
-    content: NonEmpty,
-    #[serde(default)]
-    reasoning_content: NonEmpty,
-    #[serde(default)]
-    reasoning: NonEmpty,
-    #[serde(default)]
-    tool_calls: NonEmpty,
-    #[serde(default)]
-    function_call: NonEmpty,
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    reasoning: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    tool_calls: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    function_call: Option<&'a RawValue>,
 }
 
-/// True for a non-empty string, array or object; false for anything else.
-#[derive(Default)]
-struct NonEmpty(bool);
-
-impl<'de> Deserialize<'de> for NonEmpty {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = NonEmpty;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any value")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<NonEmpty, E> {
-                Ok(NonEmpty(!v.is_empty()))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<NonEmpty, E> {
-                Ok(NonEmpty(false))
-            }
-            fn visit_none<E: de::Error>(self) -> Result<NonEmpty, E> {
-                Ok(NonEmpty(false))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<NonEmpty, E> {
-                Ok(NonEmpty(false))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<NonEmpty, E> {
-                Ok(NonEmpty(false))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<NonEmpty, E> {
-                Ok(NonEmpty(false))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<NonEmpty, E> {
-                Ok(NonEmpty(false))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<NonEmpty, A::Error> {
-                let mut any = false;
-                while seq.next_element::<IgnoredAny>()?.is_some() {
-                    any = true;
-                }
-                Ok(NonEmpty(any))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NonEmpty, A::Error> {
-                let mut any = false;
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {
-                    any = true;
-                }
-                Ok(NonEmpty(any))
-            }
-        }
-        d.deserialize_any(V)
+/// A non-empty string, array or object (`null`, numbers and booleans are not output).
+fn non_empty(v: Option<&RawValue>) -> bool {
+    let Some(v) = v else { return false };
+    let t = v.get().trim().as_bytes();
+    match t.first() {
+        Some(b'"') => t.len() > 2,
+        Some(b'[' | b'{') => t.len() > 2 && !t[1..t.len() - 1].iter().all(u8::is_ascii_whitespace),
+        _ => false,
     }
 }
 

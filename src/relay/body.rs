@@ -1,0 +1,391 @@
+//! What happens to response body bytes between the backend and the caller, as a pure
+//! state machine (no I/O): each decoded span is metered and appended to the caller's
+//! output buffer, framed as chunks when the caller gets chunked encoding.
+//!
+//! SSE streams go through the scanner and the stream meter. When events may be cut or
+//! rewritten (the usage-only chunk the proxy asked for, per-chunk usage in continuous
+//! mode), the bytes of an event that has begun but not ended are held until its blank
+//! line arrives — an SSE client cannot act on half an event, so nobody can see the
+//! difference — and everything else is appended as it arrives. JSON bodies go through
+//! the usage finder. Every buffer is kept across responses: a relay in steady state
+//! does not allocate.
+
+use crate::http::body::{LAST_CHUNK, encode_chunk, push_hex};
+use crate::sse::SseScanner;
+use crate::usage::json::{UsageFinder, member_span};
+use crate::usage::{EventKind, StreamMeter};
+use std::ops::Range;
+use std::time::Instant;
+
+/// A held (unfinished) event larger than this is forwarded as is: usage-only chunks
+/// are a few hundred bytes, so such an event is never one to cut.
+const MAX_HOLD: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Not metered: bytes pass through.
+    Raw,
+    /// A JSON body: the top-level `usage` is read on the way.
+    Json,
+    Sse {
+        /// Cut the usage-only chunk (the caller did not ask for usage).
+        hide_usage_only: bool,
+        /// Take `usage` out of chunks with output (continuous usage requested by the
+        /// proxy, not the caller).
+        strip_chunk_usage: bool,
+    },
+}
+
+impl Mode {
+    /// The caller may get different bytes than the backend sent (so no Content-Length).
+    pub fn rewrites(self) -> bool {
+        matches!(self, Mode::Sse { hide_usage_only, strip_chunk_usage } if hide_usage_only || strip_chunk_usage)
+    }
+}
+
+/// An event to replace: bytes `start..end` of the stream become `edit_buf[with]`.
+struct Edit {
+    start: u64,
+    end: u64,
+    with: Range<usize>,
+}
+
+pub struct BodyRelay {
+    mode: Mode,
+    chunked: bool,
+    scanner: SseScanner,
+    finder: UsageFinder,
+    pub meter: StreamMeter,
+    /// When the first event with generated output was relayed.
+    pub first_output: Option<Instant>,
+    hold: Vec<u8>,
+    hold_next: Vec<u8>,
+    edits: Vec<Edit>,
+    edit_buf: Vec<u8>,
+}
+
+impl Default for BodyRelay {
+    fn default() -> Self {
+        BodyRelay {
+            mode: Mode::Raw,
+            chunked: false,
+            scanner: SseScanner::new(),
+            finder: UsageFinder::new(),
+            meter: StreamMeter::new(),
+            first_output: None,
+            hold: Vec::new(),
+            hold_next: Vec::new(),
+            edits: Vec::new(),
+            edit_buf: Vec::new(),
+        }
+    }
+}
+
+impl BodyRelay {
+    /// Starts a new response body, keeping every buffer's capacity.
+    pub fn start(&mut self, mode: Mode, chunked: bool) {
+        self.mode = mode;
+        self.chunked = chunked;
+        self.scanner.reset();
+        self.finder.reset();
+        self.meter.reset();
+        self.first_output = None;
+        self.hold.clear();
+    }
+
+    /// Relays one span of decoded body bytes into `out`.
+    pub fn on_span(&mut self, span: &[u8], out: &mut Vec<u8>) {
+        match self.mode {
+            Mode::Raw => frame(out, self.chunked, span),
+            Mode::Json => {
+                self.finder.feed(span);
+                frame(out, self.chunked, span);
+            }
+            Mode::Sse {
+                hide_usage_only: false,
+                strip_chunk_usage: false,
+            } => {
+                let (meter, first) = (&mut self.meter, &mut self.first_output);
+                self.scanner.feed(span, |ev| {
+                    if meter.observe(ev.data) == EventKind::Output && first.is_none() {
+                        *first = Some(Instant::now());
+                    }
+                });
+                frame(out, self.chunked, span);
+            }
+            Mode::Sse {
+                hide_usage_only,
+                strip_chunk_usage,
+            } => self.edit_span(span, out, hide_usage_only, strip_chunk_usage),
+        }
+    }
+
+    fn edit_span(&mut self, span: &[u8], out: &mut Vec<u8>, hide: bool, strip: bool) {
+        let span_base = self.scanner.position();
+        let hold_base = span_base - self.hold.len() as u64;
+        self.edits.clear();
+        self.edit_buf.clear();
+        let (meter, first, edits, buf) = (
+            &mut self.meter,
+            &mut self.first_output,
+            &mut self.edits,
+            &mut self.edit_buf,
+        );
+        self.scanner.feed(span, |ev| {
+            let kind = meter.observe(ev.data);
+            if kind == EventKind::Output && first.is_none() {
+                *first = Some(Instant::now());
+            }
+            if kind == EventKind::UsageOnly {
+                if hide {
+                    edits.push(Edit {
+                        start: ev.start,
+                        end: ev.end,
+                        with: 0..0,
+                    });
+                }
+            } else if strip
+                && meter.last_had_usage
+                && let Some(r) = member_span(ev.data, b"usage")
+            {
+                let from = buf.len();
+                buf.extend_from_slice(b"data: ");
+                buf.extend_from_slice(&ev.data[..r.start]);
+                buf.extend_from_slice(&ev.data[r.end..]);
+                buf.extend_from_slice(b"\n\n");
+                edits.push(Edit {
+                    start: ev.start,
+                    end: ev.end,
+                    with: from..buf.len(),
+                });
+            }
+        });
+        let span_end = span_base + span.len() as u64;
+        let src = Source {
+            hold: &self.hold,
+            hold_base,
+            span,
+            span_base,
+        };
+        let mut cursor = hold_base;
+        for edit in &self.edits {
+            if edit.start < cursor {
+                continue; // began in bytes already forwarded: cannot be changed
+            }
+            src.emit(out, self.chunked, cursor, edit.start);
+            if !edit.with.is_empty() {
+                frame(out, self.chunked, &self.edit_buf[edit.with.clone()]);
+            }
+            cursor = edit.end.min(span_end);
+        }
+        let mut keep = self
+            .scanner
+            .pending_event_start()
+            .unwrap_or(span_end)
+            .max(cursor);
+        if span_end - keep > MAX_HOLD as u64 {
+            keep = span_end;
+        }
+        src.emit(out, self.chunked, cursor, keep);
+        self.hold_next.clear();
+        src.copy(&mut self.hold_next, keep, span_end);
+        std::mem::swap(&mut self.hold, &mut self.hold_next);
+    }
+
+    /// The body ended as framed: forward anything held and close the chunked body.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if !self.hold.is_empty() {
+            frame(out, self.chunked, &self.hold);
+            self.hold.clear();
+        }
+        if self.chunked {
+            out.extend_from_slice(LAST_CHUNK);
+        }
+    }
+
+    /// Reads the usage a JSON body carried into the meter.
+    pub fn finish_metering(&mut self) {
+        if self.mode == Mode::Json
+            && let Some(raw) = self.finder.usage()
+        {
+            self.meter.observe_usage(raw);
+        }
+    }
+}
+
+fn frame(out: &mut Vec<u8>, chunked: bool, data: &[u8]) {
+    if chunked {
+        encode_chunk(out, data);
+    } else {
+        out.extend_from_slice(data);
+    }
+}
+
+/// The stream as held bytes followed by the current span, by absolute offset.
+struct Source<'a> {
+    hold: &'a [u8],
+    hold_base: u64,
+    span: &'a [u8],
+    span_base: u64,
+}
+
+impl Source<'_> {
+    fn parts(&self, a: u64, b: u64) -> (&[u8], &[u8]) {
+        let h0 = (a.max(self.hold_base) - self.hold_base) as usize;
+        let h1 = (b.min(self.span_base).max(self.hold_base) - self.hold_base) as usize;
+        let s0 = (a.max(self.span_base) - self.span_base) as usize;
+        let s1 = (b.max(self.span_base) - self.span_base) as usize;
+        let hold = if h0 < h1 { &self.hold[h0..h1] } else { &[][..] };
+        let span = if s0 < s1 {
+            &self.span[s0..s1.min(self.span.len())]
+        } else {
+            &[][..]
+        };
+        (hold, span)
+    }
+
+    fn emit(&self, out: &mut Vec<u8>, chunked: bool, a: u64, b: u64) {
+        if b <= a {
+            return;
+        }
+        let (h, s) = self.parts(a, b);
+        if chunked {
+            push_hex(out, h.len() + s.len());
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(h);
+            out.extend_from_slice(s);
+            out.extend_from_slice(b"\r\n");
+        } else {
+            out.extend_from_slice(h);
+            out.extend_from_slice(s);
+        }
+    }
+
+    fn copy(&self, to: &mut Vec<u8>, a: u64, b: u64) {
+        if b > a {
+            let (h, s) = self.parts(a, b);
+            to.extend_from_slice(h);
+            to.extend_from_slice(s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CHUNK: &str = r#"{"choices":[{"index":0,"delta":{"content":"x"}}],"usage":{"prompt_tokens":3,"total_tokens":4,"completion_tokens":1}}"#;
+    const USAGE_ONLY: &str =
+        r#"{"choices":[],"usage":{"prompt_tokens":3,"total_tokens":5,"completion_tokens":2}}"#;
+
+    fn stream(eol: &str) -> String {
+        [CHUNK, CHUNK, USAGE_ONLY, "[DONE]"]
+            .iter()
+            .map(|d| format!("data: {d}{eol}{eol}"))
+            .collect()
+    }
+
+    fn run(input: &[u8], mode: Mode, cuts: &[usize]) -> (Vec<u8>, StreamMeter) {
+        let mut r = BodyRelay::default();
+        r.start(mode, false);
+        let mut out = Vec::new();
+        let mut prev = 0;
+        let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
+        cuts.sort_unstable();
+        cuts.push(input.len());
+        for c in cuts {
+            r.on_span(&input[prev..c], &mut out);
+            prev = c;
+        }
+        r.finish(&mut out);
+        (out, std::mem::take(&mut r.meter))
+    }
+
+    #[test]
+    fn hides_the_usage_only_chunk_at_every_split() {
+        let input = stream("\n");
+        let want = [CHUNK, CHUNK, "[DONE]"]
+            .iter()
+            .map(|d| format!("data: {d}\n\n"))
+            .collect::<String>();
+        let mode = Mode::Sse {
+            hide_usage_only: true,
+            strip_chunk_usage: false,
+        };
+        for cut in 0..=input.len() {
+            let (out, meter) = run(input.as_bytes(), mode, &[cut]);
+            assert_eq!(String::from_utf8(out).unwrap(), want, "cut {cut}");
+            assert_eq!(meter.finish(true).0.completion_tokens, 2);
+        }
+    }
+
+    #[test]
+    fn strips_chunk_usage_and_keeps_the_final_one_when_asked() {
+        let input = stream("\r\n");
+        let mode = Mode::Sse {
+            hide_usage_only: false,
+            strip_chunk_usage: true,
+        };
+        let stripped = r#"{"choices":[{"index":0,"delta":{"content":"x"}}]}"#;
+        let want = format!(
+            "data: {stripped}\n\ndata: {stripped}\n\ndata: {USAGE_ONLY}\r\n\r\ndata: [DONE]\r\n\r\n"
+        );
+        for cut in 0..=input.len() {
+            let (out, _) = run(input.as_bytes(), mode, &[cut]);
+            // A read split between the CR and LF of a rewritten event's blank line lets
+            // the LF through on its own: an empty line, which dispatches nothing.
+            let out = String::from_utf8(out).unwrap().replace("\n\n\n", "\n\n");
+            assert_eq!(out, want, "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn passthrough_modes_forward_every_byte() {
+        let input = stream("\n");
+        for mode in [
+            Mode::Raw,
+            Mode::Json,
+            Mode::Sse {
+                hide_usage_only: false,
+                strip_chunk_usage: false,
+            },
+        ] {
+            assert_eq!(run(input.as_bytes(), mode, &[7, 100]).0, input.as_bytes());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn hiding_never_loses_other_bytes(
+            events in proptest::collection::vec(prop_oneof![Just(CHUNK), Just(USAGE_ONLY), Just("[DONE]"), Just(": ping")], 0..8),
+            cuts in proptest::collection::vec(0usize..1200, 0..6),
+            chunked in any::<bool>(),
+        ) {
+            let input: String = events.iter().map(|d| if d.starts_with(':') { format!("{d}\n\n") } else { format!("data: {d}\n\n") }).collect();
+            let want: String = events.iter().filter(|d| **d != USAGE_ONLY).map(|d| if d.starts_with(':') { format!("{d}\n\n") } else { format!("data: {d}\n\n") }).collect();
+            let mut r = BodyRelay::default();
+            r.start(Mode::Sse { hide_usage_only: true, strip_chunk_usage: false }, chunked);
+            let mut out = Vec::new();
+            let mut prev = 0;
+            let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
+            cuts.sort_unstable();
+            cuts.push(input.len());
+            for c in cuts {
+                r.on_span(&input.as_bytes()[prev..c], &mut out);
+                prev = c;
+            }
+            r.finish(&mut out);
+            let got = if chunked {
+                let mut dec = crate::http::body::BodyDecoder::new(crate::http::body::Framing::Chunked);
+                let mut body = Vec::new();
+                dec.decode(&out, |s| body.extend_from_slice(s)).unwrap();
+                prop_assert!(dec.is_done());
+                body
+            } else {
+                out
+            };
+            prop_assert_eq!(String::from_utf8(got).unwrap(), want);
+        }
+    }
+}
