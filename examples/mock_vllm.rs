@@ -13,6 +13,10 @@
 //!   x-mock-split: N              write the stream in pieces of N bytes
 //!   x-mock-fail: status-500 | error-event | reset | hang
 //! `GET /mock/last` returns the last request received (headers and body) as JSON.
+//!
+//! `--prerender` (for benchmarks): chat completions are answered from responses built
+//! at start (`--tokens` chunks, usage chunk when the request asks for it), each in one
+//! write, so the mock costs as little CPU as possible and is not what is measured.
 
 #[path = "common/http.rs"]
 mod http;
@@ -29,6 +33,14 @@ struct Mock {
     token_delay: u64,
     name: String,
     last: Mutex<Value>,
+    prerendered: Option<Prerendered>,
+}
+
+/// Whole responses built once: JSON, SSE without and with the usage chunk.
+struct Prerendered {
+    json: Vec<u8>,
+    sse: Vec<u8>,
+    sse_usage: Vec<u8>,
 }
 
 fn main() {
@@ -50,6 +62,13 @@ fn main() {
             .unwrap_or(0),
         name: http::flag("--name").unwrap_or_else(|| format!("mock-{port}")),
         last: Mutex::new(Value::Null),
+        prerendered: None,
+    };
+    let mock = Mock {
+        prerendered: std::env::args()
+            .any(|a| a == "--prerender")
+            .then(|| prerender(&mock.models[0], mock.tokens)),
+        ..mock
     };
     let listener = http::listen("mock-vllm", &host, port);
     let mock = std::sync::Arc::new(mock);
@@ -71,9 +90,63 @@ fn words(v: &Value) -> u64 {
     }
 }
 
+fn prerender(model: &str, tokens: u64) -> Prerendered {
+    let usage =
+        json!({"prompt_tokens": 5, "total_tokens": 5 + tokens, "completion_tokens": tokens});
+    let text: String = (0..tokens).map(|i| format!("tok{i} ")).collect();
+    let body = json!({
+        "id": "cmpl-mock", "object": "chat.completion", "created": 0, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
+        "usage": usage,
+    })
+    .to_string();
+    let json = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes();
+    let sse = |with_usage: bool| {
+        let mut events = Vec::new();
+        for i in 0..tokens {
+            events.push(json!({"id": "cmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
+                "choices": [{"index": 0, "delta": {"content": format!("tok{i} ")}, "logprobs": null, "finish_reason": null}]}).to_string());
+        }
+        if with_usage {
+            events.push(json!({"id": "cmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [], "usage": usage}).to_string());
+        }
+        events.push("[DONE]".into());
+        let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for e in events {
+            let ev = format!("data: {e}\n\n");
+            out.extend_from_slice(format!("{:x}\r\n{ev}\r\n", ev.len()).as_bytes());
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        out
+    };
+    Prerendered {
+        json,
+        sse: sse(false),
+        sse_usage: sse(true),
+    }
+}
+
 impl Mock {
     fn handle(&self, req: &http::Request, w: &mut TcpStream) -> std::io::Result<bool> {
         let route = req.path.split('?').next().unwrap_or("");
+        if let Some(p) = &self.prerendered
+            && route == "/v1/chat/completions"
+        {
+            let has = |needle: &[u8]| req.body.windows(needle.len()).any(|w| w == needle);
+            let resp = if !has(b"\"stream\":true") {
+                &p.json
+            } else if has(b"\"include_usage\":true") {
+                &p.sse_usage
+            } else {
+                &p.sse
+            };
+            w.write_all(resp)?;
+            return Ok(true);
+        }
         if route != "/mock/last" && route != "/health" {
             let headers: serde_json::Map<String, Value> = req
                 .headers

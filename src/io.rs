@@ -4,7 +4,10 @@
 //! once and then reuses.
 
 use monoio::buf::{IoBuf, IoBufMut};
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::{
+    AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, CancelableAsyncWriteRentExt,
+    Canceller,
+};
 use monoio::net::TcpStream;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -14,6 +17,11 @@ pub struct Io {
     buf: Vec<u8>,
     /// Bytes before `start` have been consumed.
     start: usize,
+    /// Cancels a read or write given up on (timeout, hang-up). A dropped io_uring
+    /// operation would keep its buffer and the socket until the kernel finished it
+    /// (never, for a read from a silent peer); a cancelled one is awaited, so the
+    /// buffer comes back, with any bytes that arrived meanwhile.
+    canceller: Canceller,
 }
 
 /// What a non-blocking peek at a socket found.
@@ -33,6 +41,7 @@ impl Io {
             stream,
             buf: Vec::with_capacity(capacity),
             start: 0,
+            canceller: Canceller::new(),
         }
     }
 
@@ -51,18 +60,8 @@ impl Io {
 
     /// Reads more bytes after the buffered ones. `Ok(0)` is end of stream.
     pub async fn fill(&mut self) -> io::Result<usize> {
-        if self.start > 0 && self.buf.capacity() - self.buf.len() < 2048 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        if self.buf.capacity() - self.buf.len() < 2048 {
-            self.buf.reserve(self.buf.capacity().max(4096));
-        }
-        let buf = std::mem::take(&mut self.buf);
-        let (len, cap) = (buf.len(), buf.capacity());
-        let (res, slice) = self.stream.read(buf.slice_mut(len..cap)).await;
-        self.buf = slice.into_inner();
-        res
+        let handle = self.canceller.handle();
+        fill_into(&mut self.stream, &mut self.buf, &mut self.start, handle).await
     }
 
     /// Writes all of `out`, keeping its contents.
@@ -72,9 +71,49 @@ impl Io {
         }
         let buf = std::mem::take(out);
         let end = buf.len();
-        let (res, slice) = self.stream.write_all(buf.slice(0..end)).await;
+        let (res, slice) = AsyncWriteRentExt::write_all(&mut self.stream, buf.slice(0..end)).await;
         *out = slice.into_inner();
         res.map(|_| ())
+    }
+
+    /// Writes all of `out` (then clears it) unless the peer takes nothing for `stall`:
+    /// then the write is cancelled and `TimedOut` returned. A caller that stops reading
+    /// cannot hold a request forever.
+    pub async fn write_all_within(
+        &mut self,
+        out: &mut Vec<u8>,
+        stall: std::time::Duration,
+    ) -> io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let buf = std::mem::take(out);
+        let end = buf.len();
+        let handle = self.canceller.handle();
+        let Io {
+            stream, canceller, ..
+        } = self;
+        let fut = CancelableAsyncWriteRentExt::write_all(stream, buf.slice(0..end), handle);
+        let mut fut = std::pin::pin!(fut);
+        let mut timed_out = false;
+        let (res, slice) = monoio::select! {
+            r = &mut fut => r,
+            _ = monoio::time::sleep(stall) => {
+                *canceller = std::mem::take(canceller).cancel();
+                timed_out = true;
+                (&mut fut).await
+            }
+        };
+        *out = slice.into_inner();
+        out.clear();
+        match res {
+            Ok(_) => Ok(()),
+            Err(_) if timed_out => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "peer stopped reading",
+            )),
+            Err(e) => Err(e),
+        }
     }
 
     /// Writes all of `out`, then clears it (keeping its capacity).
@@ -88,6 +127,29 @@ impl Io {
     pub fn peek(&self) -> PeerState {
         peek_fd(self.stream.as_raw_fd())
     }
+}
+
+/// Reads into the spare capacity after `buf`'s contents (compacting or growing first).
+async fn fill_into(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    start: &mut usize,
+    handle: CancelHandle,
+) -> io::Result<usize> {
+    if *start > 0 && buf.capacity() - buf.len() < 2048 {
+        buf.drain(..*start);
+        *start = 0;
+    }
+    if buf.capacity() - buf.len() < 2048 {
+        buf.reserve(buf.capacity().max(4096));
+    }
+    let owned = std::mem::take(buf);
+    let (len, cap) = (owned.len(), owned.capacity());
+    let (res, slice) = stream
+        .cancelable_read(owned.slice_mut(len..cap), handle)
+        .await;
+    *buf = slice.into_inner();
+    res
 }
 
 pub fn peek_fd(fd: i32) -> PeerState {
@@ -136,26 +198,39 @@ impl Io {
         deadline: std::time::Instant,
         mut on_tick: impl FnMut() -> bool,
     ) -> Wait {
-        let fut = self.fill();
+        let handle = self.canceller.handle();
+        let Io {
+            stream,
+            buf,
+            start,
+            canceller,
+        } = self;
+        let fut = fill_into(stream, buf, start, handle);
         let mut fut = std::pin::pin!(fut);
-        loop {
+        let mut stopped = None;
+        let r = loop {
             monoio::select! {
-                r = &mut fut => {
-                    return match r {
-                        Ok(0) => Wait::Eof,
-                        Ok(_) => Wait::Data,
-                        Err(e) => Wait::Error(e),
-                    };
-                }
+                r = &mut fut => break r,
                 _ = monoio::time::sleep(TICK) => {
-                    if on_tick() {
-                        return Wait::Interrupted;
-                    }
-                    if std::time::Instant::now() >= deadline {
-                        return Wait::TimedOut;
-                    }
+                    let why = if on_tick() {
+                        Wait::Interrupted
+                    } else if std::time::Instant::now() >= deadline {
+                        Wait::TimedOut
+                    } else {
+                        continue;
+                    };
+                    *canceller = std::mem::take(canceller).cancel();
+                    stopped = Some(why);
+                    break (&mut fut).await;
                 }
             }
+        };
+        match (r, stopped) {
+            // Bytes that arrived before the cancel took effect are kept and reported.
+            (Ok(n), _) if n > 0 => Wait::Data,
+            (_, Some(why)) => why,
+            (Ok(_), None) => Wait::Eof,
+            (Err(e), None) => Wait::Error(e),
         }
     }
 }

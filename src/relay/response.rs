@@ -35,6 +35,8 @@ pub struct Spec<'a> {
     pub strip_chunk_usage: bool,
     /// Longest wait for the head, and then between body reads.
     pub read_timeout: Duration,
+    /// A caller that takes no bytes for this long is cut (`client_disconnected`).
+    pub write_stall: Duration,
     /// Set when shutdown_timeout expired: stop relaying (the record says `timeout`).
     pub cut: &'a std::cell::Cell<bool>,
 }
@@ -212,6 +214,12 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
     let end = loop {
         let decoded = decoder.decode(up.data(), |span| body.on_span(span, out));
         let Ok(consumed) = decoded else {
+            // Garbage framing from the backend: what came before it is still forwarded
+            // (the head included), then the caller's response ends uncleanly.
+            let _ = client.write_all_within(out, spec.write_stall).await;
+            if first_write {
+                o.head_sent = Some(Instant::now());
+            }
             break End::BackendBroken;
         };
         up.consume(consumed);
@@ -220,7 +228,11 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
             body.finish(out);
         }
         if !out.is_empty() || first_write {
-            if client.write_all(out).await.is_err() {
+            if client
+                .write_all_within(out, spec.write_stall)
+                .await
+                .is_err()
+            {
                 break End::ClientGone;
             }
             if first_write {
@@ -238,7 +250,11 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
             Wait::Data => {}
             Wait::Eof if decoder.eof_is_clean() => {
                 body.finish(out);
-                if client.write_all(out).await.is_err() {
+                if client
+                    .write_all_within(out, spec.write_stall)
+                    .await
+                    .is_err()
+                {
                     break End::ClientGone;
                 }
                 client_keep = client_keep && chunked;

@@ -474,6 +474,7 @@ async fn proxy(
                 .as_ref()
                 .is_some_and(|i| i.stream && !i.caller_wants_continuous),
         read_timeout: cfg.limits.first_byte_timeout.0,
+        write_stall: cfg.limits.idle_timeout.0,
         cut: &w.cutting,
     };
     let mut sent_at = Instant::now();

@@ -6,6 +6,7 @@ mod cli;
 mod delivery;
 mod errors;
 mod harness;
+mod hostile;
 mod metering;
 mod routing;
 mod sdk;

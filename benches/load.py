@@ -1,0 +1,179 @@
+"""Drives the load benchmark (see benches/load.sh): the mock vLLM (prerendered, core 1),
+nginx (one worker, core 0), llmproxy (one worker, whole process on core 0, metering and
+webhook on, spool on), and the load generator on core 1. Runs are interleaved across
+targets and repeated; medians are reported, because this machine is shared and noisy.
+"""
+import json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+
+DUR, ROUNDS = int(sys.argv[1]), int(sys.argv[2])
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL = os.path.join(ROOT, "target", "release")
+W = tempfile.mkdtemp(prefix="llmproxy-load-")
+TICK = os.sysconf("SC_CLK_TCK")
+procs = []
+
+
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+
+def wait_port(port, what):
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close(); return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"{what} did not start on {port}")
+
+
+def start(cmd, cpu, log):
+    p = subprocess.Popen(["taskset", "-c", str(cpu)] + cmd, stdout=open(f"{W}/{log}", "w"), stderr=subprocess.STDOUT)
+    procs.append(p)
+    return p
+
+
+def cleanup(*_):
+    for p in procs:
+        try: p.send_signal(signal.SIGTERM)
+        except Exception: pass
+    for p in procs:
+        try: p.wait(timeout=15)
+        except Exception: p.kill()
+    shutil.rmtree(W, ignore_errors=True)
+
+
+MOCK, HOOK, NGINX, PROXY = free_port(), free_port(), free_port(), free_port()
+start([f"{REL}/examples/mock_vllm", "--port", str(MOCK), "--prerender", "--tokens", "64", "--models", "mock-model"], 1, "mock.log")
+start([f"{REL}/examples/webhook_receiver", "--port", str(HOOK), "--quiet", "--log", "/dev/null"], 1, "receiver.log")
+wait_port(MOCK, "mock"); wait_port(HOOK, "receiver")
+open(f"{W}/nginx.conf", "w").write(f"""
+worker_processes 1;
+worker_cpu_affinity 01;
+daemon off;
+error_log {W}/nginx-error.log warn;
+pid {W}/nginx.pid;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off;
+  client_body_temp_path {W}/nginx-body;
+  proxy_temp_path {W}/nginx-proxy;
+  upstream backend {{ server 127.0.0.1:{MOCK}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{NGINX} reuseport backlog=4096;
+    keepalive_requests 1000000;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering on;
+    }}
+  }}
+}}
+""")
+nginx_master = start(["nginx", "-c", f"{W}/nginx.conf", "-p", W], 0, "nginx.log")
+open(f"{W}/llmproxy.yaml", "w").write(f"""
+listen: "127.0.0.1:{PROXY}"
+workers: 1
+access_log: "off"
+backends:
+  - url: "http://127.0.0.1:{MOCK}"
+usage_hook:
+  enabled: true
+  url: "http://127.0.0.1:{HOOK}/usage"
+  spool_dir: "{W}/spool"
+""")
+proxy = start([f"{REL}/llmproxy", "--config", f"{W}/llmproxy.yaml"], 0, "llmproxy.log")
+wait_port(NGINX, "nginx"); wait_port(PROXY, "llmproxy")
+time.sleep(0.3)
+nginx_worker = int(subprocess.check_output(["pgrep", "-P", str(nginx_master.pid)]).split()[0])
+PIDS = {"direct": None, "nginx": nginx_worker, "llmproxy": proxy.pid}
+PORTS = {"direct": MOCK, "nginx": NGINX, "llmproxy": PROXY}
+
+BODY = {
+    "json": '{"model":"mock-model","messages":[{"role":"user","content":"one two three four five"}],"max_tokens":64}',
+    "sse": '{"model":"mock-model","messages":[{"role":"user","content":"one two three four five"}],"max_tokens":64,"stream":true}',
+}
+for name, body in BODY.items():
+    for close in (False, True):
+        extra = 'wrk.headers["Connection"] = "close"\n' if close else ""
+        open(f"{W}/{name}{'-close' if close else ''}.lua", "w").write(
+            f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n{extra}wrk.body = {json.dumps(body)}\n')
+
+
+def cpu(pid):
+    if pid is None:
+        return 0
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])
+
+
+def rss_kib(pid):
+    if pid is None:
+        return 0
+    m = re.search(r"VmHWM:\s+(\d+)", open(f"/proc/{pid}/status").read())
+    return int(m.group(1)) if m else 0
+
+
+def to_ms(v):
+    n, unit = re.match(r"([\d.]+)(us|ms|s)", v).groups()
+    return float(n) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(target, lua):
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{DUR}s", "--latency", "-s", f"{W}/{lua}.lua",
+                          f"http://127.0.0.1:{PORTS[target]}/v1/chat/completions"], capture_output=True, text=True).stdout
+    lat = dict(re.findall(r"^\s+(\d+)%\s+(\S+)", out, re.M))
+    n = int(re.search(r"(\d+) requests in", out).group(1))
+    errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": to_ms(lat["50"]), "p99": to_ms(lat["99"]),
+            "n": n, "errors": (int(errs.group(1)) if errs else 0), "sockerr": sock.group(1) if sock else ""}
+
+
+def oha(target):
+    out = subprocess.run(["taskset", "-c", "1", "oha", "--no-tui", "--output-format", "json", "-z", f"{DUR}s", "-c", "64", "-q", "2000",
+                          "-m", "POST", "-H", "Content-Type: application/json", "-d", BODY["json"],
+                          f"http://127.0.0.1:{PORTS[target]}/v1/chat/completions"], capture_output=True, text=True)
+    j = json.loads(out.stdout)
+    s = j["summary"]; p = j["latencyPercentiles"]
+    codes = j.get("statusCodeDistribution", {})
+    return {"rps": s["requestsPerSec"], "p50": p["p50"] * 1000, "p99": p["p99"] * 1000, "n": sum(codes.values()),
+            "errors": sum(v for k, v in codes.items() if k != "200"), "sockerr": ""}
+
+
+SCENARIOS = [
+    ("non-stream JSON, 64 conns", lambda t: wrk(t, "json")),
+    ("SSE 64 chunks, 64 conns", lambda t: wrk(t, "sse")),
+    ("fixed 2000 req/s (latency)", oha),
+    ("no keep-alive (churn)", lambda t: wrk(t, "json-close")),
+]
+results = {s: {t: [] for t in PORTS} for s, _ in SCENARIOS}
+try:
+    for r in range(ROUNDS):
+        order = list(PORTS)[r % 3:] + list(PORTS)[:r % 3]
+        for name, fn in SCENARIOS:
+            for t in order:
+                before = cpu(PIDS[t])
+                res = fn(t)
+                res["cpu_us"] = (cpu(PIDS[t]) - before) / TICK * 1e6 / max(res["n"], 1) if PIDS[t] else 0
+                results[name][t].append(res)
+                time.sleep(0.5)
+        print(f"round {r + 1}/{ROUNDS} done", file=sys.stderr)
+    med = lambda xs: statistics.median(xs)
+    print(f"\nllmproxy vs nginx, one worker each on core 0; load generator and mock on core 1; {DUR}s runs, median of {ROUNDS}")
+    print(f"{'scenario':28} {'target':9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50':>7} {'+p99':>7} {'CPU us/req':>10} {'errors':>7}")
+    for name, _ in SCENARIOS:
+        row = {t: {k: med([x[k] for x in results[name][t]]) for k in ("rps", "p50", "p99", "cpu_us")} for t in PORTS}
+        for t in PORTS:
+            x = row[t]; d = row["direct"]
+            errs = sum(r["errors"] for r in results[name][t])
+            added = (f"{x['p50'] - d['p50']:7.3f} {x['p99'] - d['p99']:7.3f}") if t != "direct" else f"{'-':>7} {'-':>7}"
+            cpu_s = f"{x['cpu_us']:10.1f}" if t != "direct" else f"{'-':>10}"
+            print(f"{name:28} {t:9} {x['rps']:9.0f} {x['p50']:8.3f} {x['p99']:8.3f} {added} {cpu_s} {errs:7d}")
+        ratio_rps = row["llmproxy"]["rps"] / row["nginx"]["rps"]
+        ratio_cpu = row["llmproxy"]["cpu_us"] / row["nginx"]["cpu_us"] if row["nginx"]["cpu_us"] else float("nan")
+        print(f"{'':28} {'ratio':9} llmproxy/nginx req/s {ratio_rps:.2f}x, CPU per request {ratio_cpu:.2f}x\n")
+    print(f"peak RSS: nginx worker {rss_kib(nginx_worker) / 1024:.1f} MiB, llmproxy {rss_kib(proxy.pid) / 1024:.1f} MiB")
+finally:
+    cleanup()

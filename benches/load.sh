@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The load benchmark: llmproxy against nginx as a plain reverse proxy, same backend,
+# same core. Installs what it needs (nginx, wrk from Debian; oha from crates.io),
+# builds, then runs benches/load.py. Every server listens on 127.0.0.1 only.
+#   benches/load.sh [seconds per run, default 5] [rounds, default 3]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+command -v taskset >/dev/null || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+command -v oha >/dev/null || cargo install oha --locked
+cargo build --release --bin llmproxy --example mock_vllm --example webhook_receiver 2>&1 | tail -n 1
+exec python3 benches/load.py "${1:-5}" "${2:-3}"
