@@ -26,6 +26,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// Most bytes the writer buffers before a commit (one fsync covers them all).
 const MAX_BATCH_BYTES: usize = 1 << 20;
+/// How long the writer gathers records after the first before committing: at most one
+/// fsync per window, whatever the request rate. Part of the durability window.
+const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(5);
 /// After the webhook failed a record, wait this long (doubling) before trying again.
 const STALL_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_STALL_BACKOFF: Duration = Duration::from_secs(5);
@@ -164,9 +167,11 @@ fn write_spool(
     loop {
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(r) => {
+                // Group commit: gather what arrives within the window, then one fsync.
                 append(&mut writer, r, &mut batch);
+                let window = Instant::now() + GROUP_COMMIT_WINDOW;
                 while writer.pending() < MAX_BATCH_BYTES {
-                    match rx.try_recv() {
+                    match rx.recv_deadline(window) {
                         Ok(r) => append(&mut writer, r, &mut batch),
                         Err(_) => break,
                     }

@@ -2,6 +2,7 @@
 //! that billing receives.
 
 pub mod json;
+pub mod probe;
 pub mod record;
 pub mod stream;
 

@@ -5,11 +5,8 @@
 //! `usage`. The last valid usage wins (running totals are never summed); all-zero
 //! placeholders are ignored.
 
+use super::probe::probe;
 use super::{Parsed, Usage, UsageSource};
-use serde::Deserialize;
-use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
-use serde_json::value::RawValue;
-use std::fmt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
@@ -49,20 +46,17 @@ impl StreamMeter {
             self.saw_done = true;
             return EventKind::Other;
         }
-        let probe: ChunkProbe<'_> = match serde_json::from_slice(data) {
-            Ok(p) => p,
-            Err(_) => {
-                self.unparsed += 1;
-                return EventKind::Other;
-            }
+        let Some(probe) = probe(data) else {
+            self.unparsed += 1;
+            return EventKind::Other;
         };
-        if probe.error.is_some() || probe.object.is_some_and(|o| o.0) {
+        if probe.error {
             self.saw_error = true;
         }
         let choices = probe.choices.unwrap_or_default();
         self.last_had_usage = probe.usage.is_some();
         if let Some(raw) = probe.usage
-            && self.scratch.parse_into(raw.get().as_bytes()) == Parsed::Valid
+            && self.scratch.parse_into(raw) == Parsed::Valid
         {
             std::mem::swap(&mut self.usage, &mut self.scratch);
             self.has_usage = true;
@@ -132,115 +126,134 @@ impl StreamMeter {
     }
 }
 
-#[derive(Deserialize)]
-struct ChunkProbe<'a> {
-    #[serde(default)]
-    choices: Option<Choices>,
-    #[serde(default, borrow)]
-    usage: Option<&'a RawValue>,
-    #[serde(default)]
-    error: Option<IgnoredAny>,
-    #[serde(default)]
-    object: Option<IsError>,
-}
-
-/// `"object": "error"` (older vLLM error shape).
-struct IsError(bool);
-
-impl<'de> Deserialize<'de> for IsError {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = IsError;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<IsError, E> {
-                Ok(IsError(v == "error"))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
-#[derive(Default, Clone, Copy)]
-struct Choices {
-    count: u64,
-    with_output: u64,
-    finished: bool,
-}
-
-impl<'de> Deserialize<'de> for Choices {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Choices;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a list of choices")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
-                let mut c = Choices::default();
-                while let Some(choice) = seq.next_element::<Choice<'de>>()? {
-                    c.count += 1;
-                    let d = choice.delta.unwrap_or_default();
-                    let output = non_empty(choice.text)
-                        || non_empty(d.content)
-                        || non_empty(d.reasoning_content)
-                        || non_empty(d.reasoning)
-                        || non_empty(d.tool_calls)
-                        || non_empty(d.function_call);
-                    if output {
-                        c.with_output += 1;
-                    }
-                    c.finished |= choice.finish_reason.is_some();
-                }
-                Ok(c)
-            }
-        }
-        d.deserialize_seq(V)
-    }
-}
-
-#[derive(Deserialize, Default)]
-struct Choice<'a> {
-    #[serde(default, borrow)]
-    delta: Option<Delta<'a>>,
-    #[serde(default, borrow)]
-    text: Option<&'a RawValue>,
-    #[serde(default)]
-    finish_reason: Option<IgnoredAny>,
-}
-
-/// Delta members are taken raw (borrowed, never unescaped), so probing a chunk whose
-/// text has escapes allocates nothing.
-#[derive(Deserialize, Default)]
-struct Delta<'a> {
-    #[serde(default, borrow)]
-    content: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    reasoning_content: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    reasoning: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    tool_calls: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    function_call: Option<&'a RawValue>,
-}
-
-/// A non-empty string, array or object (`null`, numbers and booleans are not output).
-fn non_empty(v: Option<&RawValue>) -> bool {
-    let Some(v) = v else { return false };
-    let t = v.get().trim().as_bytes();
-    match t.first() {
-        Some(b'"') => t.len() > 2,
-        Some(b'[' | b'{') => t.len() > 2 && !t[1..t.len() - 1].iter().all(u8::is_ascii_whitespace),
-        _ => false,
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use serde::Deserialize;
+    use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
+    use serde_json::value::RawValue;
+    use std::fmt;
+
+    // The serde-derived probe the hand-written one replaced: the reference it is
+    // checked against.
+    pub(super) type Probed = Option<(Option<(u64, u64, bool)>, Option<Vec<u8>>, bool)>;
+
+    pub(super) fn reference(data: &[u8]) -> Probed {
+        let p: ChunkProbe<'_> = serde_json::from_slice(data).ok()?;
+        Some((
+            p.choices.map(|c| (c.count, c.with_output, c.finished)),
+            p.usage.map(|u| u.get().as_bytes().to_vec()),
+            p.error.is_some() || p.object.is_some_and(|o| o.0),
+        ))
+    }
+
+    #[derive(Deserialize)]
+    struct ChunkProbe<'a> {
+        #[serde(default)]
+        choices: Option<Choices>,
+        #[serde(default, borrow)]
+        usage: Option<&'a RawValue>,
+        #[serde(default)]
+        error: Option<IgnoredAny>,
+        #[serde(default)]
+        object: Option<IsError>,
+    }
+
+    /// `"object": "error"` (older vLLM error shape).
+    struct IsError(bool);
+
+    impl<'de> Deserialize<'de> for IsError {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = IsError;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<IsError, E> {
+                    Ok(IsError(v == "error"))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
+    #[derive(Default, Clone, Copy, Debug)]
+    struct Choices {
+        count: u64,
+        with_output: u64,
+        finished: bool,
+    }
+
+    impl<'de> Deserialize<'de> for Choices {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Choices;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a list of choices")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
+                    let mut c = Choices::default();
+                    while let Some(choice) = seq.next_element::<Choice<'de>>()? {
+                        c.count += 1;
+                        let d = choice.delta.unwrap_or_default();
+                        let output = non_empty(choice.text)
+                            || non_empty(d.content)
+                            || non_empty(d.reasoning_content)
+                            || non_empty(d.reasoning)
+                            || non_empty(d.tool_calls)
+                            || non_empty(d.function_call);
+                        if output {
+                            c.with_output += 1;
+                        }
+                        c.finished |= choice.finish_reason.is_some();
+                    }
+                    Ok(c)
+                }
+            }
+            d.deserialize_seq(V)
+        }
+    }
+
+    #[derive(Deserialize, Default)]
+    struct Choice<'a> {
+        #[serde(default, borrow)]
+        delta: Option<Delta<'a>>,
+        #[serde(default, borrow)]
+        text: Option<&'a RawValue>,
+        #[serde(default)]
+        finish_reason: Option<IgnoredAny>,
+    }
+
+    /// Delta members are taken raw (borrowed, never unescaped), so probing a chunk whose
+    /// text has escapes allocates nothing.
+    #[derive(Deserialize, Default)]
+    struct Delta<'a> {
+        #[serde(default, borrow)]
+        content: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        reasoning_content: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        reasoning: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        tool_calls: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        function_call: Option<&'a RawValue>,
+    }
+
+    /// A non-empty string, array or object (`null`, numbers and booleans are not output).
+    fn non_empty(v: Option<&RawValue>) -> bool {
+        let Some(v) = v else { return false };
+        let t = v.get().trim().as_bytes();
+        match t.first() {
+            Some(b'"') => t.len() > 2,
+            Some(b'[' | b'{') => {
+                t.len() > 2 && !t[1..t.len() - 1].iter().all(u8::is_ascii_whitespace)
+            }
+            _ => false,
+        }
+    }
 
     fn run(events: &[&str]) -> (StreamMeter, Vec<EventKind>) {
         let mut m = StreamMeter::new();
@@ -380,5 +393,94 @@ mod tests {
             (0, 2, UsageSource::Estimated)
         );
         assert_eq!(m.unparsed, 1);
+    }
+}
+
+#[cfg(test)]
+mod differential {
+    use super::tests::reference;
+    use proptest::prelude::*;
+
+    fn chunk() -> impl Strategy<Value = String> {
+        let text = prop_oneof![Just(String::new()), "[a-z \\\\\"\\n{}\\[\\]é]{0,12}"];
+        let value = prop_oneof![
+            Just("null".to_string()),
+            text.clone()
+                .prop_map(|t| serde_json::to_string(&t).unwrap()),
+            Just("[]".to_string()),
+            Just("[{\"index\":0,\"function\":{\"arguments\":\"{\"}}]".to_string()),
+            Just("{}".to_string()),
+            Just("7".to_string()),
+        ];
+        let delta = proptest::collection::vec(
+            (
+                prop_oneof![
+                    Just("content"),
+                    Just("reasoning_content"),
+                    Just("role"),
+                    Just("tool_calls")
+                ],
+                value.clone(),
+            ),
+            0..3,
+        )
+        .prop_map(|mut kv| {
+            // Unique keys: serde's derive refuses duplicates, which real chunks never have.
+            let mut seen = std::collections::HashSet::new();
+            kv.retain(|(k, _)| seen.insert(*k));
+            format!(
+                "{{{}}}",
+                kv.iter()
+                    .map(|(k, v)| format!("\"{k}\":{v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        });
+        let choice = (
+            delta,
+            value.clone(),
+            prop_oneof![Just("null"), Just("\"stop\"")],
+            any::<bool>(),
+        )
+            .prop_map(|(d, t, f, chat)| {
+                if chat {
+                    format!("{{\"index\":0,\"delta\":{d},\"logprobs\":null,\"finish_reason\":{f}}}")
+                } else {
+                    format!("{{\"index\":0,\"text\":{t},\"finish_reason\":{f}}}")
+                }
+            });
+        let choices = prop_oneof![
+            Just("null".to_string()),
+            proptest::collection::vec(choice, 0..3).prop_map(|c| format!("[{}]", c.join(",")))
+        ];
+        let usage = prop_oneof![Just("null".to_string()), Just("{\"prompt_tokens\":3,\"total_tokens\":5,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":1}}".to_string())];
+        (choices, usage, any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+            |(c, u, with_usage, error, spaced)| {
+                let mut members = vec![format!("\"id\":\"x\""), format!("\"choices\":{c}")];
+                if with_usage {
+                    members.push(format!("\"usage\":{u}"));
+                }
+                if error {
+                    members.push("\"error\":{\"message\":\"boom\",\"code\":500}".into());
+                }
+                let sep = if spaced { " , " } else { "," };
+                format!("{{{}}}", members.join(sep))
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn hand_written_probe_agrees_with_serde(json in chunk()) {
+            let fast = super::probe(json.as_bytes()).map(|p| (p.choices.map(|c| (c.count, c.with_output, c.finished)), p.usage.map(<[u8]>::to_vec), p.error));
+            prop_assert_eq!(fast, reference(json.as_bytes()), "{}", json);
+        }
+
+        #[test]
+        fn probe_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64), json in chunk(), cut in 0usize..200) {
+            let _ = super::probe(&bytes);
+            let cut = cut.min(json.len());
+            let _ = super::probe(&json.as_bytes()[..cut]);
+        }
     }
 }

@@ -1,0 +1,290 @@
+//! The per-event probe of a streamed chunk: one pass over the JSON bytes that finds
+//! what metering needs — how many choices, whether any carries output or finished,
+//! the raw `usage` value, an error — without unescaping strings or validating what it
+//! skips. This runs for every event of every stream, so it is hand-written: it costs a
+//! fraction of a serde parse. The `usage` value it finds is still parsed strictly.
+//! Malformed JSON gives `None`; it never panics (property-tested against a serde
+//! reference in `stream.rs`).
+
+use memchr::memchr2;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Choices {
+    pub count: u64,
+    pub with_output: u64,
+    pub finished: bool,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Probe<'a> {
+    /// `None` when absent or `null`.
+    pub choices: Option<Choices>,
+    /// The raw `usage` value, when present and not `null`.
+    pub usage: Option<&'a [u8]>,
+    /// A non-null `error`, or `"object": "error"`.
+    pub error: bool,
+}
+
+struct Cursor<'a> {
+    d: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn ws(&mut self) {
+        while self.i < self.d.len() && matches!(self.d[self.i], b' ' | b'\t' | b'\r' | b'\n') {
+            self.i += 1;
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.d.get(self.i).copied()
+    }
+
+    fn eat(&mut self, b: u8) -> Option<()> {
+        self.ws();
+        (self.peek()? == b).then(|| self.i += 1)
+    }
+
+    /// A string starting at the cursor; returns its raw contents (escapes left as is).
+    fn string(&mut self) -> Option<&'a [u8]> {
+        if self.peek()? != b'"' {
+            return None;
+        }
+        let start = self.i + 1;
+        let mut j = start;
+        loop {
+            let k = memchr2(b'"', b'\\', &self.d[j..])?;
+            if self.d[j + k] == b'\\' {
+                j += k + 2;
+                if j > self.d.len() {
+                    return None;
+                }
+            } else {
+                self.i = j + k + 1;
+                return Some(&self.d[start..j + k]);
+            }
+        }
+    }
+
+    /// Skips one value; returns its span.
+    fn value(&mut self) -> Option<&'a [u8]> {
+        self.ws();
+        let start = self.i;
+        match self.peek()? {
+            b'"' => {
+                self.string()?;
+            }
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                loop {
+                    match self.peek()? {
+                        b'"' => {
+                            self.string()?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                self.i += 1;
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.i += 1;
+                }
+            }
+            _ => {
+                while self.i < self.d.len()
+                    && !matches!(
+                        self.d[self.i],
+                        b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n'
+                    )
+                {
+                    self.i += 1;
+                }
+                if self.i == start {
+                    return None;
+                }
+            }
+        }
+        Some(&self.d[start..self.i])
+    }
+
+    /// Walks an object's members, calling `f(key, cursor)` positioned at each value;
+    /// `f` must consume the value.
+    fn object(&mut self, mut f: impl FnMut(&'a [u8], &mut Self) -> Option<()>) -> Option<()> {
+        self.eat(b'{')?;
+        self.ws();
+        if self.peek()? == b'}' {
+            self.i += 1;
+            return Some(());
+        }
+        loop {
+            self.ws();
+            let key = self.string()?;
+            self.eat(b':')?;
+            self.ws();
+            f(key, self)?;
+            self.ws();
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+}
+
+fn is_null(v: &[u8]) -> bool {
+    v == b"null"
+}
+
+/// A non-empty string, array or object (`null`, numbers and booleans are not output).
+fn non_empty(v: &[u8]) -> bool {
+    match v.first() {
+        Some(b'"') => v.len() > 2,
+        Some(b'[' | b'{') => v.len() > 2 && !v[1..v.len() - 1].iter().all(u8::is_ascii_whitespace),
+        _ => false,
+    }
+}
+
+fn choices(c: &mut Cursor<'_>) -> Option<Choices> {
+    let mut out = Choices::default();
+    c.eat(b'[')?;
+    c.ws();
+    if c.peek()? == b']' {
+        c.i += 1;
+        return Some(out);
+    }
+    loop {
+        c.ws();
+        if c.peek()? != b'{' {
+            return None;
+        }
+        let mut output = false;
+        c.object(|key, c| {
+            match key {
+                b"delta" => {
+                    c.ws();
+                    if c.peek()? == b'{' {
+                        c.object(|k, c| {
+                            let v = c.value()?;
+                            if matches!(
+                                k,
+                                b"content"
+                                    | b"reasoning_content"
+                                    | b"reasoning"
+                                    | b"tool_calls"
+                                    | b"function_call"
+                            ) {
+                                output |= non_empty(v);
+                            }
+                            Some(())
+                        })?;
+                    } else {
+                        c.value()?;
+                    }
+                }
+                b"text" => output |= non_empty(c.value()?),
+                b"finish_reason" => out.finished |= !is_null(c.value()?),
+                _ => {
+                    c.value()?;
+                }
+            }
+            Some(())
+        })?;
+        out.count += 1;
+        out.with_output += output as u64;
+        c.ws();
+        match c.peek()? {
+            b',' => c.i += 1,
+            b']' => {
+                c.i += 1;
+                return Some(out);
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// Probes one event's data. `None`: not a JSON object.
+pub fn probe(data: &[u8]) -> Option<Probe<'_>> {
+    let mut c = Cursor { d: data, i: 0 };
+    let mut p = Probe::default();
+    c.object(|key, c| {
+        match key {
+            b"choices" => {
+                c.ws();
+                if c.peek()? == b'[' {
+                    p.choices = Some(choices(c)?);
+                } else if !is_null(c.value()?) {
+                    return None;
+                }
+            }
+            b"usage" => {
+                let v = c.value()?;
+                p.usage = (!is_null(v)).then_some(v);
+            }
+            b"error" => p.error |= !is_null(c.value()?),
+            b"object" => p.error |= c.value()? == b"\"error\"",
+            _ => {
+                c.value()?;
+            }
+        }
+        Some(())
+    })?;
+    c.ws();
+    (c.i == data.len()).then_some(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vllm_chunks() {
+        let p = probe(br#"{"id":"c","choices":[{"index":0,"delta":{"content":"a\"}\\"},"finish_reason":null}],"usage":{"prompt_tokens":1}}"#).unwrap();
+        assert_eq!(
+            p.choices,
+            Some(Choices {
+                count: 1,
+                with_output: 1,
+                finished: false
+            })
+        );
+        assert_eq!(p.usage, Some(&br#"{"prompt_tokens":1}"#[..]));
+        let p = probe(br#" { "choices" : [ ] , "usage" : null } "#).unwrap();
+        assert_eq!((p.choices, p.usage), (Some(Choices::default()), None));
+        assert!(
+            probe(br#"{"error":{"message":"x","code":500}}"#)
+                .unwrap()
+                .error
+        );
+        assert!(probe(br#"{"object":"error","message":"x"}"#).unwrap().error);
+    }
+
+    #[test]
+    fn malformed_is_none_never_a_panic() {
+        for bad in [
+            &b""[..],
+            b"{",
+            b"{\"a\"",
+            b"{\"a\":",
+            b"{\"a\":1",
+            b"{\"a\":1,}",
+            b"[1]",
+            b"{\"a\":\"\\",
+            b"{\"choices\":[{]}",
+            b"{\"choices\":5}",
+            b"{} x",
+        ] {
+            assert_eq!(probe(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}
