@@ -159,6 +159,14 @@ pub struct UsageHookConfig {
     pub queue_size: usize,
     #[serde(default = "default_spool_dir")]
     pub spool_dir: String,
+    /// Records POSTed back to back on one connection before reading the answers
+    /// (HTTP/1.1 pipelining, plain http:// webhooks); 1 = one at a time.
+    #[serde(default = "default_pipeline")]
+    pub pipeline: usize,
+}
+
+fn default_pipeline() -> usize {
+    32
 }
 
 fn default_hook_timeout() -> Dur {
@@ -185,6 +193,7 @@ impl Default for UsageHookConfig {
             api_key_format: ApiKeyFormat::Masked,
             queue_size: default_queue_size(),
             spool_dir: default_spool_dir(),
+            pipeline: default_pipeline(),
         }
     }
 }

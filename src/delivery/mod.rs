@@ -11,6 +11,7 @@
 //! record that exhausts its retries is logged in full and counted, nothing more.
 
 pub mod spool;
+pub mod webhook;
 
 use crate::config::UsageHookConfig;
 use crate::metrics::Metrics;
@@ -209,6 +210,10 @@ enum Attempt {
 }
 
 struct Outbox {
+    /// Plain http:// webhooks: the lean pipelining client; https:// goes through ureq.
+    plain: Option<webhook::PlainHttp>,
+    /// Most records POSTed back to back before reading the answers.
+    pipeline: usize,
     agent: ureq::Agent,
     url: String,
     headers: Vec<(String, String)>,
@@ -228,14 +233,17 @@ impl Outbox {
         let seed = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0x9e37_79b9, |d| d.as_nanos() as u64);
+        let headers: Vec<(String, String)> = cfg
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         Outbox {
+            plain: webhook::PlainHttp::new(&cfg.url, &headers, cfg.timeout.0),
+            pipeline: cfg.pipeline.max(1),
             agent,
             url: cfg.url.clone(),
-            headers: cfg
-                .headers
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            headers,
             retries: cfg.retry,
             metrics,
             rng: seed | 1,
@@ -282,6 +290,7 @@ impl Outbox {
         // Records delivered while catching up (after an outage, or left from before
         // this start) count as re-delivered from the spool.
         let mut catching_up = shared.backlog_bytes.load(Relaxed) > 0;
+        let mut lines: Vec<Vec<u8>> = Vec::with_capacity(self.pipeline);
         loop {
             if closing.load(Relaxed) {
                 let at = *closed_at.get_or_insert_with(Instant::now);
@@ -289,59 +298,76 @@ impl Outbox {
                     break;
                 }
             }
-            let line = match reader.next(Duration::from_millis(100)) {
-                Next::Record(line) => line,
+            // A batch: the oldest record (waiting for one), then whatever else is
+            // already spooled, up to `pipeline`.
+            lines.clear();
+            match reader.next(Duration::from_millis(100)) {
+                Next::Record(line) => lines.push(line),
                 Next::Empty => {
                     self.metrics.spool_oldest_ms.store(0, Relaxed);
                     catching_up = false;
                     continue;
                 }
                 Next::Closed => break,
-            };
-            let (id, arrived_ms) = record_meta(&line);
-            self.metrics.spool_oldest_ms.store(arrived_ms, Relaxed);
-            match self.deliver(&line, &id) {
-                Delivery::Delivered => {
-                    reader.ack();
-                    if !stall.is_zero() {
-                        info!(
-                            "usage webhook is taking records again; delivering the spool oldest first"
-                        );
-                        stall = Duration::ZERO;
-                    }
-                    if catching_up {
-                        self.metrics.redelivered.fetch_add(1, Relaxed);
-                    }
-                }
-                Delivery::Refused(status, excerpt) => match spool::dead_letter(dir, &line) {
-                    Ok(()) => {
-                        self.metrics.dead_letter.fetch_add(1, Relaxed);
-                        error!(
-                            "usage webhook refused {id} with {status} ({excerpt}); moved to {}",
-                            dir.join("dead-letter.jsonl").display()
-                        );
-                        reader.ack();
-                    }
-                    Err(e) => {
-                        error!(
-                            "usage spool: cannot write dead letter for {id}: {e}; it stays spooled"
-                        );
-                        std::thread::sleep(STALL_BACKOFF);
-                    }
-                },
-                Delivery::Failed(why) => {
-                    catching_up = true;
-                    stall = if stall.is_zero() {
-                        STALL_BACKOFF
-                    } else {
-                        (stall * 2).min(MAX_STALL_BACKOFF)
-                    };
-                    warn!(
-                        "usage webhook unavailable ({why}); {id} and later records wait in the spool, next try in {stall:?}"
-                    );
-                    sleep_unless(stall, closing);
+            }
+            while lines.len() < self.pipeline {
+                match reader.next(Duration::ZERO) {
+                    Next::Record(line) => lines.push(line),
+                    _ => break,
                 }
             }
+            let metas: Vec<(String, u64)> = lines.iter().map(|l| record_meta(l)).collect();
+            self.metrics.spool_oldest_ms.store(metas[0].1, Relaxed);
+            let ids: Vec<String> = metas.into_iter().map(|(id, _)| id).collect();
+            let results = self.deliver_batch(&lines, &ids);
+            for ((line, id), result) in lines.iter().zip(&ids).zip(results) {
+                match result {
+                    Delivery::Delivered => {
+                        reader.ack();
+                        if !stall.is_zero() {
+                            info!(
+                                "usage webhook is taking records again; delivering the spool oldest first"
+                            );
+                            stall = Duration::ZERO;
+                        }
+                        if catching_up {
+                            self.metrics.redelivered.fetch_add(1, Relaxed);
+                        }
+                    }
+                    Delivery::Refused(status, excerpt) => match spool::dead_letter(dir, line) {
+                        Ok(()) => {
+                            self.metrics.dead_letter.fetch_add(1, Relaxed);
+                            error!(
+                                "usage webhook refused {id} with {status} ({excerpt}); moved to {}",
+                                dir.join("dead-letter.jsonl").display()
+                            );
+                            reader.ack();
+                        }
+                        Err(e) => {
+                            error!(
+                                "usage spool: cannot write dead letter for {id}: {e}; it stays spooled"
+                            );
+                            std::thread::sleep(STALL_BACKOFF);
+                            break;
+                        }
+                    },
+                    Delivery::Failed(why) => {
+                        catching_up = true;
+                        stall = if stall.is_zero() {
+                            STALL_BACKOFF
+                        } else {
+                            (stall * 2).min(MAX_STALL_BACKOFF)
+                        };
+                        warn!(
+                            "usage webhook unavailable ({why}); {id} and later records wait in the spool, next try in {stall:?}"
+                        );
+                        sleep_unless(stall, closing);
+                        break;
+                    }
+                }
+            }
+            // Whatever was handed out and not acknowledged comes again, oldest first.
+            reader.rewind();
         }
         let left = shared.backlog_bytes.load(Relaxed);
         if left > 0 {
@@ -380,6 +406,12 @@ impl Outbox {
     }
 
     fn post(&mut self, body: &[u8], request_id: &str) -> Attempt {
+        if let Some(plain) = self.plain.as_mut() {
+            return match plain.post_many(&[(body, request_id)]).pop() {
+                Some(answer) => classify(answer),
+                None => Attempt::Retryable("no answer".into()),
+            };
+        }
         let mut req = self
             .agent
             .post(&self.url)
@@ -398,14 +430,52 @@ impl Outbox {
                     .read_to_vec()
                     .unwrap_or_default();
                 let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-                match status {
-                    200..=299 => Attempt::Delivered,
-                    408 | 429 | 500..=599 => Attempt::Retryable(format!("status {status}")),
-                    _ => Attempt::Permanent(status, excerpt),
-                }
+                classify(Ok((status, excerpt)))
             }
             Err(e) => Attempt::Retryable(e.to_string()),
         }
+    }
+
+    /// Several spooled records at once: pipelined on the plain client, then any that
+    /// failed retryably go through `deliver` (with its retries) one by one. Answers
+    /// cover a prefix of `lines`: delivery stops at the first record that fails.
+    fn deliver_batch(&mut self, lines: &[Vec<u8>], ids: &[String]) -> Vec<Delivery> {
+        let first: Vec<Attempt> = match self.plain.as_mut() {
+            Some(plain) if lines.len() > 1 => {
+                let items: Vec<(&[u8], &str)> = lines
+                    .iter()
+                    .zip(ids)
+                    .map(|(l, id)| (&l[..], id.as_str()))
+                    .collect();
+                plain.post_many(&items).into_iter().map(classify).collect()
+            }
+            _ => Vec::new(),
+        };
+        let mut out = Vec::with_capacity(lines.len());
+        for (i, (line, id)) in lines.iter().zip(ids).enumerate() {
+            let d = match first.get(i) {
+                Some(Attempt::Delivered) => {
+                    self.metrics.webhook_success.fetch_add(1, Relaxed);
+                    Delivery::Delivered
+                }
+                Some(Attempt::Permanent(status, excerpt)) => {
+                    self.metrics.webhook_failure.fetch_add(1, Relaxed);
+                    Delivery::Refused(*status, excerpt.clone())
+                }
+                Some(Attempt::Retryable(_)) => {
+                    // The pipelined attempt failed: what follows is a retry.
+                    self.metrics.webhook_retries.fetch_add(1, Relaxed);
+                    self.deliver(line, id)
+                }
+                None => self.deliver(line, id),
+            };
+            let failed = matches!(d, Delivery::Failed(_));
+            out.push(d);
+            if failed {
+                break;
+            }
+        }
+        out
     }
 
     /// Exponential backoff from 100 ms, capped at 10 s, with ±50 % jitter so a fleet of
@@ -416,6 +486,15 @@ impl Outbox {
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
         Duration::from_millis(base / 2 + self.rng % base.max(1))
+    }
+}
+
+fn classify(answer: webhook::Answer) -> Attempt {
+    match answer {
+        Ok((200..=299, _)) => Attempt::Delivered,
+        Ok((status @ (408 | 429 | 500..=599), _)) => Attempt::Retryable(format!("status {status}")),
+        Ok((status, excerpt)) => Attempt::Permanent(status, excerpt),
+        Err(e) => Attempt::Retryable(e),
     }
 }
 

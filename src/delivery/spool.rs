@@ -124,7 +124,8 @@ impl Spool {
             dir: self.dir.clone(),
             seq,
             offset,
-            pending: 0,
+            read_pos: offset,
+            pending: Default::default(),
             file: None,
             cursor,
             shared: self.shared.clone(),
@@ -260,9 +261,12 @@ pub enum Next {
 pub struct SpoolReader {
     dir: PathBuf,
     seq: u64,
+    /// Where the oldest record not yet acknowledged starts (what the cursor saves).
     offset: u64,
-    /// Length of the record handed out and not yet acknowledged.
-    pending: u64,
+    /// Where the next record to hand out starts.
+    read_pos: u64,
+    /// Lengths of the records handed out and not yet acknowledged, oldest first.
+    pending: std::collections::VecDeque<u64>,
     file: Option<BufReader<File>>,
     cursor: Option<File>,
     shared: Arc<Shared>,
@@ -273,28 +277,26 @@ impl SpoolReader {
         self.shared.clone()
     }
 
-    /// The oldest record not yet acknowledged, waiting up to `wait` for one.
+    /// The next record after those handed out, waiting up to `wait` for one. Records
+    /// are handed out in order and acknowledged in order; a batch never crosses the end
+    /// of a segment (`Empty` until its records are acknowledged).
     pub fn next(&mut self, wait: Duration) -> Next {
-        if self.pending > 0 {
-            // Not acknowledged: hand the same record out again.
-            self.file = None;
-            self.pending = 0;
-        }
         loop {
             let (cseq, clen, closed) = match self.shared.committed.lock() {
                 Ok(c) => (c.seq, c.len, c.closed),
                 Err(_) => return Next::Closed,
             };
-            if self.seq < cseq || (self.seq == cseq && self.offset < clen) {
+            if self.seq < cseq || (self.seq == cseq && self.read_pos < clen) {
                 let limit = if self.seq == cseq {
                     clen
                 } else {
                     std::fs::metadata(segment_path(&self.dir, self.seq)).map_or(0, |m| m.len())
                 };
-                if self.offset < limit {
+                if self.read_pos < limit {
                     match self.read_line(limit) {
                         Ok(Some(line)) => return Next::Record(line),
-                        Ok(None) => continue, // a torn line was skipped
+                        Ok(None) if self.pending.is_empty() => continue, // a torn line was skipped
+                        Ok(None) => return Next::Empty, // acknowledge what is out first
                         Err(e) => {
                             error!("usage spool: cannot read segment {}: {e}", self.seq);
                             std::thread::sleep(wait);
@@ -302,10 +304,16 @@ impl SpoolReader {
                         }
                     }
                 }
+                if !self.pending.is_empty() {
+                    return Next::Empty;
+                }
                 if self.seq < cseq {
                     self.finish_segment();
                     continue;
                 }
+            }
+            if !self.pending.is_empty() {
+                return Next::Empty;
             }
             if closed {
                 return Next::Closed;
@@ -327,11 +335,14 @@ impl SpoolReader {
         if self.file.is_none() {
             match File::open(segment_path(&self.dir, self.seq)) {
                 Ok(mut f) => {
-                    f.seek(SeekFrom::Start(self.offset))?;
+                    f.seek(SeekFrom::Start(self.read_pos))?;
                     self.file = Some(BufReader::with_capacity(64 * 1024, f));
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    self.offset = limit;
+                    if self.pending.is_empty() {
+                        self.offset = limit;
+                        self.read_pos = limit;
+                    }
                     return Ok(None);
                 }
                 Err(e) => return Err(e),
@@ -341,12 +352,18 @@ impl SpoolReader {
             return Ok(None);
         };
         let mut line = Vec::with_capacity(512);
-        let max = (limit - self.offset).min(MAX_LINE);
+        let max = (limit - self.read_pos).min(MAX_LINE);
         reader.by_ref().take(max).read_until(b'\n', &mut line)?;
         if line.last() == Some(&b'\n') {
             line.pop();
-            self.pending = line.len() as u64 + 1;
+            self.pending.push_back(line.len() as u64 + 1);
+            self.read_pos += line.len() as u64 + 1;
             return Ok(Some(line));
+        }
+        if !self.pending.is_empty() {
+            // Dealt with once the records before it are acknowledged.
+            self.file = None;
+            return Ok(None);
         }
         // No newline before the committed end: the torn tail of a crashed write.
         warn!(
@@ -358,19 +375,31 @@ impl SpoolReader {
             .backlog_bytes
             .fetch_sub(line.len() as u64, Relaxed);
         self.offset += line.len() as u64;
+        self.read_pos = self.offset;
         self.file = None;
         self.save_cursor();
         Ok(None)
     }
 
-    /// The record last handed out was delivered or dead-lettered: move past it.
+    /// Forgets the records handed out but not acknowledged: they come again.
+    pub fn rewind(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        self.pending.clear();
+        self.read_pos = self.offset;
+        self.file = None;
+    }
+
+    /// The oldest record handed out was delivered or dead-lettered: move past it.
     pub fn ack(&mut self) {
-        self.offset += self.pending;
-        self.shared.backlog_bytes.fetch_sub(
-            self.pending.min(self.shared.backlog_bytes.load(Relaxed)),
-            Relaxed,
-        );
-        self.pending = 0;
+        let Some(len) = self.pending.pop_front() else {
+            return;
+        };
+        self.offset += len;
+        self.shared
+            .backlog_bytes
+            .fetch_sub(len.min(self.shared.backlog_bytes.load(Relaxed)), Relaxed);
         self.save_cursor();
     }
 
@@ -400,6 +429,7 @@ impl SpoolReader {
         let cseq = self.shared.committed.lock().map_or(self.seq + 1, |c| c.seq);
         self.seq = next.unwrap_or(cseq).min(cseq);
         self.offset = 0;
+        self.read_pos = 0;
         self.file = None;
         self.save_cursor();
     }
@@ -514,6 +544,27 @@ mod tests {
             vec!["{\"n\":1}", "{\"n\":2}", "{\"n\":3}", "{\"n\":4}"]
         );
         assert_eq!(spool.shared.backlog_bytes.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn batches_ack_in_order_and_rewind() {
+        let d = dir();
+        let spool = Spool::open(&d).unwrap();
+        let mut w = spool.writer().unwrap();
+        for i in 0..4 {
+            w.append(format!("{i}").as_bytes());
+        }
+        w.commit().unwrap();
+        let mut r = spool.reader();
+        let mut got = Vec::new();
+        while let Next::Record(l) = r.next(Duration::ZERO) {
+            got.push(l);
+        }
+        assert_eq!(got.len(), 4);
+        r.ack();
+        r.ack();
+        r.rewind();
+        assert_eq!(drain(&mut r), vec!["2", "3"]);
     }
 
     #[test]

@@ -1,0 +1,302 @@
+//! A lean HTTP/1.1 client for an `http://` webhook: one keep-alive connection, and
+//! POSTs pipelined in batches (each still carries one record and its own
+//! Idempotency-Key). Sending one record per POST and waiting for each answer costs a
+//! round trip, two syscalls and a context switch per record; pipelining a backlog
+//! sends it in one write. Built on the crate's own response parsing (httparse and
+//! the body decoder). `https://` webhooks go through ureq instead.
+
+use crate::http::body::BodyDecoder;
+use crate::http::head::ResponseHead;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+/// A webhook response larger than this is not read further (only an excerpt is kept).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+pub struct PlainHttp {
+    host: String,
+    port: u16,
+    /// `host:port` for the Host header.
+    authority: String,
+    path: String,
+    /// Pre-rendered `name: value\r\n` lines of `usage_hook.headers`.
+    extra: Vec<u8>,
+    timeout: Duration,
+    conn: Option<Conn>,
+}
+
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+}
+
+/// One POST's answer: status and a short excerpt of the body.
+pub type Answer = Result<(u16, String), String>;
+
+impl PlainHttp {
+    /// `None` for anything but a plain `http://` URL.
+    pub fn new(url: &str, headers: &[(String, String)], timeout: Duration) -> Option<PlainHttp> {
+        let rest = url.strip_prefix("http://")?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.contains(']') || h.ends_with(']') => (h, p.parse().ok()?),
+            _ => (authority, 80),
+        };
+        let mut extra = Vec::new();
+        for (k, v) in headers {
+            extra.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+        }
+        Some(PlainHttp {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port,
+            authority: authority.to_string(),
+            path: path.split('#').next().unwrap_or("/").to_string(),
+            extra,
+            timeout,
+            conn: None,
+        })
+    }
+
+    fn connect(&mut self) -> Result<&mut Conn, String> {
+        if self.conn.is_none() {
+            let addrs = (self.host.as_str(), self.port)
+                .to_socket_addrs()
+                .map_err(|e| format!("resolve {}: {e}", self.host))?;
+            let mut last = format!("{} resolves to no address", self.host);
+            for addr in addrs {
+                match TcpStream::connect_timeout(&addr, self.timeout) {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        let _ = s.set_read_timeout(Some(self.timeout));
+                        let _ = s.set_write_timeout(Some(self.timeout));
+                        self.conn = Some(Conn {
+                            stream: s,
+                            buf: Vec::with_capacity(16 * 1024),
+                            start: 0,
+                        });
+                        break;
+                    }
+                    Err(e) => last = format!("connect {addr}: {e}"),
+                }
+            }
+            if self.conn.is_none() {
+                return Err(last);
+            }
+        }
+        self.conn
+            .as_mut()
+            .ok_or_else(|| "no connection".to_string())
+    }
+
+    /// POSTs every `(body, idempotency key)` on one connection, pipelined; answers come
+    /// back in order. If the connection breaks, the rest are `Err` (retry them: a
+    /// receiver deduplicates on the key).
+    pub fn post_many(&mut self, items: &[(&[u8], &str)]) -> Vec<Answer> {
+        let mut req = Vec::with_capacity(items.iter().map(|(b, _)| b.len() + 256).sum());
+        for (body, key) in items {
+            req.extend_from_slice(b"POST ");
+            req.extend_from_slice(self.path.as_bytes());
+            req.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+            req.extend_from_slice(self.authority.as_bytes());
+            req.extend_from_slice(
+                b"\r\nuser-agent: llmproxy\r\ncontent-type: application/json\r\nidempotency-key: ",
+            );
+            req.extend_from_slice(key.as_bytes());
+            req.extend_from_slice(b"\r\n");
+            req.extend_from_slice(&self.extra);
+            req.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+            req.extend_from_slice(body);
+        }
+        let mut answers = Vec::with_capacity(items.len());
+        let result = (|| {
+            let conn = self.connect()?;
+            conn.stream.write_all(&req).map_err(|e| e.to_string())?;
+            for _ in items {
+                let (answer, keep) = conn.read_answer()?;
+                answers.push(Ok(answer));
+                if !keep {
+                    return Err("the webhook closed the connection".to_string());
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.conn = None;
+            while answers.len() < items.len() {
+                answers.push(Err(e.clone()));
+            }
+        }
+        answers
+    }
+}
+
+impl Conn {
+    fn fill(&mut self) -> Result<(), String> {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let len = self.buf.len();
+        self.buf.resize(len + 16 * 1024, 0);
+        match self.stream.read(&mut self.buf[len..]) {
+            Ok(0) => {
+                self.buf.truncate(len);
+                Err("the webhook closed the connection".into())
+            }
+            Ok(n) => {
+                self.buf.truncate(len + n);
+                Ok(())
+            }
+            Err(e) => {
+                self.buf.truncate(len);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// One response: (status, body excerpt), and whether the connection stays usable.
+    fn read_answer(&mut self) -> Result<((u16, String), bool), String> {
+        let mut head = ResponseHead::default();
+        loop {
+            match head.parse(&self.buf[self.start..], MAX_RESPONSE_HEAD) {
+                Ok(Some(n)) => {
+                    self.start += n;
+                    if (100..200).contains(&head.status) {
+                        continue;
+                    }
+                    break;
+                }
+                Ok(None) => self.fill()?,
+                Err(e) => return Err(format!("invalid response from the webhook: {e:?}")),
+            }
+        }
+        let framing = head
+            .framing("POST")
+            .map_err(|e| format!("invalid response framing: {e:?}"))?;
+        let mut decoder = BodyDecoder::new(framing);
+        let mut excerpt = Vec::new();
+        loop {
+            let n = decoder
+                .decode(&self.buf[self.start..], |s| {
+                    let room = 200usize.saturating_sub(excerpt.len());
+                    excerpt.extend_from_slice(&s[..s.len().min(room)]);
+                })
+                .map_err(|e| e.to_string())?;
+            self.start += n;
+            if decoder.is_done() {
+                break;
+            }
+            if let Err(e) = self.fill() {
+                if decoder.eof_is_clean() {
+                    return Ok((
+                        (head.status, String::from_utf8_lossy(&excerpt).into_owned()),
+                        false,
+                    ));
+                }
+                return Err(e);
+            }
+        }
+        Ok((
+            (head.status, String::from_utf8_lossy(&excerpt).into_owned()),
+            head.keep_alive,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+
+    #[test]
+    fn pipelines_posts_and_reads_answers_in_order() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            let mut keys = Vec::new();
+            for i in 0..3 {
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    let l = line.trim_end().to_ascii_lowercase();
+                    if l.is_empty() {
+                        break;
+                    }
+                    if let Some(v) = l.strip_prefix("content-length: ") {
+                        len = v.parse().unwrap();
+                    }
+                    if let Some(v) = l.strip_prefix("idempotency-key: ") {
+                        keys.push(v.to_string());
+                    }
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                let status = if i == 1 {
+                    "422 Unprocessable"
+                } else {
+                    "200 OK"
+                };
+                let reply = if i == 2 {
+                    "transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".to_string()
+                } else {
+                    "content-length: 2\r\n\r\nno".to_string()
+                };
+                w.write_all(format!("HTTP/1.1 {status}\r\n{reply}").as_bytes())
+                    .unwrap();
+            }
+            keys
+        });
+        let mut c = PlainHttp::new(
+            &format!("http://127.0.0.1:{port}/hook"),
+            &[],
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let answers = c.post_many(&[(b"{}", "a"), (b"{\"x\":1}", "b"), (b"{}", "c")]);
+        assert_eq!(
+            answers,
+            vec![
+                Ok((200, "no".into())),
+                Ok((422, "no".into())),
+                Ok((200, "ok".into()))
+            ]
+        );
+        assert_eq!(server.join().unwrap(), vec!["a", "b", "c"]);
+        // The server is gone: every answer is an error, and nothing panics.
+        let answers = c.post_many(&[(b"{}", "d"), (b"{}", "e")]);
+        assert!(answers.iter().all(|a| a.is_err()));
+    }
+
+    #[test]
+    fn only_plain_http() {
+        assert!(PlainHttp::new("https://x/y", &[], Duration::from_secs(1)).is_none());
+        let c = PlainHttp::new(
+            "http://user:pw@bill:9000/a/b?t=1",
+            &[],
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.host.as_str(),
+                c.port,
+                c.path.as_str(),
+                c.authority.as_str()
+            ),
+            ("bill", 9000, "/a/b?t=1", "bill:9000")
+        );
+    }
+}
