@@ -108,6 +108,19 @@ def cpu(pid):
     return int(f[11]) + int(f[12])
 
 
+def worker_cpu(pid):
+    """CPU ticks of llmproxy's worker threads only (the relay, without billing threads)."""
+    total = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            if open(f"/proc/{pid}/task/{t}/comm").read().startswith("worker-"):
+                f = open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()
+                total += int(f[11]) + int(f[12])
+        except OSError:
+            pass
+    return total
+
+
 def rss_kib(pid):
     if pid is None:
         return 0
@@ -155,8 +168,10 @@ try:
         for name, fn in SCENARIOS:
             for t in order:
                 before = cpu(PIDS[t])
+                wbefore = worker_cpu(proxy.pid) if t == "llmproxy" else 0
                 res = fn(t)
                 res["cpu_us"] = (cpu(PIDS[t]) - before) / TICK * 1e6 / max(res["n"], 1) if PIDS[t] else 0
+                res["relay_us"] = (worker_cpu(proxy.pid) - wbefore) / TICK * 1e6 / max(res["n"], 1) if t == "llmproxy" else res["cpu_us"]
                 results[name][t].append(res)
                 time.sleep(0.5)
         print(f"round {r + 1}/{ROUNDS} done", file=sys.stderr)
@@ -164,7 +179,7 @@ try:
     print(f"\nllmproxy vs nginx, one worker each on core 0; load generator and mock on core 1; {DUR}s runs, median of {ROUNDS}")
     print(f"{'scenario':28} {'target':9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50':>7} {'+p99':>7} {'CPU us/req':>10} {'errors':>7}")
     for name, _ in SCENARIOS:
-        row = {t: {k: med([x[k] for x in results[name][t]]) for k in ("rps", "p50", "p99", "cpu_us")} for t in PORTS}
+        row = {t: {k: med([x[k] for x in results[name][t]]) for k in ("rps", "p50", "p99", "cpu_us", "relay_us")} for t in PORTS}
         for t in PORTS:
             x = row[t]; d = row["direct"]
             errs = sum(r["errors"] for r in results[name][t])
@@ -173,7 +188,9 @@ try:
             print(f"{name:28} {t:9} {x['rps']:9.0f} {x['p50']:8.3f} {x['p99']:8.3f} {added} {cpu_s} {errs:7d}")
         ratio_rps = row["llmproxy"]["rps"] / row["nginx"]["rps"]
         ratio_cpu = row["llmproxy"]["cpu_us"] / row["nginx"]["cpu_us"] if row["nginx"]["cpu_us"] else float("nan")
-        print(f"{'':28} {'ratio':9} llmproxy/nginx req/s {ratio_rps:.2f}x, CPU per request {ratio_cpu:.2f}x\n")
+        ratio_relay = row["llmproxy"]["relay_us"] / row["nginx"]["cpu_us"] if row["nginx"]["cpu_us"] else float("nan")
+        print(f"{'':28} {'ratio':9} llmproxy/nginx req/s {ratio_rps:.2f}x, CPU per request {ratio_cpu:.2f}x "
+              f"(worker thread alone {row['llmproxy']['relay_us']:.1f} us/req, {ratio_relay:.2f}x)\n")
     print(f"peak RSS: nginx worker {rss_kib(nginx_worker) / 1024:.1f} MiB, llmproxy {rss_kib(proxy.pid) / 1024:.1f} MiB")
 finally:
     cleanup()
