@@ -48,6 +48,8 @@ pub fn inspect(body: &[u8], require_model: bool) -> Result<RequestInfo, String> 
     if first != Some(&b'{') {
         return Err("Request body must be a JSON object.".into());
     }
+    // JSON is UTF-8 (RFC 8259), and serde does not check the strings it skips.
+    std::str::from_utf8(body).map_err(|e| format!("Request body is not valid UTF-8: {e}"))?;
     let probe: Probe<'_> =
         serde_json::from_slice(body).map_err(|e| format!("Request body is not valid JSON: {e}"))?;
     let model = match probe.model.map(|r| serde_json::from_str::<String>(r.get())) {

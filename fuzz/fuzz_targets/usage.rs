@@ -1,0 +1,39 @@
+//! Usage extraction: the usage parser, the per-event probe, the stream meter, the
+//! JSON usage finder (same result at any split) and the continuous-mode member strip
+//! (what remains is still valid JSON without the member): never a panic.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use llmproxy::usage::json::{UsageFinder, member_span};
+use llmproxy::usage::probe::probe;
+use llmproxy::usage::{StreamMeter, Usage};
+
+fuzz_target!(|data: &[u8]| {
+    let mut u = Usage::default();
+    let _ = u.parse_into(data);
+    let _ = probe(data);
+    let mut m = StreamMeter::new();
+    let _ = m.observe(data);
+    let _ = m.finish(false);
+
+    let mut whole = UsageFinder::new();
+    whole.feed(data);
+    let cut = data.first().map_or(0, |&b| b as usize).min(data.len());
+    let mut split = UsageFinder::new();
+    split.feed(&data[..cut]);
+    split.feed(&data[cut..]);
+    assert_eq!(whole.usage(), split.usage());
+
+    if let Some(r) = member_span(data, b"usage") {
+        assert!(r.start <= r.end && r.end <= data.len());
+        if let Ok(serde_json::Value::Object(before)) = serde_json::from_slice::<serde_json::Value>(data) {
+            let mut rest = data[..r.start].to_vec();
+            rest.extend_from_slice(&data[r.end..]);
+            let after: serde_json::Value = serde_json::from_slice(&rest).expect("strip left invalid JSON");
+            let mut want = before.clone();
+            want.remove("usage");
+            if !before.keys().any(|k| k != "usage" && k.contains('\\')) {
+                assert_eq!(after, serde_json::Value::Object(want));
+            }
+        }
+    }
+});
