@@ -85,6 +85,10 @@ impl Headers {
                     length = Some(n);
                 }
             } else if n.eq_ignore_ascii_case(b"transfer-encoding") {
+                if v.split(|&b| b == b',').all(|p| p.trim_ascii().is_empty()) {
+                    // Present but empty: some peers would still treat it as framing.
+                    return Err(HeadError::Malformed("empty Transfer-Encoding"));
+                }
                 for part in v.split(|&b| b == b',') {
                     let part = part.trim_ascii();
                     if part.is_empty() {
@@ -322,6 +326,8 @@ mod tests {
             b"POST / HTTP/1.1\r\nContent-Length: 5 5\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding:\r\nContent-Length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: ,\r\n\r\n",
             b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost : a\r\n\r\n",
             b"POST / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",

@@ -1,0 +1,113 @@
+"""Memory per connection: idle keep-alive connections, and concurrent slow streams
+(the backend sends a token every 50 ms), measured from llmproxy's RSS.
+    python3 benches/conns.py [idle connections, default 5000] [slow streams, default 2000]
+Needs `cargo build --release --bin llmproxy --example mock_vllm --example webhook_receiver`.
+Everything listens on 127.0.0.1; every count and duration is bounded.
+"""
+import json, os, resource, selectors, signal, socket, subprocess, sys, tempfile, time, urllib.request
+
+IDLE = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+STREAMS = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL = os.path.join(ROOT, "target", "release")
+W = tempfile.mkdtemp(prefix="llmproxy-conns-")
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+procs = []
+
+
+def port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+
+def up(p):
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", p), timeout=0.2).close(); return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"nothing on {p}")
+
+
+def rss_kib(pid):
+    for l in open(f"/proc/{pid}/status"):
+        if l.startswith("VmRSS:"):
+            return int(l.split()[1])
+
+
+MOCK, HOOK, PROXY = port(), port(), port()
+procs.append(subprocess.Popen([f"{REL}/examples/mock_vllm", "--port", str(MOCK)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+procs.append(subprocess.Popen([f"{REL}/examples/webhook_receiver", "--port", str(HOOK), "--quiet", "--log", "/dev/null"], stdout=subprocess.DEVNULL))
+up(MOCK); up(HOOK)
+open(f"{W}/c.yaml", "w").write(f"""
+listen: "127.0.0.1:{PROXY}"
+access_log: "off"
+backends:
+  - url: "http://127.0.0.1:{MOCK}"
+usage_hook:
+  enabled: true
+  url: "http://127.0.0.1:{HOOK}/u"
+  spool_dir: "{W}/spool"
+limits:
+  max_connections: 20000
+""")
+proxy = subprocess.Popen([f"{REL}/llmproxy", "--config", f"{W}/c.yaml"], stdout=subprocess.DEVNULL, stderr=open(f"{W}/proxy.log", "w"))
+procs.append(proxy)
+up(PROXY)
+time.sleep(0.5)
+try:
+    base = rss_kib(proxy.pid)
+    # Idle keep-alive connections: each made one request and stays open.
+    conns = []
+    for _ in range(IDLE):
+        s = socket.create_connection(("127.0.0.1", PROXY))
+        s.sendall(b"GET /health HTTP/1.1\r\nhost: a\r\n\r\n")
+        conns.append(s)
+    for s in conns:
+        s.settimeout(5)
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            data += s.recv(4096)
+    time.sleep(0.5)
+    idle = rss_kib(proxy.pid)
+    per_idle = (idle - base) / IDLE
+    for s in conns:
+        s.close()
+    time.sleep(1)
+
+    # Slow streams: 100 tokens, one every 50 ms, all at once.
+    body = json.dumps({"model": "mock-model", "messages": [{"role": "user", "content": "a b c"}], "max_tokens": 100, "stream": True}).encode()
+    req = b"POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\nx-mock-token-delay-ms: 50\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    sel = selectors.DefaultSelector()
+    before = rss_kib(proxy.pid)
+    for i in range(STREAMS):
+        s = socket.create_connection(("127.0.0.1", PROXY))
+        s.setblocking(False)
+        s.sendall(req)
+        sel.register(s, selectors.EVENT_READ, bytearray())
+    peak, done, complete = before, 0, 0
+    end = time.time() + 60
+    while done < STREAMS and time.time() < end:
+        for key, _ in sel.select(timeout=0.5):
+            try:
+                chunk = key.fileobj.recv(65536)
+            except BlockingIOError:
+                continue
+            if chunk:
+                key.data.extend(chunk[-64:])
+                del key.data[:-64]
+            else:
+                complete += key.data.endswith(b"0\r\n\r\n")
+                sel.unregister(key.fileobj); key.fileobj.close(); done += 1
+        peak = max(peak, rss_kib(proxy.pid))
+    per_stream = (peak - before) / STREAMS
+    print(f"llmproxy RSS at start: {base / 1024:.1f} MiB")
+    print(f"{IDLE} idle keep-alive connections: +{(idle - base) / 1024:.1f} MiB = {per_idle:.1f} KiB per connection")
+    print(f"{STREAMS} concurrent slow streams (token every 50 ms): peak +{(peak - before) / 1024:.1f} MiB = {per_stream:.1f} KiB per stream "
+          f"(client and upstream connection); {complete}/{STREAMS} streams complete")
+finally:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try: p.wait(timeout=20)
+        except Exception: p.kill()
