@@ -51,10 +51,15 @@ usage_hook:
 limits:
   max_connections: 20000
 """)
-proxy = subprocess.Popen([f"{REL}/llmproxy", "--config", f"{W}/c.yaml"], stdout=subprocess.DEVNULL, stderr=open(f"{W}/proxy.log", "w"))
-procs.append(proxy)
-up(PROXY)
-time.sleep(0.5)
+def start_proxy():
+    p = subprocess.Popen([f"{REL}/llmproxy", "--config", f"{W}/c.yaml"], stdout=subprocess.DEVNULL, stderr=open(f"{W}/proxy.log", "a"))
+    procs.append(p)
+    up(PROXY)
+    time.sleep(0.5)
+    return p
+
+
+proxy = start_proxy()
 try:
     base = rss_kib(proxy.pid)
     # Idle keep-alive connections: each made one request and stays open.
@@ -73,7 +78,10 @@ try:
     per_idle = (idle - base) / IDLE
     for s in conns:
         s.close()
-    time.sleep(1)
+    # A fresh process for the streams, so memory freed by the first phase is not reused.
+    proxy.send_signal(signal.SIGTERM); proxy.wait(timeout=30)
+    proxy = start_proxy()
+    base2 = rss_kib(proxy.pid)
 
     # Slow streams: 100 tokens, one every 50 ms, all at once.
     body = json.dumps({"model": "mock-model", "messages": [{"role": "user", "content": "a b c"}], "max_tokens": 100, "stream": True}).encode()
@@ -101,7 +109,7 @@ try:
                 sel.unregister(key.fileobj); key.fileobj.close(); done += 1
         peak = max(peak, rss_kib(proxy.pid))
     per_stream = (peak - before) / STREAMS
-    print(f"llmproxy RSS at start: {base / 1024:.1f} MiB")
+    print(f"llmproxy RSS at start: {base / 1024:.1f} MiB (second process: {base2 / 1024:.1f} MiB)")
     print(f"{IDLE} idle keep-alive connections: +{(idle - base) / 1024:.1f} MiB = {per_idle:.1f} KiB per connection")
     print(f"{STREAMS} concurrent slow streams (token every 50 ms): peak +{(peak - before) / 1024:.1f} MiB = {per_stream:.1f} KiB per stream "
           f"(client and upstream connection); {complete}/{STREAMS} streams complete")
