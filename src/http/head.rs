@@ -103,6 +103,23 @@ impl Headers {
     }
 }
 
+/// Where a head parsed by httparse ends: `Ok(None)` while incomplete and under the
+/// size limit.
+fn head_end(
+    parsed: httparse::Result<usize>,
+    have: usize,
+    max_bytes: usize,
+    malformed: &'static str,
+) -> Result<Option<usize>, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
+        Ok(httparse::Status::Partial) if have >= max_bytes => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders),
+        Err(_) => Err(HeadError::Malformed(malformed)),
+    }
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the framing headers we always rewrite.
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
     const HOP: [&[u8]; 9] = [
@@ -155,17 +172,14 @@ impl RequestHead {
         let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut parsed);
         let window = &data[..data.len().min(max_bytes)];
-        let head_len = match req.parse(window) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => {
-                return if data.len() >= max_bytes {
-                    Err(HeadError::TooLarge)
-                } else {
-                    Ok(None)
-                };
-            }
-            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
-            Err(_) => return Err(HeadError::Malformed("malformed request head")),
+        let Some(head_len) = head_end(
+            req.parse(window),
+            data.len(),
+            max_bytes,
+            "malformed request head",
+        )?
+        else {
+            return Ok(None);
         };
         let base = data.as_ptr() as usize;
         let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
@@ -221,17 +235,14 @@ impl ResponseHead {
         let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut parsed);
         let window = &data[..data.len().min(max_bytes)];
-        let head_len = match resp.parse(window) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => {
-                return if data.len() >= max_bytes {
-                    Err(HeadError::TooLarge)
-                } else {
-                    Ok(None)
-                };
-            }
-            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
-            Err(_) => return Err(HeadError::Malformed("malformed response head")),
+        let Some(head_len) = head_end(
+            resp.parse(window),
+            data.len(),
+            max_bytes,
+            "malformed response head",
+        )?
+        else {
+            return Ok(None);
         };
         let (Some(status), Some(version)) = (resp.code, resp.version) else {
             return Err(HeadError::Malformed("malformed status line"));

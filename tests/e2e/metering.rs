@@ -453,17 +453,16 @@ fn backend_dying_mid_stream_is_visible_and_billed() {
     );
 }
 
-#[test]
-fn caller_hanging_up_mid_stream_still_gets_a_record() {
-    let s = Stack::start();
-    let mut sock = TcpStream::connect(s.addr()).unwrap();
+/// Starts a 200-token stream (a token every 50 ms) and reads until `token` arrived.
+fn slow_stream_until(addr: &str, id: &str, token: &str) -> (BufReader<TcpStream>, String) {
+    let mut sock = TcpStream::connect(addr).unwrap();
     write_request(
         &mut sock,
         "POST",
         "/v1/chat/completions",
         &[
             ("content-type", "application/json"),
-            ("x-request-id", "t-hangup"),
+            ("x-request-id", id),
             ("x-mock-token-delay-ms", "50"),
         ],
         chat(true, 200).to_string().as_bytes(),
@@ -472,11 +471,18 @@ fn caller_hanging_up_mid_stream_still_gets_a_record() {
     let mut r = BufReader::new(sock);
     read_head(&mut r).unwrap();
     let mut seen = String::new();
-    while !seen.contains("tok2") {
+    while !seen.contains(token) {
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
         seen.push_str(&line);
     }
+    (r, seen)
+}
+
+#[test]
+fn caller_hanging_up_mid_stream_still_gets_a_record() {
+    let s = Stack::start();
+    let (r, _) = slow_stream_until(s.addr(), "t-hangup", "tok2");
     drop(r);
     let rec = s.record("t-hangup");
     assert_eq!(rec["outcome"], "client_disconnected");
@@ -592,27 +598,7 @@ fn continuous_mode_asks_for_running_usage_and_hides_it_from_callers() {
 #[test]
 fn continuous_mode_bills_a_hang_up_from_the_backends_running_count() {
     let s = continuous();
-    let mut sock = TcpStream::connect(s.addr()).unwrap();
-    write_request(
-        &mut sock,
-        "POST",
-        "/v1/chat/completions",
-        &[
-            ("content-type", "application/json"),
-            ("x-request-id", "t-cont-hangup"),
-            ("x-mock-token-delay-ms", "50"),
-        ],
-        chat(true, 200).to_string().as_bytes(),
-        true,
-    );
-    let mut r = BufReader::new(sock);
-    read_head(&mut r).unwrap();
-    let mut seen = String::new();
-    while !seen.contains("tok3") {
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        seen.push_str(&line);
-    }
+    let (r, seen) = slow_stream_until(s.addr(), "t-cont-hangup", "tok3");
     assert!(!seen.contains("usage"));
     drop(r);
     let rec = s.record("t-cont-hangup");
