@@ -3,7 +3,8 @@
 #   fuzz/run.sh [seconds per target]
 # Needs cargo-fuzz (`cargo install cargo-fuzz`). The toolchain here is stable: the
 # sanitizer flags cargo-fuzz passes are enabled with RUSTC_BOOTSTRAP=1.
-# Corpora live in fuzz/corpus/<target> (seeds are committed); crashes land in
+# Seeds and past crashes live in fuzz/corpus/<target> (committed, only read); what a run
+# discovers goes to fuzz/work/<target> (not committed); crashes land in
 # fuzz/artifacts/<target> and fail the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +14,9 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 targets=(request_head chunked sse usage rewrite)
 cargo fuzz build -O 2>&1 | tail -n 2
 run() {
-    mkdir -p "fuzz/corpus/$1"
-    cargo fuzz run -O "$1" "fuzz/corpus/$1" -- -max_total_time="$SECS" -rss_limit_mb=2048 -print_final_stats=1 \
+    # New inputs go to fuzz/work (not tracked); the committed corpus is only read.
+    mkdir -p "fuzz/work/$1" "fuzz/corpus/$1"
+    cargo fuzz run -O "$1" "fuzz/work/$1" "fuzz/corpus/$1" -- -max_total_time="$SECS" -rss_limit_mb=2048 -print_final_stats=1 \
         > "fuzz/$1.log" 2>&1 || { echo "fuzz target $1 FAILED:"; tail -n 40 "fuzz/$1.log"; return 1; }
     echo "$1: $(grep -E 'stat::number_of_executed_units' "fuzz/$1.log" | awk '{print $2}') runs in ${SECS}s, no crash"
 }
