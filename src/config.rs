@@ -110,6 +110,46 @@ pub enum UsageMode {
     Continuous,
 }
 
+/// `backends[].models`: a list of model ids, `[]` (any model), or `auto` (discovered
+/// from the backend's `GET /v1/models` at start and on every health check).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Models {
+    #[default]
+    Any,
+    List(Vec<String>),
+    Auto,
+}
+
+impl<'de> Deserialize<'de> for Models {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match serde_yaml::Value::deserialize(d)? {
+            serde_yaml::Value::String(s) if s == "auto" => Ok(Models::Auto),
+            serde_yaml::Value::Sequence(items) => {
+                let list = items
+                    .into_iter()
+                    .map(|v| match v {
+                        serde_yaml::Value::String(s) if !s.is_empty() => Ok(s),
+                        other => Err(serde::de::Error::custom(format!(
+                            "expected a model id, got {}",
+                            serde_yaml::to_string(&other).unwrap_or_default().trim()
+                        ))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(if list.is_empty() {
+                    Models::Any
+                } else {
+                    Models::List(list)
+                })
+            }
+            serde_yaml::Value::Null => Ok(Models::Any),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a list of model ids or \"auto\", got {}",
+                serde_yaml::to_string(&other).unwrap_or_default().trim()
+            ))),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ApiKeyFormat {
@@ -129,7 +169,7 @@ pub struct BackendConfig {
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default)]
-    pub models: Vec<String>,
+    pub models: Models,
     #[serde(default)]
     pub api_key: Option<String>,
     #[serde(default)]
@@ -513,10 +553,10 @@ impl Config {
                     .map(|u| u.authority)
                     .unwrap_or_default()
             });
-            let models = if b.models.is_empty() {
-                "any".to_string()
-            } else {
-                b.models.join(", ")
+            let models = match &b.models {
+                Models::Any => "any".to_string(),
+                Models::Auto => "auto".to_string(),
+                Models::List(l) => l.join(", "),
             };
             let _ = writeln!(
                 s,
@@ -726,6 +766,26 @@ health_check:
         assert_eq!(
             e,
             "usage_hook.url: environment variable LLMPROXY_SURELY_UNSET_VAR is not set"
+        );
+    }
+
+    #[test]
+    fn models_list_any_or_auto() {
+        let with = |m: &str| {
+            Config::from_yaml(&format!(
+                "backends:\n  - url: http://x:1\n    models: {m}\n"
+            ))
+        };
+        assert_eq!(with("auto").unwrap().backends[0].models, Models::Auto);
+        assert_eq!(with("[]").unwrap().backends[0].models, Models::Any);
+        assert_eq!(
+            with("[a, b]").unwrap().backends[0].models,
+            Models::List(vec!["a".into(), "b".into()])
+        );
+        let e = with("fast").unwrap_err().0;
+        assert!(
+            e.starts_with("backends[0].models: expected a list of model ids or \"auto\""),
+            "{e}"
         );
     }
 

@@ -4,6 +4,7 @@
 
 use super::Backend;
 use crate::config::HealthCheckConfig;
+use crate::config::Models;
 use crate::{info, warn};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -37,13 +38,61 @@ impl HealthChecker {
     fn probe(&self, b: &Backend) -> Result<(), String> {
         let url = format!("{}{}", b.url, self.cfg.path);
         match self.agent.get(&url).call() {
-            Ok(resp) if resp.status().is_success() => Ok(()),
+            Ok(resp) if resp.status().is_success() => {
+                if b.models == Models::Auto {
+                    self.discover(b);
+                }
+                Ok(())
+            }
             Ok(resp) => Err(format!(
                 "health check {} answered {}",
                 self.cfg.path,
                 resp.status().as_u16()
             )),
             Err(e) => Err(format!("health check failed: {e}")),
+        }
+    }
+
+    /// `models: auto`: the backend's own model list (a LoRA adapter added to vLLM is
+    /// routed at the next check, with no config change).
+    fn discover(&self, b: &Backend) {
+        let mut req = self.agent.get(format!("{}/v1/models", b.url));
+        if let Some(k) = &b.api_key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let ids = req
+            .call()
+            .ok()
+            .filter(|r| r.status().is_success())
+            .and_then(|r| {
+                r.into_body()
+                    .with_config()
+                    .limit(8 << 20)
+                    .read_to_vec()
+                    .ok()
+            })
+            .and_then(|body| serde_json::from_slice::<serde_json::Value>(&body).ok())
+            .and_then(|v| {
+                v.get("data")?.as_array().map(|list| {
+                    list.iter()
+                        .filter_map(|m| m.get("id")?.as_str().map(str::to_owned))
+                        .collect::<Vec<_>>()
+                })
+            });
+        match ids {
+            Some(ids) => {
+                let n = ids.len();
+                if b.set_discovered(ids) {
+                    info!(
+                        "backend {}: serves {n} models (discovered from /v1/models)",
+                        b.name
+                    );
+                }
+            }
+            None => warn!(
+                "backend {}: cannot read /v1/models for models: auto",
+                b.name
+            ),
         }
     }
 

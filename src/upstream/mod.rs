@@ -4,11 +4,14 @@
 pub mod health;
 pub mod pool;
 
-use crate::config::{BackendUrl, Config, UsageMode};
+use crate::config::{BackendUrl, Config, Models, UsageMode};
 use crate::metrics::Metrics;
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::Acquire, Ordering::Relaxed,
+    Ordering::Release,
+};
 use std::sync::{Arc, Mutex};
 
 /// A configured backend, shared by all workers. Health is an atomic so every worker
@@ -23,7 +26,11 @@ pub struct Backend {
     pub authority: String,
     pub addrs: Vec<SocketAddr>,
     pub weight: u32,
-    pub models: Vec<String>,
+    pub models: Models,
+    /// With `models: auto`: what the backend's `/v1/models` listed last (health thread
+    /// writes; workers copy it when `discovered_version` moves, never on each request).
+    discovered: Mutex<Option<Arc<[String]>>>,
+    discovered_version: AtomicU64,
     pub api_key: Option<String>,
     pub usage_mode: UsageMode,
     /// Label slot in `llmproxy_requests_total`.
@@ -77,6 +84,8 @@ impl Backend {
                     addrs,
                     weight: b.weight,
                     models: b.models.clone(),
+                    discovered: Mutex::new(None),
+                    discovered_version: AtomicU64::new(0),
                     api_key: b.api_key.clone(),
                     usage_mode: b.usage_mode,
                     healthy: AtomicBool::new(healthy),
@@ -89,8 +98,23 @@ impl Backend {
             .collect()
     }
 
-    pub fn serves(&self, model: &str) -> bool {
-        self.models.is_empty() || self.models.iter().any(|m| m == model)
+    /// Records the models a `models: auto` backend listed; true if they changed.
+    pub fn set_discovered(&self, mut models: Vec<String>) -> bool {
+        models.sort();
+        models.dedup();
+        let Ok(mut d) = self.discovered.lock() else {
+            return false;
+        };
+        if d.as_deref() == Some(&models[..]) {
+            return false;
+        }
+        *d = Some(models.into());
+        self.discovered_version.fetch_add(1, Release);
+        true
+    }
+
+    fn discovered(&self) -> Option<Arc<[String]>> {
+        self.discovered.lock().ok().and_then(|d| d.clone())
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -132,6 +156,9 @@ pub struct Upstreams {
 struct LocalBackend {
     in_flight: Cell<u32>,
     current: Cell<i64>,
+    /// This worker's copy of a `models: auto` backend's list, and its version.
+    models: std::cell::RefCell<Option<Arc<[String]>>>,
+    models_version: Cell<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,8 +202,31 @@ impl Upstreams {
     /// In-flight counts are per worker: each worker balances its own share, which with
     /// SO_REUSEPORT spreading connections evenly is close to the global balance and
     /// needs no cross-core traffic on the hot path.
+    /// Whether backend `i` serves `model`. A `models: auto` backend whose list is not
+    /// known yet (never answered) is taken to serve any model, so a backend that is down
+    /// at start gives 502, not 404.
+    fn serves(&self, i: usize, model: &str) -> bool {
+        let b = &self.backends[i];
+        match &b.models {
+            Models::Any => true,
+            Models::List(list) => list.iter().any(|m| m == model),
+            Models::Auto => {
+                let l = &self.local[i];
+                let version = b.discovered_version.load(Acquire);
+                if l.models_version.get() != version {
+                    *l.models.borrow_mut() = b.discovered();
+                    l.models_version.set(version);
+                }
+                l.models
+                    .borrow()
+                    .as_ref()
+                    .is_none_or(|list| list.iter().any(|m| m == model))
+            }
+        }
+    }
+
     pub fn pick(&self, model: Option<&str>, tried: u64) -> Pick {
-        let serving = |i: usize| model.is_none_or(|m| self.backends[i].serves(m));
+        let serving = |i: usize| model.is_none_or(|m| self.serves(i, m));
         if !(0..self.backends.len()).any(serving) {
             return Pick::NoModel;
         }
@@ -261,7 +311,13 @@ mod tests {
                     authority: "x".into(),
                     addrs: vec![],
                     weight: *w,
-                    models: models.iter().map(|s| s.to_string()).collect(),
+                    models: if models.is_empty() {
+                        Models::Any
+                    } else {
+                        Models::List(models.iter().map(|s| s.to_string()).collect())
+                    },
+                    discovered: Mutex::new(None),
+                    discovered_version: AtomicU64::new(0),
                     api_key: None,
                     usage_mode: UsageMode::Final,
                     slot: i + 1,

@@ -467,3 +467,45 @@ fn access_log_has_one_line_per_request_and_no_full_key() {
     assert_eq!(l2["status"], 401);
     assert!(lines.iter().any(|l| l["path"] == "/health"));
 }
+
+#[test]
+fn models_auto_follows_what_the_backend_serves() {
+    let port = free_port();
+    let a = mock(&["--port", &port.to_string(), "--models", "base"]);
+    let b = mock(&["--models", "other"]);
+    let rx = receiver(&[]);
+    let p = proxy_for(
+        &format!(
+            "backends:\n  - url: \"http://127.0.0.1:{port}\"\n    models: auto\n  - url: \"http://{}\"\n    models: [other]\n",
+            b.addr
+        ),
+        &rx,
+        "health_check:\n  interval: 300ms\n",
+    );
+    let ask = |model: &str| {
+        post_json(
+            &p.addr,
+            "/v1/chat/completions",
+            &[],
+            &json!({"model": model, "messages": [], "max_tokens": 1}),
+        )
+        .status
+    };
+    assert_eq!(ask("base"), 200);
+    assert_eq!(ask("other"), 200);
+    assert_eq!(ask("lora-1"), 404);
+    // A LoRA adapter is added to the backend (here: it restarts serving one more model):
+    // routed at the next health check, with no proxy config change.
+    drop(a);
+    let _a2 = mock(&["--port", &port.to_string(), "--models", "base,lora-1"]);
+    wait_until("lora-1 routed", 10, || ask("lora-1") == 200);
+    let records = wait_records(&rx, 3);
+    let lora = records.iter().filter(|r| r["model"] == "lora-1").count();
+    assert!(lora >= 1);
+    assert!(
+        records
+            .iter()
+            .filter(|r| r["model"] == "lora-1")
+            .all(|r| r["backend_url"] == format!("http://127.0.0.1:{port}").as_str())
+    );
+}
