@@ -25,13 +25,18 @@ fuzz_target!(|data: &[u8]| {
 
     if let Some(r) = member_span(data, b"usage") {
         assert!(r.start <= r.end && r.end <= data.len());
+        // As the relay does: take out every `usage` member.
+        let mut rest = data.to_vec();
+        while let Some(r) = member_span(&rest, b"usage") {
+            rest.drain(r);
+        }
         if let Ok(serde_json::Value::Object(before)) = serde_json::from_slice::<serde_json::Value>(data) {
-            let mut rest = data[..r.start].to_vec();
-            rest.extend_from_slice(&data[r.end..]);
             let after: serde_json::Value = serde_json::from_slice(&rest).expect("strip left invalid JSON");
             let mut want = before.clone();
             want.remove("usage");
-            if !before.keys().any(|k| k != "usage" && k.contains('\\')) {
+            // Keys are compared as raw bytes: an escaped `us\u0061ge` is another key to
+            // the proxy, so inputs with escapes are only checked for validity.
+            if !data.contains(&b'\\') {
                 assert_eq!(after, serde_json::Value::Object(want));
             }
         }

@@ -144,14 +144,15 @@ impl BodyRelay {
                         with: 0..0,
                     });
                 }
-            } else if strip
-                && meter.last_had_usage
-                && let Some(r) = member_span(ev.data, b"usage")
-            {
+            } else if strip && meter.last_had_usage && member_span(ev.data, b"usage").is_some() {
                 let from = buf.len();
                 buf.extend_from_slice(b"data: ");
-                buf.extend_from_slice(&ev.data[..r.start]);
-                buf.extend_from_slice(&ev.data[r.end..]);
+                let json = buf.len();
+                buf.extend_from_slice(ev.data);
+                // Every `usage` member (a duplicated key must not slip through).
+                while let Some(r) = member_span(&buf[json..], b"usage") {
+                    buf.drain(json + r.start..json + r.end);
+                }
                 buf.extend_from_slice(b"\n\n");
                 edits.push(Edit {
                     start: ev.start,
