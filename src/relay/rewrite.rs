@@ -4,6 +4,7 @@
 //! `stream_options` value is re-serialized, everything else is copied byte for byte.
 
 use crate::config::UsageMode;
+use crate::usage::json::member_span;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -101,29 +102,74 @@ pub fn rewrite(body: &[u8], info: &RequestInfo, mode: UsageMode) -> Option<Vec<u
     if info.caller_wants_usage && (!continuous || info.caller_wants_continuous) {
         return None;
     }
-    let mut opts = info.options.clone().unwrap_or_default();
-    opts.insert("include_usage".into(), true.into());
-    if continuous {
-        opts.insert("continuous_usage_stats".into(), true.into());
-    }
-    let new_opts = serde_json::Value::Object(opts).to_string();
+    let keys: &[&str] = if continuous {
+        &["include_usage", "continuous_usage_stats"]
+    } else {
+        &["include_usage"]
+    };
+    let new_opts = match &info.options_span {
+        Some(span) if info.options.is_some() => set_true(&body[span.clone()], keys, info),
+        _ => format!(
+            "{{{}}}",
+            keys.iter()
+                .map(|k| format!("\"{k}\":true"))
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+        .into_bytes(),
+    };
     let mut out = Vec::with_capacity(body.len() + 64);
     match &info.options_span {
         Some(span) => {
             out.extend_from_slice(&body[..span.start]);
-            out.extend_from_slice(new_opts.as_bytes());
+            out.extend_from_slice(&new_opts);
             out.extend_from_slice(&body[span.end..]);
         }
         None => {
             let brace = body.iter().position(|&b| b == b'{').unwrap_or(0);
             out.extend_from_slice(&body[..=brace]);
             out.extend_from_slice(b"\"stream_options\":");
-            out.extend_from_slice(new_opts.as_bytes());
+            out.extend_from_slice(&new_opts);
             out.push(b',');
             out.extend_from_slice(&body[brace + 1..]);
         }
     }
     Some(out)
+}
+
+/// The caller's `stream_options` object with `keys` set to `true`, every other byte
+/// kept as the caller wrote it (re-serializing would change how numbers are written).
+fn set_true(obj: &[u8], keys: &[&str], info: &RequestInfo) -> Vec<u8> {
+    let mut v = obj.to_vec();
+    for k in keys {
+        while let Some(r) = member_span(&v, k.as_bytes()) {
+            v.drain(r);
+        }
+    }
+    // A key written with escapes (`include\u005fusage`) is not found by its bytes: if
+    // one is still there, rebuild the object from its parsed form so that the caller's
+    // value cannot win.
+    let still_there = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&v)
+        .map_or(true, |m| keys.iter().any(|k| m.contains_key(*k)));
+    if still_there {
+        let mut opts = info.options.clone().unwrap_or_default();
+        for k in keys {
+            opts.insert((*k).into(), true.into());
+        }
+        return serde_json::Value::Object(opts).to_string().into_bytes();
+    }
+    let brace = v.iter().position(|&b| b == b'{').unwrap_or(0);
+    let empty = v[brace + 1..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+    let mut insert = keys
+        .iter()
+        .map(|k| format!("\"{k}\":true"))
+        .collect::<Vec<_>>()
+        .join(",");
+    if !empty {
+        insert.push(',');
+    }
+    v.splice(brace + 1..brace + 1, insert.bytes());
+    v
 }
 
 /// `inspect` then `rewrite`, for tests and benches.
@@ -180,6 +226,21 @@ mod tests {
         let (info, out) = rewrite(&body, UsageMode::Final);
         assert!(info.caller_wants_usage);
         assert_eq!(out, body);
+    }
+
+    #[test]
+    fn keeps_the_callers_bytes_in_stream_options() {
+        let body = br#"{"model":"m","stream":true,"stream_options":{"x":60000000000000004014263453644838226,"include_usage":false}}"#;
+        let (_, out) = inspect_and_rewrite(body, true, Some(UsageMode::Final)).unwrap();
+        assert_eq!(
+            String::from_utf8(out.unwrap()).unwrap(),
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true,"x":60000000000000004014263453644838226}}"#
+        );
+        let escaped =
+            br#"{"model":"m","stream":true,"stream_options":{"include\u005fusage":false}}"#;
+        let (_, out) = inspect_and_rewrite(escaped, true, Some(UsageMode::Final)).unwrap();
+        let v: Value = serde_json::from_slice(&out.unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
     }
 
     #[test]
