@@ -9,14 +9,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-600}
+# address (default) for the long runs; CI uses none to build and run faster.
+SAN=${FUZZ_SANITIZER:-address}
 export RUSTC_BOOTSTRAP=1
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 targets=(request_head chunked sse usage rewrite)
-cargo fuzz build -O 2>&1 | tail -n 2
+cargo fuzz build -O --sanitizer "$SAN" 2>&1 | tail -n 2
 run() {
     # New inputs go to fuzz/work (not tracked); the committed corpus is only read.
     mkdir -p "fuzz/work/$1" "fuzz/corpus/$1"
-    cargo fuzz run -O "$1" "fuzz/work/$1" "fuzz/corpus/$1" -- -max_total_time="$SECS" -rss_limit_mb=2048 -print_final_stats=1 \
+    cargo fuzz run -O --sanitizer "$SAN" "$1" "fuzz/work/$1" "fuzz/corpus/$1" -- -max_total_time="$SECS" -rss_limit_mb=2048 -print_final_stats=1 \
         > "fuzz/$1.log" 2>&1 || { echo "fuzz target $1 FAILED:"; tail -n 40 "fuzz/$1.log"; return 1; }
     echo "$1: $(grep -E 'stat::number_of_executed_units' "fuzz/$1.log" | awk '{print $2}') runs in ${SECS}s, no crash"
 }
