@@ -134,17 +134,9 @@ pub fn temp_dir() -> PathBuf {
     d
 }
 
+/// A receiver on a port it picks.
 pub fn receiver(args: &[&str]) -> Proc {
-    let dir = temp_dir();
-    let mut cmd = Command::new(example("webhook_receiver"));
-    cmd.args(["--port", "0", "--quiet", "--log"])
-        .arg(dir.join("usage_log.jsonl"))
-        .arg("--raw-log")
-        .arg(dir.join("raw.jsonl"))
-        .args(args);
-    let mut p = spawn(cmd);
-    p.dir = dir;
-    p
+    receiver_on(0, args)
 }
 
 /// A port with nothing listening on it (bound, noted, released).
