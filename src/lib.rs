@@ -15,5 +15,7 @@ pub mod metrics;
 pub mod relay;
 pub mod server;
 pub mod sse;
+#[cfg(test)]
+mod testing;
 pub mod upstream;
 pub mod usage;

@@ -348,13 +348,8 @@ mod tests {
     fn scan_split(input: &[u8], cuts: &[usize]) -> Vec<(Vec<u8>, u64)> {
         let mut s = SseScanner::new();
         let mut out = Vec::new();
-        let mut prev = 0;
-        let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
-        cuts.sort_unstable();
-        cuts.push(input.len());
-        for c in cuts {
-            s.feed(&input[prev..c], |e| out.push((e.data.to_vec(), e.start)));
-            prev = c;
+        for piece in crate::testing::pieces(input, cuts) {
+            s.feed(piece, |e| out.push((e.data.to_vec(), e.start)));
         }
         out
     }

@@ -291,13 +291,8 @@ mod tests {
         let mut r = BodyRelay::default();
         r.start(mode, false);
         let mut out = Vec::new();
-        let mut prev = 0;
-        let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
-        cuts.sort_unstable();
-        cuts.push(input.len());
-        for c in cuts {
-            r.on_span(&input[prev..c], &mut out);
-            prev = c;
+        for piece in crate::testing::pieces(input, cuts) {
+            r.on_span(piece, &mut out);
         }
         r.finish(&mut out);
         (out, std::mem::take(&mut r.meter))
@@ -368,13 +363,8 @@ mod tests {
             let mut r = BodyRelay::default();
             r.start(Mode::Sse { hide_usage_only: true, strip_chunk_usage: false }, chunked);
             let mut out = Vec::new();
-            let mut prev = 0;
-            let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
-            cuts.sort_unstable();
-            cuts.push(input.len());
-            for c in cuts {
-                r.on_span(&input.as_bytes()[prev..c], &mut out);
-                prev = c;
+            for piece in crate::testing::pieces(input.as_bytes(), &cuts) {
+                r.on_span(piece, &mut out);
             }
             r.finish(&mut out);
             let got = if chunked {

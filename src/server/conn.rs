@@ -194,8 +194,8 @@ fn request_id(head: &RequestHead) -> String {
 
 struct Request {
     id: String,
-    /// The caller's key, always masked (for the access log).
-    masked_key: String,
+    /// The caller's key as presented (masked wherever it is shown).
+    key: Option<String>,
     arrived: Instant,
     timestamp: SystemTime,
     path: usize,
@@ -204,10 +204,7 @@ struct Request {
 /// Handles one request whose head is parsed. Returns whether to keep the connection.
 async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
     let rq = Request {
-        masked_key: format_api_key(
-            auth::presented_key(&c.head.headers).unwrap_or(""),
-            crate::config::ApiKeyFormat::Masked,
-        ),
+        key: auth::presented_key(&c.head.headers).map(str::to_owned),
         id: request_id(&c.head),
         arrived: Instant::now(),
         timestamp: SystemTime::now(),
@@ -219,7 +216,7 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
 
     // Phase: the request body, whole and bounded (requests are small; reading it lets a
     // malformed or oversized body be refused before anything reaches a backend).
-    match read_body(w, c).await {
+    match read_body(&v, c).await {
         Ok(()) => {}
         Err(Some(e)) => return answer(w, c, &rq, e, false).await,
         Err(None) => return false,
@@ -239,10 +236,9 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
         Target::NotFound => answer(w, c, &rq, ProxyError::NotFound, false).await,
         Target::Models | Target::Metered(_) | Target::Proxied => {
             // Phase: authenticate.
-            let key = auth::presented_key(&c.head.headers).map(str::to_owned);
             let auth = &v.live.auth;
             let user = if auth.enabled {
-                match auth.user_for(key.as_deref()) {
+                match auth.user_for(rq.key.as_deref()) {
                     Some(u) => Some(u.to_owned()),
                     None => return answer(w, c, &rq, ProxyError::InvalidApiKey, false).await,
                 }
@@ -264,15 +260,15 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
                 Target::Metered(e) => Some(e),
                 _ => None,
             };
-            proxy(w, &v, c, &rq, endpoint, key, user).await
+            proxy(w, &v, c, &rq, endpoint, user).await
         }
     }
 }
 
 /// Reads the request body into `c.body`. `Err(None)`: the caller went away.
-async fn read_body(w: &Worker, c: &mut Conn) -> Result<(), Option<ProxyError>> {
+async fn read_body(v: &View, c: &mut Conn) -> Result<(), Option<ProxyError>> {
     c.body.clear();
-    let v = w.view();
+
     let limits = &v.live.config.limits;
     let max = limits.max_request_body.0;
     let framing = c.head.framing();
@@ -354,7 +350,10 @@ fn log_access(
         status,
         stream,
         user_id: rec.map(|r| r.user_id.clone()).unwrap_or_default(),
-        api_key: rq.masked_key.clone(),
+        api_key: format_api_key(
+            rq.key.as_deref().unwrap_or(""),
+            crate::config::ApiKeyFormat::Masked,
+        ),
         model: rec.map(|r| r.model.clone()).unwrap_or_default(),
         backend: proxied.map(|p| p.0.to_owned()),
         outcome: rec.map(|r| r.outcome),
@@ -418,7 +417,6 @@ async fn proxy(
     c: &mut Conn,
     rq: &Request,
     endpoint: Option<&'static str>,
-    key: Option<String>,
     user: Option<String>,
 ) -> bool {
     let shared = &w.shared;
@@ -599,7 +597,10 @@ async fn proxy(
         let record = UsageRecord {
             request_id: rq.id.clone(),
             user_id,
-            api_key: format_api_key(key.as_deref().unwrap_or(""), cfg.usage_hook.api_key_format),
+            api_key: format_api_key(
+                rq.key.as_deref().unwrap_or(""),
+                cfg.usage_hook.api_key_format,
+            ),
             model: info.model,
             usage: usage.0,
             is_stream: info.stream,

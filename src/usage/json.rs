@@ -313,13 +313,8 @@ mod tests {
 
     fn find_split(input: &[u8], cuts: &[usize]) -> Option<Vec<u8>> {
         let mut f = UsageFinder::new();
-        let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
-        cuts.sort_unstable();
-        cuts.push(input.len());
-        let mut prev = 0;
-        for c in cuts {
-            f.feed(&input[prev..c]);
-            prev = c;
+        for piece in crate::testing::pieces(input, cuts) {
+            f.feed(piece);
         }
         f.usage().map(<[u8]>::to_vec)
     }
