@@ -44,7 +44,7 @@ def cleanup(*_):
 
 MOCK, HOOK, NGINX, PROXY = free_port(), free_port(), free_port(), free_port()
 start([f"{REL}/examples/mock_vllm", "--port", str(MOCK), "--prerender", "--tokens", "64", "--models", "mock-model"], 1, "mock.log")
-start([f"{REL}/examples/webhook_receiver", "--port", str(HOOK), "--quiet", "--log", "/dev/null"], 1, "receiver.log")
+start([f"{REL}/examples/webhook_receiver", "--port", str(HOOK), "--quiet", "--log", "none", "--no-store"], 1, "receiver.log")
 wait_port(MOCK, "mock"); wait_port(HOOK, "receiver")
 open(f"{W}/nginx.conf", "w").write(f"""
 worker_processes 1;

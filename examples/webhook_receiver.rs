@@ -3,9 +3,10 @@
 //! must do under at-least-once delivery), and answers 200.
 //!
 //!     cargo run --example webhook_receiver -- --port 9000 [--log usage_log.jsonl]
-//!         [--raw-log all.jsonl] [--fail-status 500 --fail-count 3] [--quiet]
+//!         [--raw-log all.jsonl] [--fail-status 500 --fail-count 3] [--quiet] [--no-store]
 //!
-//! `--raw-log` keeps every POST, duplicates included (the tests count them).
+//! `--raw-log` keeps every POST, duplicates included (the tests count them); `--log none`
+//! keeps no log, and `--no-store` keeps no records for `GET /records` (benchmarks).
 //! `--fail-status S --fail-count N` answers the first N POSTs with status S.
 //! `GET /records` returns the deduplicated records as a JSON array.
 
@@ -19,14 +20,23 @@ use std::sync::Mutex;
 
 struct Receiver {
     seen: HashSet<String>,
-    records: Vec<Value>,
+    /// Each new record as it came (compact JSON), for `GET /records`.
+    records: Vec<Box<[u8]>>,
+    store: bool,
     log: Option<std::fs::File>,
     raw: Option<std::fs::File>,
     fail_left: u64,
 }
 
+/// The only field the receiver itself needs; the rest is kept as the bytes that came.
+#[derive(serde::Deserialize)]
+struct Id {
+    #[serde(default)]
+    request_id: String,
+}
+
 fn open(path: Option<String>) -> Option<std::fs::File> {
-    path.map(|p| {
+    path.filter(|p| p != "none").map(|p| {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -35,6 +45,22 @@ fn open(path: Option<String>) -> Option<std::fs::File> {
     })
 }
 
+/// The record as one line of JSON: the body as it came, re-serialized only if it spans lines.
+fn one_line(body: &[u8]) -> Vec<u8> {
+    if body.contains(&b'\n') {
+        serde_json::from_slice::<Value>(body)
+            .map(|v| v.to_string().into_bytes())
+            .unwrap_or_default()
+    } else {
+        body.to_vec()
+    }
+}
+
+fn write_line(f: &mut std::fs::File, body: &[u8]) {
+    let mut line = one_line(body);
+    line.push(b'\n');
+    let _ = f.write_all(&line);
+}
 fn main() {
     let port: u16 = http::flag("--port")
         .and_then(|p| p.parse().ok())
@@ -47,6 +73,7 @@ fn main() {
     let state = Mutex::new(Receiver {
         seen: HashSet::new(),
         records: Vec::new(),
+        store: !std::env::args().any(|a| a == "--no-store"),
         log: open(Some(
             http::flag("--log").unwrap_or_else(|| "usage_log.jsonl".into()),
         )),
@@ -56,45 +83,53 @@ fn main() {
             .unwrap_or(0),
     });
     let listener = http::listen("webhook-receiver", &host, port);
-    http::serve(listener, move |req, w| {
+    http::serve_batched(listener, move |req, w| {
         if req.method == "GET" && req.path == "/records" {
-            let body = state
-                .lock()
-                .map(|s| Value::Array(s.records.clone()).to_string())
-                .unwrap_or_default();
-            return http::respond(w, 200, "application/json", body.as_bytes());
+            let mut body = b"[".to_vec();
+            if let Ok(s) = state.lock() {
+                for (i, r) in s.records.iter().enumerate() {
+                    if i > 0 {
+                        body.push(b',');
+                    }
+                    body.extend_from_slice(r);
+                }
+            }
+            body.push(b']');
+            http::respond_into(w, 200, "application/json", &body);
+            return Ok(true);
         }
         if req.method != "POST" {
-            return http::respond(w, 404, "text/plain", b"not found");
+            http::respond_into(w, 404, "text/plain", b"not found");
+            return Ok(true);
         }
         let Ok(mut s) = state.lock() else {
-            return http::respond(w, 500, "text/plain", b"poisoned");
+            http::respond_into(w, 500, "text/plain", b"poisoned");
+            return Ok(true);
         };
         if s.fail_left > 0 {
             s.fail_left -= 1;
-            return http::respond(w, fail_status, "text/plain", b"failing on purpose");
+            http::respond_into(w, fail_status, "text/plain", b"failing on purpose");
+            return Ok(true);
         }
-        let record: Value = match serde_json::from_slice(&req.body) {
-            Ok(v) => v,
-            Err(_) => return http::respond(w, 400, "text/plain", b"not json"),
+        let Ok(Id { request_id: id }) = serde_json::from_slice::<Id>(&req.body) else {
+            http::respond_into(w, 400, "text/plain", b"not json");
+            return Ok(true);
         };
         if let Some(raw) = s.raw.as_mut() {
-            let _ = writeln!(raw, "{record}");
+            write_line(raw, &req.body);
         }
-        let id = record["request_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
         if req.header("idempotency-key") != Some(id.as_str()) {
             eprintln!("webhook-receiver: Idempotency-Key does not match request_id {id}");
         }
-        if !s.seen.insert(id.clone()) {
+        if s.seen.contains(&id) {
             if !quiet {
                 println!("[usage] duplicate {id} ignored");
             }
-            return http::respond(w, 200, "application/json", b"{\"duplicate\":true}");
+            http::respond_into(w, 200, "application/json", b"{\"duplicate\":true}");
+            return Ok(true);
         }
         if !quiet {
+            let record: Value = serde_json::from_slice(&req.body).unwrap_or_default();
             println!(
                 "[usage] {id} user={} model={} prompt={} completion={} total={} stream={} outcome={} source={} status={} ttft_ms={}",
                 record["user_id"],
@@ -111,9 +146,13 @@ fn main() {
             let _ = std::io::stdout().flush();
         }
         if let Some(log) = s.log.as_mut() {
-            let _ = writeln!(log, "{record}");
+            write_line(log, &req.body);
         }
-        s.records.push(record);
-        http::respond(w, 200, "application/json", b"{\"ok\":true}")
+        if s.store {
+            s.records.push(one_line(&req.body).into_boxed_slice());
+        }
+        s.seen.insert(id);
+        http::respond_into(w, 200, "application/json", b"{\"ok\":true}");
+        Ok(true)
     });
 }

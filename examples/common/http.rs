@@ -66,6 +66,44 @@ where
     }
 }
 
+/// Like `serve`, for handlers that answer at once: answers are gathered in a buffer
+/// and written when no further request is already read, so a pipelining client gets
+/// a burst of answers in one write (as nginx and hyper do) rather than one per POST.
+pub fn serve_batched<H>(listener: TcpListener, handler: H)
+where
+    H: Fn(&Request, &mut Vec<u8>) -> std::io::Result<bool> + Send + Sync + 'static,
+{
+    let handler = std::sync::Arc::new(handler);
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let handler = handler.clone();
+        std::thread::spawn(move || {
+            let _ = stream.set_nodelay(true);
+            let mut writer = match stream.try_clone() {
+                Ok(w) => w,
+                Err(_) => return,
+            };
+            let mut reader = BufReader::with_capacity(64 * 1024, stream);
+            let mut out = Vec::with_capacity(16 * 1024);
+            while let Some(req) = read_request(&mut reader) {
+                let keep = matches!(handler(&req, &mut out), Ok(true))
+                    && !req
+                        .header("connection")
+                        .is_some_and(|c| c.eq_ignore_ascii_case("close"));
+                if (!keep || reader.buffer().is_empty()) && !out.is_empty() {
+                    if writer.write_all(&out).is_err() {
+                        return;
+                    }
+                    out.clear();
+                }
+                if !keep {
+                    return;
+                }
+            }
+        });
+    }
+}
+
 fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
     let mut head = Vec::new();
     loop {
@@ -142,15 +180,21 @@ pub fn reason(status: u16) -> &'static str {
 
 /// Writes a whole response with a Content-Length body.
 pub fn respond(w: &mut TcpStream, status: u16, ctype: &str, body: &[u8]) -> std::io::Result<bool> {
-    let head = format!(
+    let mut all = Vec::with_capacity(body.len() + 128);
+    respond_into(&mut all, status, ctype, body);
+    w.write_all(&all)?;
+    Ok(true)
+}
+
+/// Appends a whole response with a Content-Length body to `out`.
+pub fn respond_into(out: &mut Vec<u8>, status: u16, ctype: &str, body: &[u8]) {
+    let _ = write!(
+        out,
         "HTTP/1.1 {status} {}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n\r\n",
         reason(status),
         body.len()
     );
-    let mut all = head.into_bytes();
-    all.extend_from_slice(body);
-    w.write_all(&all)?;
-    Ok(true)
+    out.extend_from_slice(body);
 }
 
 /// Value of a `--name value` command-line flag.
