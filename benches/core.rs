@@ -95,6 +95,17 @@ fn usage_json(c: &mut Criterion) {
             black_box(f.usage().map(<[u8]>::len))
         })
     });
+    // A vLLM chat completion as the backend sends it (one read, ~1 KiB).
+    let chat = br#"{"id":"chatcmpl-9f2a1c7e0b3d4a5f8e6c","object":"chat.completion","created":1768386600,"model":"meta-llama/Llama-3.1-8B-Instruct","choices":[{"index":0,"message":{"role":"assistant","content":"The capital of France is Paris. It has been the country's capital since the 10th century and is its largest city, with about two million people in the city proper and over twelve million in the metropolitan area.","refusal":null,"annotations":null,"audio":null,"function_call":null,"tool_calls":[],"reasoning_content":null},"logprobs":null,"finish_reason":"stop","stop_reason":null}],"service_tier":null,"system_fingerprint":null,"usage":{"prompt_tokens":15,"total_tokens":62,"completion_tokens":47,"prompt_tokens_details":null},"prompt_logprobs":null,"kv_transfer_params":null}"#;
+    g.throughput(Throughput::Bytes(chat.len() as u64));
+    let mut f = UsageFinder::new();
+    g.bench_function("chat_completion_1KiB", |b| {
+        b.iter(|| {
+            f.reset();
+            f.feed(black_box(chat));
+            black_box(f.usage().map(<[u8]>::len))
+        })
+    });
     g.finish();
 
     let chunk = br#"{"id":"chatcmpl-9f2a","object":"chat.completion.chunk","created":1768386600,"model":"meta-llama/Llama-3.1-8B-Instruct","choices":[{"index":0,"delta":{"content":" token"},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":15,"total_tokens":40,"completion_tokens":25}}"#;

@@ -157,24 +157,21 @@ fn write_spool(
     metrics: &Metrics,
     closing: &AtomicBool,
 ) {
-    let mut line = Vec::with_capacity(1024);
     let mut batch = 0u64;
-    let mut append = |writer: &mut SpoolWriter, r: UsageRecord, batch: &mut u64| {
-        line.clear();
-        r.write_json(&mut line);
-        writer.append(&line);
-        *batch += 1;
-    };
     loop {
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(r) => {
-                // Group commit: gather what arrives within the window, then one fsync.
-                append(&mut writer, r, &mut batch);
-                let window = Instant::now() + GROUP_COMMIT_WINDOW;
-                while writer.pending() < MAX_BATCH_BYTES {
-                    match rx.recv_deadline(window) {
-                        Ok(r) => append(&mut writer, r, &mut batch),
-                        Err(_) => break,
+                // Group commit: let records gather for the window while this thread
+                // sleeps (so a worker's send never has a sleeper to wake), then take
+                // them all; one write and one fsync cover the lot.
+                writer.append_with(|buf| r.write_json(buf));
+                batch += 1;
+                std::thread::sleep(GROUP_COMMIT_WINDOW);
+                for r in rx.try_iter() {
+                    writer.append_with(|buf| r.write_json(buf));
+                    batch += 1;
+                    if writer.pending() >= MAX_BATCH_BYTES {
+                        break;
                     }
                 }
             }
@@ -316,9 +313,10 @@ impl Outbox {
                     _ => break,
                 }
             }
-            let metas: Vec<(String, u64)> = lines.iter().map(|l| record_meta(l)).collect();
-            self.metrics.spool_oldest_ms.store(metas[0].1, Relaxed);
-            let ids: Vec<String> = metas.into_iter().map(|(id, _)| id).collect();
+            self.metrics
+                .spool_oldest_ms
+                .store(record_time_ms(&lines[0]), Relaxed);
+            let ids: Vec<String> = lines.iter().map(|l| record_id(l)).collect();
             let results = self.deliver_batch(&lines, &ids);
             for ((line, id), result) in lines.iter().zip(&ids).zip(results) {
                 match result {
@@ -366,6 +364,7 @@ impl Outbox {
                     }
                 }
             }
+            reader.save();
             // Whatever was handed out and not acknowledged comes again, oldest first.
             reader.rewind();
         }
@@ -505,25 +504,38 @@ fn sleep_unless(d: Duration, stop: &AtomicBool) {
     }
 }
 
-/// The request id and arrival time (unix ms) of a spooled record.
-fn record_meta(line: &[u8]) -> (String, u64) {
+/// The request id of a spooled record. Records this proxy wrote start with
+/// `{"request_id":"...",` (ids have nothing to escape), read without parsing the line;
+/// anything else is parsed.
+fn record_id(line: &[u8]) -> String {
+    const KEY: &[u8] = b"{\"request_id\":\"";
+    if let Some(rest) = line.strip_prefix(KEY)
+        && let Some(end) = memchr::memchr2(b'"', b'\\', rest)
+        && rest[end] == b'"'
+        && let Ok(id) = std::str::from_utf8(&rest[..end])
+    {
+        return id.to_string();
+    }
     #[derive(serde::Deserialize)]
     struct Meta {
         #[serde(default)]
         request_id: String,
+    }
+    serde_json::from_slice::<Meta>(line).map_or_else(|_| String::new(), |m| m.request_id)
+}
+
+/// The arrival time (unix ms) of a spooled record; 0 when it has none.
+fn record_time_ms(line: &[u8]) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Meta {
         #[serde(default)]
         timestamp: String,
     }
-    match serde_json::from_slice::<Meta>(line) {
-        Ok(m) => {
-            let ms = humantime::parse_rfc3339(&m.timestamp)
-                .ok()
-                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_millis() as u64);
-            (m.request_id, ms)
-        }
-        Err(_) => (String::new(), 0),
-    }
+    serde_json::from_slice::<Meta>(line)
+        .ok()
+        .and_then(|m| humantime::parse_rfc3339(&m.timestamp).ok())
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `llmproxy spool replay-dead`: POSTs every dead-lettered record again; those the
@@ -540,7 +552,7 @@ pub fn replay_dead(cfg: &UsageHookConfig) -> Result<(usize, usize), String> {
     let mut kept = Vec::new();
     let mut delivered = 0;
     for line in lines {
-        let (id, _) = record_meta(&line);
+        let id = record_id(&line);
         match outbox.deliver(&line, &id) {
             Delivery::Delivered => delivered += 1,
             Delivery::Refused(status, excerpt) => {
@@ -556,4 +568,34 @@ pub fn replay_dead(cfg: &UsageHookConfig) -> Result<(usize, usize), String> {
     let n = kept.len();
     spool::put_back_dead_letters(file, &kept).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((delivered, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_id_reads_our_lines_without_parsing_and_anything_else_by_parsing() {
+        assert_eq!(record_id(br#"{"request_id":"abc-1","model":"m"}"#), "abc-1");
+        // Another key first, an escape in the id, extra spaces: parsed.
+        assert_eq!(record_id(br#"{"model":"m","request_id":"x"}"#), "x");
+        assert_eq!(record_id(br#"{"request_id":"a\"b"}"#), "a\"b");
+        assert_eq!(record_id(br#"{ "request_id" : "s" }"#), "s");
+        // A key that only looks like it, inside another string.
+        assert_eq!(
+            record_id(br#"{"k":"{\"request_id\":\"no\"}","request_id":"yes"}"#),
+            "yes"
+        );
+        assert_eq!(record_id(b"not json"), "");
+        assert_eq!(record_id(br#"{"request_id":"#), "");
+    }
+
+    #[test]
+    fn record_time_reads_the_timestamp() {
+        assert_eq!(
+            record_time_ms(br#"{"request_id":"a","timestamp":"1970-01-01T00:00:01.500Z"}"#),
+            1500
+        );
+        assert_eq!(record_time_ms(br#"{"timestamp":"soon"}"#), 0);
+    }
 }

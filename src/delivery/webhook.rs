@@ -28,8 +28,10 @@ pub struct PlainHttp {
 
 struct Conn {
     stream: TcpStream,
+    /// Read buffer, always at its full length (zeroed once): `start..end` is unread.
     buf: Vec<u8>,
     start: usize,
+    end: usize,
 }
 
 /// One POST's answer: status and a short excerpt of the body.
@@ -80,8 +82,9 @@ impl PlainHttp {
                         let _ = s.set_write_timeout(Some(self.timeout));
                         self.conn = Some(Conn {
                             stream: s,
-                            buf: Vec::with_capacity(16 * 1024),
+                            buf: vec![0; 16 * 1024],
                             start: 0,
+                            end: 0,
                         });
                         break;
                     }
@@ -113,7 +116,7 @@ impl PlainHttp {
             req.extend_from_slice(key.as_bytes());
             req.extend_from_slice(b"\r\n");
             req.extend_from_slice(&self.extra);
-            req.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+            let _ = write!(req, "content-length: {}\r\n\r\n", body.len());
             req.extend_from_slice(body);
         }
         let mut answers = Vec::with_capacity(items.len());
@@ -142,24 +145,20 @@ impl PlainHttp {
 impl Conn {
     fn fill(&mut self) -> Result<(), String> {
         if self.start > 0 {
-            self.buf.drain(..self.start);
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
             self.start = 0;
         }
-        let len = self.buf.len();
-        self.buf.resize(len + 16 * 1024, 0);
-        match self.stream.read(&mut self.buf[len..]) {
-            Ok(0) => {
-                self.buf.truncate(len);
-                Err("the webhook closed the connection".into())
-            }
+        if self.end == self.buf.len() {
+            self.buf.resize(self.buf.len() * 2, 0);
+        }
+        match self.stream.read(&mut self.buf[self.end..]) {
+            Ok(0) => Err("the webhook closed the connection".into()),
             Ok(n) => {
-                self.buf.truncate(len + n);
+                self.end += n;
                 Ok(())
             }
-            Err(e) => {
-                self.buf.truncate(len);
-                Err(e.to_string())
-            }
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -167,7 +166,7 @@ impl Conn {
     fn read_answer(&mut self) -> Result<((u16, String), bool), String> {
         let mut head = ResponseHead::default();
         loop {
-            match head.parse(&self.buf[self.start..], MAX_RESPONSE_HEAD) {
+            match head.parse(&self.buf[self.start..self.end], MAX_RESPONSE_HEAD) {
                 Ok(Some(n)) => {
                     self.start += n;
                     if (100..200).contains(&head.status) {
@@ -186,7 +185,7 @@ impl Conn {
         let mut excerpt = Vec::new();
         loop {
             let n = decoder
-                .decode(&self.buf[self.start..], |s| {
+                .decode(&self.buf[self.start..self.end], |s| {
                     let room = 200usize.saturating_sub(excerpt.len());
                     excerpt.extend_from_slice(&s[..s.len().min(room)]);
                 })

@@ -5,6 +5,7 @@ use super::Usage;
 use crate::config::ApiKeyFormat;
 use crate::http::error::itoa_u64;
 use sha2::{Digest, Sha256};
+use std::io::Write;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -92,11 +93,7 @@ impl UsageRecord {
         out.extend_from_slice(b",\"endpoint\":");
         push_str(out, self.endpoint);
         out.extend_from_slice(b",\"timestamp\":\"");
-        out.extend_from_slice(
-            humantime::format_rfc3339_millis(self.timestamp)
-                .to_string()
-                .as_bytes(),
-        );
+        let _ = write!(out, "{}", humantime::format_rfc3339_millis(self.timestamp));
         out.extend_from_slice(b"\",\"backend_url\":");
         push_str(out, &self.backend_url);
         out.extend_from_slice(b",\"status_code\":");
