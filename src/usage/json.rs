@@ -2,8 +2,6 @@
 //! memory: a 50 MB embeddings response is scanned, never held. Only the usage value
 //! itself is copied (bounded by `MAX_USAGE_BYTES`).
 
-use memchr::memchr2;
-
 /// A usage object larger than this is not usage.
 pub const MAX_USAGE_BYTES: usize = 64 * 1024;
 const KEY_CAP: usize = 8;
@@ -55,14 +53,11 @@ impl UsageFinder {
     pub fn feed(&mut self, chunk: &[u8]) {
         let mut i = 0;
         while i < chunk.len() {
-            if self.in_str && !self.in_key && !self.capturing && !self.escape {
-                // Skip string contents fast.
-                match memchr2(b'"', b'\\', &chunk[i..]) {
-                    Some(k) => i += k,
-                    None => return,
-                }
+            if self.in_str {
+                i = self.string_run(chunk, i);
+                continue;
             }
-            if !self.in_str && !self.capturing && self.depth >= 2 {
+            if !self.capturing && self.depth >= 2 {
                 // Inside nested values only quotes and brackets matter: skip the rest
                 // (the numbers of an embedding) eight bytes at a time.
                 i += skip_plain(&chunk[i..]);
@@ -71,32 +66,6 @@ impl UsageFinder {
                 }
             }
             let b = chunk[i];
-            if self.in_str {
-                if self.capturing {
-                    self.capture_byte(b);
-                }
-                if self.escape {
-                    self.escape = false;
-                } else if b == b'\\' {
-                    self.escape = true;
-                    if self.in_key {
-                        self.key_len = KEY_CAP + 1; // escaped names never match "usage"
-                    }
-                } else if b == b'"' {
-                    self.in_str = false;
-                    if self.in_key {
-                        self.in_key = false;
-                        self.after_key = true;
-                    }
-                } else if self.in_key {
-                    if self.key_len < KEY_CAP {
-                        self.key[self.key_len] = b;
-                    }
-                    self.key_len += 1;
-                }
-                i += 1;
-                continue;
-            }
             if self.capturing && self.depth == 1 && (b == b',' || b == b'}') {
                 self.capturing = false;
                 let trimmed = self.capture.trim_ascii();
@@ -107,7 +76,7 @@ impl UsageFinder {
                 }
                 self.capture.clear();
             } else if self.capturing {
-                self.capture_byte(b);
+                self.capture_bytes(&[b]);
             }
             match b {
                 b'"' => {
@@ -140,34 +109,102 @@ impl UsageFinder {
         }
     }
 
-    fn capture_byte(&mut self, b: u8) {
-        if self.capture.len() >= MAX_USAGE_BYTES {
+    /// Inside a string from `chunk[i]`: takes the run up to the next quote or
+    /// backslash in one step (kept as the member name or the capture if it is one),
+    /// then that byte. Returns where scanning goes on.
+    fn string_run(&mut self, chunk: &[u8], mut i: usize) -> usize {
+        if self.escape {
+            self.escape = false;
+            if self.capturing {
+                self.capture_bytes(&chunk[i..=i]);
+            }
+            return i + 1;
+        }
+        let rest = &chunk[i..];
+        let k = find_quote_or_backslash(rest);
+        let run = &rest[..k];
+        if self.capturing {
+            self.capture_bytes(run);
+        } else if self.in_key {
+            let room = KEY_CAP.saturating_sub(self.key_len).min(run.len());
+            self.key[self.key_len.min(KEY_CAP)..][..room].copy_from_slice(&run[..room]);
+            self.key_len = self.key_len.saturating_add(run.len());
+        }
+        i += k;
+        let Some(&b) = chunk.get(i) else {
+            return i;
+        };
+        if self.capturing {
+            self.capture_bytes(&[b]);
+        }
+        if b == b'\\' {
+            self.escape = true;
+            if self.in_key {
+                self.key_len = KEY_CAP + 1; // escaped names never match "usage"
+            }
+        } else {
+            self.in_str = false;
+            if self.in_key {
+                self.in_key = false;
+                self.after_key = true;
+            }
+        }
+        i + 1
+    }
+
+    fn capture_bytes(&mut self, bytes: &[u8]) {
+        if self.capture.len() + bytes.len() > MAX_USAGE_BYTES {
             self.capturing = false;
             self.capture.clear();
         } else {
-            self.capture.push(b);
+            self.capture.extend_from_slice(bytes);
         }
     }
 }
 
 /// How many leading bytes of `bytes` are none of `"`, `[`, `]`, `{`, `}`.
 fn skip_plain(bytes: &[u8]) -> usize {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    let has_zero = |v: u64| v.wrapping_sub(LO) & !v & HI;
+    find_any(bytes, [b'"', b'[', b']', b'{', b'}'])
+}
+
+/// Where the first `"` or `\\` in `bytes` is (`bytes.len()` if none).
+fn find_quote_or_backslash(bytes: &[u8]) -> usize {
+    find_any(bytes, [b'"', b'\\'])
+}
+
+/// Where the first byte of `set` in `bytes` is (`bytes.len()` if none), sixteen bytes
+/// at a time. JSON is mostly short runs (names, enum values, numbers) between
+/// structural bytes: this stops within the first block on those without the set-up of
+/// a general vector search, and still moves fast through long generated text.
+#[inline]
+fn find_any<const N: usize>(bytes: &[u8], set: [u8; N]) -> usize {
     let mut i = 0;
-    while i + 8 <= bytes.len() {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&bytes[i..i + 8]);
-        let x = u64::from_le_bytes(word);
-        // `{` and `}` differ from `[` and `]` only in bit 5.
-        let y = x & 0xDFDF_DFDF_DFDF_DFDF;
-        if has_zero(x ^ (LO * 0x22)) | has_zero(y ^ (LO * 0x5B)) | has_zero(y ^ (LO * 0x5D)) != 0 {
-            break;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128,
+            _mm_set1_epi8, _mm_setzero_si128,
+        };
+        // SAFETY: SSE2 is part of the x86_64 baseline, so these intrinsics are always
+        // available; every load reads 16 bytes at `i` with `i + 16 <= bytes.len()`, and
+        // `_mm_loadu_si128` has no alignment requirement.
+        unsafe {
+            let needles = set.map(|b| _mm_set1_epi8(b as i8));
+            while i + 16 <= bytes.len() {
+                let v = _mm_loadu_si128(bytes.as_ptr().add(i).cast::<__m128i>());
+                let mut hit = _mm_setzero_si128();
+                for n in needles {
+                    hit = _mm_or_si128(hit, _mm_cmpeq_epi8(v, n));
+                }
+                let mask = _mm_movemask_epi8(hit) as u32;
+                if mask != 0 {
+                    return i + mask.trailing_zeros() as usize;
+                }
+                i += 16;
+            }
         }
-        i += 8;
     }
-    while i < bytes.len() && !matches!(bytes[i], b'"' | b'[' | b']' | b'{' | b'}') {
+    while i < bytes.len() && !set.contains(&bytes[i]) {
         i += 1;
     }
     i
@@ -358,6 +395,53 @@ mod tests {
             Some(&br#"{"prompt_tokens":7,"total_tokens":7}"#[..])
         );
         assert!(f.capture.capacity() <= 1024);
+    }
+
+    #[test]
+    fn names_near_usage_and_long_escaped_strings() {
+        let long = "x".repeat(40);
+        let body = format!(
+            r#"{{"usagex":1,"usa":2,"{long}\"usage":3,"s":"{long}\\\"{long}","usage":{{"t":"{long}\"}}"}},"usages":4}}"#
+        );
+        let whole = find_split(body.as_bytes(), &[]);
+        assert_eq!(whole, Some(format!(r#"{{"t":"{long}\"}}"}}"#).into_bytes()));
+        for cut in 0..=body.len() {
+            assert_eq!(find_split(body.as_bytes(), &[cut]), whole, "cut {cut}");
+        }
+    }
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            "[a-z\"\\\\{}\\[\\],: ]{0,24}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::vec(
+                    (prop_oneof![Just("usage".to_string()), "[a-z]{1,7}"], inner),
+                    0..4
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn agrees_with_serde_on_any_document_and_split(
+            doc in json_value(),
+            cuts in proptest::collection::vec(0usize..400, 0..5),
+        ) {
+            let body = doc.to_string();
+            let want = doc.as_object().and_then(|o| o.get("usage")).cloned();
+            let got = find_split(body.as_bytes(), &cuts)
+                .map(|raw| serde_json::from_slice::<serde_json::Value>(&raw).unwrap());
+            prop_assert_eq!(got, want);
+        }
     }
 
     proptest! {
