@@ -179,8 +179,8 @@ impl Upstreams {
         if let Some(prev) = previous {
             for (i, b) in backends.iter().enumerate() {
                 if let Some(j) = prev.backends.iter().position(|o| Arc::ptr_eq(o, b)) {
-                    for io in prev.pool.drain(j) {
-                        pool.put(i, io);
+                    for (io, since) in prev.pool.drain(j) {
+                        pool.put_idle(i, io, since);
                     }
                 }
             }

@@ -1,20 +1,27 @@
-//! Per-worker keep-alive connections to the backends. An idle connection is checked
-//! before reuse (a backend's keep-alive timeout may have closed it), so a request is
-//! never written into a socket the backend has already given up on.
+//! Per-worker keep-alive connections to the backends. A connection idle for longer
+//! than `FRESH` is checked before reuse (a backend's keep-alive timeout may have
+//! closed it), so a request is not written into a socket the backend gave up on. One
+//! idle for less is reused without the check (a syscall per request): backends keep
+//! idle connections for seconds (uvicorn and so vLLM: 5 s), and one that closed
+//! sooner (a restart) fails before any response byte, which the proxy answers by
+//! sending the request once more on a fresh connection.
 
 use super::Backend;
 use crate::io::{Io, PeerState};
 use monoio::net::TcpStream;
 use std::cell::RefCell;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Idle connections kept per backend per worker.
 const MAX_IDLE_PER_BACKEND: usize = 128;
 /// Read buffer per upstream connection; grows only for larger heads.
 const UPSTREAM_BUF: usize = 16 * 1024;
+/// An idle connection younger than this is reused without looking at its socket.
+const FRESH: Duration = Duration::from_millis(500);
 
 pub struct Pool {
-    idle: RefCell<Vec<Vec<Io>>>,
+    /// Per backend: idle connections and when each went idle, newest last.
+    idle: RefCell<Vec<Vec<(Io, Instant)>>>,
 }
 
 #[derive(Debug)]
@@ -34,8 +41,11 @@ impl Pool {
     pub fn take(&self, i: usize) -> Option<Io> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(i)?;
-        while let Some(io) = list.pop() {
-            if io.peek() == PeerState::Quiet && io.data().is_empty() {
+        let now = Instant::now();
+        while let Some((io, since)) = list.pop() {
+            if io.data().is_empty()
+                && (now.saturating_duration_since(since) < FRESH || io.peek() == PeerState::Quiet)
+            {
                 return Some(io);
             }
         }
@@ -43,7 +53,7 @@ impl Pool {
     }
 
     /// Takes every idle connection to backend `i` (a reload moves them to a new view).
-    pub fn drain(&self, i: usize) -> Vec<Io> {
+    pub fn drain(&self, i: usize) -> Vec<(Io, Instant)> {
         self.idle
             .borrow_mut()
             .get_mut(i)
@@ -51,13 +61,19 @@ impl Pool {
             .unwrap_or_default()
     }
 
-    pub fn put(&self, i: usize, io: Io) {
+    /// Keeps `io`, idle since `since`, for reuse.
+    pub fn put_idle(&self, i: usize, io: Io, since: Instant) {
         let mut idle = self.idle.borrow_mut();
         if let Some(list) = idle.get_mut(i)
             && list.len() < MAX_IDLE_PER_BACKEND
         {
-            list.push(io);
+            list.push((io, since));
         }
+    }
+
+    /// Keeps `io`, idle from now, for reuse.
+    pub fn put(&self, i: usize, io: Io) {
+        self.put_idle(i, io, Instant::now());
     }
 
     pub async fn connect(backend: &Backend, timeout: Duration) -> Result<Io, ConnectError> {

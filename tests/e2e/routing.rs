@@ -509,3 +509,45 @@ fn models_auto_follows_what_the_backend_serves() {
             .all(|r| r["backend_url"] == format!("http://127.0.0.1:{port}").as_str())
     );
 }
+
+#[test]
+fn a_backend_restart_between_requests_costs_no_request() {
+    // Pooled connections to a backend that restarted are dead. One reused within
+    // moments is not looked at before use (that costs a syscall per request): the
+    // request fails before any response byte and goes again on a fresh connection.
+    // One idle for longer is looked at first. Either way the caller sees nothing.
+    let mut backend = mock(&[]);
+    let port = backend.addr.rsplit(':').next().unwrap().to_string();
+    let rx = receiver(&[]);
+    let p = proxy_for(&backends_yaml(&[(&backend, 1, &[])]), &rx, "");
+    let mut n = 0;
+    let mut send = |stream: bool| {
+        n += 1;
+        let r = post_json(
+            &p.addr,
+            "/v1/chat/completions",
+            &[("x-request-id", &format!("restart-{n}"))],
+            &chat(stream, 3),
+        );
+        assert_eq!(r.status, 200, "request {n}: {}", r.text());
+    };
+    for i in 0..4 {
+        send(i % 2 == 1);
+    }
+    backend.signal(libc::SIGKILL);
+    backend.wait_exit(Duration::from_secs(5));
+    let _again = mock(&["--port", &port]);
+    for i in 0..4 {
+        send(i % 2 == 1);
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    for i in 0..2 {
+        send(i % 2 == 1);
+    }
+    let records = wait_records(&rx, 10);
+    assert_eq!(records.len(), 10);
+    assert!(
+        records.iter().all(|r| r["status_code"] == 200),
+        "{records:?}"
+    );
+}
