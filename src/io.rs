@@ -2,12 +2,17 @@
 //! operation (io_uring owns them while the kernel works), so the buffer is moved in and
 //! out around every read and write; its capacity is kept, so a connection allocates
 //! once and then reuses.
+//!
+//! A read or write given up on (timeout, hang-up, shutdown) is not dropped: a dropped
+//! io_uring operation keeps its buffer and the socket until the kernel finishes it
+//! (never, for a read from a silent peer). Instead that direction of the socket is
+//! shut down, which completes the operation at once, and it is awaited, so the buffer
+//! comes back. Every wait given up on ends the connection (or, for a read, leaves only
+//! an answer to write), so nothing is lost by shutting it. This costs nothing per operation, where monoio's `Canceller` costs a
+//! hash-set insert and removal on every read and write.
 
 use monoio::buf::{IoBuf, IoBufMut};
-use monoio::io::{
-    AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, CancelableAsyncWriteRentExt,
-    Canceller,
-};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -17,11 +22,6 @@ pub struct Io {
     buf: Vec<u8>,
     /// Bytes before `start` have been consumed.
     start: usize,
-    /// Cancels a read or write given up on (timeout, hang-up). A dropped io_uring
-    /// operation would keep its buffer and the socket until the kernel finished it
-    /// (never, for a read from a silent peer); a cancelled one is awaited, so the
-    /// buffer comes back, with any bytes that arrived meanwhile.
-    canceller: Canceller,
 }
 
 /// What a non-blocking peek at a socket found.
@@ -41,7 +41,6 @@ impl Io {
             stream,
             buf: Vec::with_capacity(capacity),
             start: 0,
-            canceller: Canceller::new(),
         }
     }
 
@@ -56,12 +55,6 @@ impl Io {
             self.buf.clear();
             self.start = 0;
         }
-    }
-
-    /// Reads more bytes after the buffered ones. `Ok(0)` is end of stream.
-    pub async fn fill(&mut self) -> io::Result<usize> {
-        let handle = self.canceller.handle();
-        fill_into(&mut self.stream, &mut self.buf, &mut self.start, handle).await
     }
 
     /// Writes all of `out`, keeping its contents.
@@ -89,17 +82,15 @@ impl Io {
         }
         let buf = std::mem::take(out);
         let end = buf.len();
-        let handle = self.canceller.handle();
-        let Io {
-            stream, canceller, ..
-        } = self;
-        let fut = CancelableAsyncWriteRentExt::write_all(stream, buf.slice(0..end), handle);
+        let fd = self.stream.as_raw_fd();
+        let fut = AsyncWriteRentExt::write_all(&mut self.stream, buf.slice(0..end));
         let mut fut = std::pin::pin!(fut);
         let mut timed_out = false;
         let (res, slice) = monoio::select! {
             r = &mut fut => r,
             _ = monoio::time::sleep(stall) => {
-                *canceller = std::mem::take(canceller).cancel();
+                // The connection is given up: both directions end, the write fails.
+                shutdown(fd, libc::SHUT_RDWR);
                 timed_out = true;
                 (&mut fut).await
             }
@@ -134,7 +125,6 @@ async fn fill_into(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
     start: &mut usize,
-    handle: CancelHandle,
 ) -> io::Result<usize> {
     if *start > 0 && buf.capacity() - buf.len() < 2048 {
         buf.drain(..*start);
@@ -145,11 +135,16 @@ async fn fill_into(
     }
     let owned = std::mem::take(buf);
     let (len, cap) = (owned.len(), owned.capacity());
-    let (res, slice) = stream
-        .cancelable_read(owned.slice_mut(len..cap), handle)
-        .await;
+    let (res, slice) = stream.read(owned.slice_mut(len..cap)).await;
     *buf = slice.into_inner();
     res
+}
+
+/// Ends one or both directions of a socket; an io_uring read or write pending on that
+/// direction completes at once (end of stream, or an error).
+fn shutdown(fd: i32, how: i32) {
+    // SAFETY: shutdown(2) on a socket fd this connection owns; it changes no memory.
+    unsafe { libc::shutdown(fd, how) };
 }
 
 pub fn peek_fd(fd: i32) -> PeerState {
@@ -198,14 +193,9 @@ impl Io {
         deadline: std::time::Instant,
         mut on_tick: impl FnMut() -> bool,
     ) -> Wait {
-        let handle = self.canceller.handle();
-        let Io {
-            stream,
-            buf,
-            start,
-            canceller,
-        } = self;
-        let fut = fill_into(stream, buf, start, handle);
+        let fd = self.stream.as_raw_fd();
+        let Io { stream, buf, start } = self;
+        let fut = fill_into(stream, buf, start);
         let mut fut = std::pin::pin!(fut);
         let mut stopped = None;
         let r = loop {
@@ -219,16 +209,19 @@ impl Io {
                     } else {
                         continue;
                     };
-                    *canceller = std::mem::take(canceller).cancel();
+                    // Reading is given up; writing stays open for an answer (a
+                    // 408, a 504) where there is one to give.
+                    shutdown(fd, libc::SHUT_RD);
                     stopped = Some(why);
                     break (&mut fut).await;
                 }
             }
         };
         match (r, stopped) {
-            // Bytes that arrived before the cancel took effect are kept and reported.
-            (Ok(n), _) if n > 0 => Wait::Data,
+            // Given up is given up, even if bytes raced in before the read ended: the
+            // read side is shut, so the connection has no future but an answer.
             (_, Some(why)) => why,
+            (Ok(n), None) if n > 0 => Wait::Data,
             (Ok(_), None) => Wait::Eof,
             (Err(e), None) => Wait::Error(e),
         }
