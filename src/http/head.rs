@@ -5,6 +5,7 @@
 //! their buffers are reused from one request to the next on a connection.
 
 use super::body::Framing;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 /// Headers per message; more is a 431 (requests) or 502 (responses).
@@ -169,11 +170,17 @@ impl RequestHead {
 
     /// Parses a request head from the start of `data`. `Ok(None)`: incomplete.
     pub fn parse(&mut self, data: &[u8], max_bytes: usize) -> Result<Option<usize>, HeadError> {
-        let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut parsed);
+        // Uninitialized header slots: httparse writes only those it fills, rather than
+        // this function zeroing 4 KiB of them on every call.
+        let mut parsed = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
         let window = &data[..data.len().min(max_bytes)];
         let Some(head_len) = head_end(
-            req.parse(window),
+            httparse::ParserConfig::default().parse_request_with_uninit_headers(
+                &mut req,
+                window,
+                &mut parsed,
+            ),
             data.len(),
             max_bytes,
             "malformed request head",
@@ -190,8 +197,7 @@ impl RequestHead {
         self.method = m..m + method.len();
         self.path = p..p + path.len();
         self.version = version;
-        let n_headers = req.headers.len();
-        self.headers.fill(data, head_len, &parsed[..n_headers]);
+        self.headers.fill(data, head_len, req.headers);
 
         let (length, te) = self.headers.framing()?;
         self.framing = Some(match (length, te) {
@@ -232,11 +238,15 @@ impl ResponseHead {
 
     /// Parses a response head. `Ok(None)`: incomplete.
     pub fn parse(&mut self, data: &[u8], max_bytes: usize) -> Result<Option<usize>, HeadError> {
-        let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut parsed);
+        let mut parsed = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
         let window = &data[..data.len().min(max_bytes)];
         let Some(head_len) = head_end(
-            resp.parse(window),
+            httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut resp,
+                window,
+                &mut parsed,
+            ),
             data.len(),
             max_bytes,
             "malformed response head",
@@ -254,8 +264,7 @@ impl ResponseHead {
             let off = reason.as_ptr() as usize - data.as_ptr() as usize;
             off..off + reason.len()
         };
-        let n_headers = resp.headers.len();
-        self.headers.fill(data, head_len, &parsed[..n_headers]);
+        self.headers.fill(data, head_len, resp.headers);
         self.status = status;
         self.reason = r;
         self.version = version;
