@@ -19,6 +19,7 @@ use crate::usage::UsageRecord;
 use crate::{error, info, warn};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use spool::{Next, Spool, SpoolReader, SpoolWriter};
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -296,8 +297,8 @@ impl Outbox {
                 }
             }
             // A batch: the oldest record (waiting for one), then whatever else is
-            // already spooled, up to `pipeline`.
-            lines.clear();
+            // already spooled, up to `pipeline`. Line buffers go back to the reader.
+            reader.recycle(&mut lines);
             match reader.next(Duration::from_millis(100)) {
                 Next::Record(line) => lines.push(line),
                 Next::Empty => {
@@ -316,7 +317,7 @@ impl Outbox {
             self.metrics
                 .spool_oldest_ms
                 .store(record_time_ms(&lines[0]), Relaxed);
-            let ids: Vec<String> = lines.iter().map(|l| record_id(l)).collect();
+            let ids: Vec<Cow<str>> = lines.iter().map(|l| record_id(l)).collect();
             let results = self.deliver_batch(&lines, &ids);
             for ((line, id), result) in lines.iter().zip(&ids).zip(results) {
                 match result {
@@ -438,13 +439,13 @@ impl Outbox {
     /// Several spooled records at once: pipelined on the plain client, then any that
     /// failed retryably go through `deliver` (with its retries) one by one. Answers
     /// cover a prefix of `lines`: delivery stops at the first record that fails.
-    fn deliver_batch(&mut self, lines: &[Vec<u8>], ids: &[String]) -> Vec<Delivery> {
+    fn deliver_batch(&mut self, lines: &[Vec<u8>], ids: &[Cow<str>]) -> Vec<Delivery> {
         let first: Vec<Attempt> = match self.plain.as_mut() {
             Some(plain) if lines.len() > 1 => {
                 let items: Vec<(&[u8], &str)> = lines
                     .iter()
                     .zip(ids)
-                    .map(|(l, id)| (&l[..], id.as_str()))
+                    .map(|(l, id)| (&l[..], id.as_ref()))
                     .collect();
                 plain.post_many(&items).into_iter().map(classify).collect()
             }
@@ -507,21 +508,23 @@ fn sleep_unless(d: Duration, stop: &AtomicBool) {
 /// The request id of a spooled record. Records this proxy wrote start with
 /// `{"request_id":"...",` (ids have nothing to escape), read without parsing the line;
 /// anything else is parsed.
-fn record_id(line: &[u8]) -> String {
+fn record_id(line: &[u8]) -> Cow<'_, str> {
     const KEY: &[u8] = b"{\"request_id\":\"";
     if let Some(rest) = line.strip_prefix(KEY)
         && let Some(end) = memchr::memchr2(b'"', b'\\', rest)
         && rest[end] == b'"'
         && let Ok(id) = std::str::from_utf8(&rest[..end])
     {
-        return id.to_string();
+        return Cow::Borrowed(id);
     }
     #[derive(serde::Deserialize)]
     struct Meta {
         #[serde(default)]
         request_id: String,
     }
-    serde_json::from_slice::<Meta>(line).map_or_else(|_| String::new(), |m| m.request_id)
+    Cow::Owned(
+        serde_json::from_slice::<Meta>(line).map_or_else(|_| String::new(), |m| m.request_id),
+    )
 }
 
 /// The arrival time (unix ms) of a spooled record; 0 when it has none.

@@ -129,6 +129,7 @@ impl Spool {
             file: None,
             sealed_len: None,
             cursor,
+            spare: Vec::new(),
             cursor_dirty: false,
             shared: self.shared.clone(),
         }
@@ -280,6 +281,8 @@ pub struct SpoolReader {
     /// segments do not grow: one stat per segment, not one per record).
     sealed_len: Option<(u64, u64)>,
     cursor: Option<File>,
+    /// Line buffers handed back by `recycle`, reused by the next lines read.
+    spare: Vec<Vec<u8>>,
     /// The cursor file is behind `offset` (saved by `save`, once per batch).
     cursor_dirty: bool,
     shared: Arc<Shared>,
@@ -364,7 +367,8 @@ impl SpoolReader {
         let Some(reader) = self.file.as_mut() else {
             return Ok(None);
         };
-        let mut line = Vec::with_capacity(512);
+        let mut line = self.spare.pop().unwrap_or_else(|| Vec::with_capacity(1024));
+        line.clear();
         let max = (limit - self.read_pos).min(MAX_LINE);
         reader.by_ref().take(max).read_until(b'\n', &mut line)?;
         if line.last() == Some(&b'\n') {
@@ -404,6 +408,11 @@ impl SpoolReader {
                 len
             }
         }
+    }
+
+    /// Takes back the line buffers in `lines` (leaving it empty) for the next reads.
+    pub fn recycle(&mut self, lines: &mut Vec<Vec<u8>>) {
+        self.spare.append(lines);
     }
 
     /// Forgets the records handed out but not acknowledged: they come again.

@@ -34,7 +34,8 @@ struct Conn {
     end: usize,
 }
 
-/// One POST's answer: status and a short excerpt of the body.
+/// One POST's answer: status and a short excerpt of the body (empty for a 2xx, whose
+/// body nobody reads).
 pub type Answer = Result<(u16, String), String>;
 
 impl PlainHttp {
@@ -183,10 +184,15 @@ impl Conn {
             .map_err(|e| format!("invalid response framing: {e:?}"))?;
         let mut decoder = BodyDecoder::new(framing);
         let mut excerpt = Vec::new();
+        let keep_excerpt = !(200..300).contains(&head.status);
         loop {
             let n = decoder
                 .decode(&self.buf[self.start..self.end], |s| {
-                    let room = 200usize.saturating_sub(excerpt.len());
+                    let room = if keep_excerpt {
+                        200usize.saturating_sub(excerpt.len())
+                    } else {
+                        0
+                    };
                     excerpt.extend_from_slice(&s[..s.len().min(room)]);
                 })
                 .map_err(|e| e.to_string())?;
@@ -204,10 +210,12 @@ impl Conn {
                 return Err(e);
             }
         }
-        Ok((
-            (head.status, String::from_utf8_lossy(&excerpt).into_owned()),
-            head.keep_alive,
-        ))
+        let excerpt = if excerpt.is_empty() {
+            String::new()
+        } else {
+            String::from_utf8_lossy(&excerpt).into_owned()
+        };
+        Ok(((head.status, excerpt), head.keep_alive))
     }
 }
 
@@ -243,10 +251,10 @@ mod tests {
                 }
                 let mut body = vec![0; len];
                 r.read_exact(&mut body).unwrap();
-                let status = if i == 1 {
-                    "422 Unprocessable"
-                } else {
-                    "200 OK"
+                let status = match i {
+                    1 => "422 Unprocessable",
+                    2 => "503 Busy",
+                    _ => "200 OK",
                 };
                 let reply = if i == 2 {
                     "transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".to_string()
@@ -268,9 +276,9 @@ mod tests {
         assert_eq!(
             answers,
             vec![
-                Ok((200, "no".into())),
+                Ok((200, String::new())),
                 Ok((422, "no".into())),
-                Ok((200, "ok".into()))
+                Ok((503, "ok".into()))
             ]
         );
         assert_eq!(server.join().unwrap(), vec!["a", "b", "c"]);

@@ -5,7 +5,6 @@ use super::Usage;
 use crate::config::ApiKeyFormat;
 use crate::http::error::itoa_u64;
 use sha2::{Digest, Sha256};
-use std::io::Write;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -93,7 +92,7 @@ impl UsageRecord {
         out.extend_from_slice(b",\"endpoint\":");
         push_str(out, self.endpoint);
         out.extend_from_slice(b",\"timestamp\":\"");
-        let _ = write!(out, "{}", humantime::format_rfc3339_millis(self.timestamp));
+        push_rfc3339_millis(out, self.timestamp);
         out.extend_from_slice(b"\",\"backend_url\":");
         push_str(out, &self.backend_url);
         out.extend_from_slice(b",\"status_code\":");
@@ -123,9 +122,55 @@ impl UsageRecord {
     }
 }
 
+/// Appends `s` as a JSON string. Ids, names and keys rarely need escaping: those are
+/// copied as they are; anything with a quote, backslash or control byte goes through
+/// serde_json.
 fn push_str(out: &mut Vec<u8>, s: &str) {
-    // Writing a &str to a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing a &str to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+/// Appends `t` as RFC 3339 UTC with milliseconds (`2026-01-14T10:30:00.123Z`), as
+/// humantime's `format_rfc3339_millis` does, without the formatting machinery: one
+/// record per request goes through here.
+fn push_rfc3339_millis(out: &mut Vec<u8>, t: SystemTime) {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    let two = |b: &mut [u8], v: u64| {
+        b[0] = b'0' + (v / 10 % 10) as u8;
+        b[1] = b'0' + (v % 10) as u8;
+    };
+    let year = year.clamp(0, 9999) as u64;
+    two(&mut b[0..2], year / 100);
+    two(&mut b[2..4], year);
+    two(&mut b[5..7], month as u64);
+    two(&mut b[8..10], day as u64);
+    two(&mut b[11..13], rem / 3600);
+    two(&mut b[14..16], rem / 60 % 60);
+    two(&mut b[17..19], rem % 60);
+    let ms = u64::from(since.subsec_millis());
+    b[20] = b'0' + (ms / 100) as u8;
+    two(&mut b[21..23], ms);
+    out.extend_from_slice(&b);
 }
 
 /// Formats the caller's key for the record (SPEC: `usage_hook.api_key_format`).
@@ -186,6 +231,27 @@ mod tests {
             usage_source: UsageSource::Backend,
             duration_ms: 1834,
             ttft_ms: Some(41),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn timestamps_match_humantime(ms in 0u64..253_402_300_799_999) {
+            let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+            let mut out = Vec::new();
+            push_rfc3339_millis(&mut out, t);
+            proptest::prop_assert_eq!(
+                String::from_utf8(out).unwrap(),
+                humantime::format_rfc3339_millis(t).to_string()
+            );
+        }
+
+        #[test]
+        fn strings_are_valid_json(s in "\\PC*|[\"\\\\\u{0}-\u{1f}a-z]{0,12}") {
+            let mut out = Vec::new();
+            push_str(&mut out, &s);
+            let back: String = serde_json::from_slice(&out).unwrap();
+            proptest::prop_assert_eq!(back, s);
         }
     }
 
