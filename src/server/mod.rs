@@ -153,6 +153,39 @@ impl Worker {
 
 /// Runs the proxy until SIGTERM/SIGINT, then drains and delivers. Returns an error
 /// message for start-up failures.
+/// Raises the open-file limit to its hard maximum (as nginx's worker_rlimit_nofile
+/// would be set by hand): every proxied request holds two sockets. Warns when even that
+/// is short of what `limits.max_connections` allows, since connections beyond it would
+/// fail with "Too many open files".
+fn raise_fd_limit(max_connections: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    let needed = max_connections * 2 + 64;
+    if lim.rlim_cur < needed {
+        warn!(
+            "open-file limit is {} but limits.max_connections allows {max_connections} connections in all (two sockets each, {needed} files): raise it (ulimit -n, systemd LimitNOFILE=) or lower limits.max_connections",
+            lim.rlim_cur
+        );
+    }
+}
+
 pub fn run(config: Config, config_path: &str) -> Result<(), String> {
     let addr = parse_listen(&config.listen)?;
     let metrics = Arc::new(Metrics::new());
@@ -176,6 +209,7 @@ pub fn run(config: Config, config_path: &str) -> Result<(), String> {
 
     let access_log = AccessLog::start(&config.access_log, metrics.clone())?;
     let workers = config.worker_count();
+    raise_fd_limit(workers as u64 * config.limits.max_connections as u64);
     let health_cfg = config.health_check.clone();
     let connect_timeout = config.limits.connect_timeout.0;
     let shared = Arc::new(Shared {
