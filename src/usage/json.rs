@@ -2,6 +2,8 @@
 //! memory: a 50 MB embeddings response is scanned, never held. Only the usage value
 //! itself is copied (bounded by `MAX_USAGE_BYTES`).
 
+use crate::scan::find_any;
+
 /// A usage object larger than this is not usage.
 pub const MAX_USAGE_BYTES: usize = 64 * 1024;
 const KEY_CAP: usize = 8;
@@ -170,44 +172,6 @@ fn skip_plain(bytes: &[u8]) -> usize {
 /// Where the first `"` or `\\` in `bytes` is (`bytes.len()` if none).
 fn find_quote_or_backslash(bytes: &[u8]) -> usize {
     find_any(bytes, [b'"', b'\\'])
-}
-
-/// Where the first byte of `set` in `bytes` is (`bytes.len()` if none), sixteen bytes
-/// at a time. JSON is mostly short runs (names, enum values, numbers) between
-/// structural bytes: this stops within the first block on those without the set-up of
-/// a general vector search, and still moves fast through long generated text.
-#[inline]
-fn find_any<const N: usize>(bytes: &[u8], set: [u8; N]) -> usize {
-    let mut i = 0;
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{
-            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128,
-            _mm_set1_epi8, _mm_setzero_si128,
-        };
-        // SAFETY: SSE2 is part of the x86_64 baseline, so these intrinsics are always
-        // available; every load reads 16 bytes at `i` with `i + 16 <= bytes.len()`, and
-        // `_mm_loadu_si128` has no alignment requirement.
-        unsafe {
-            let needles = set.map(|b| _mm_set1_epi8(b as i8));
-            while i + 16 <= bytes.len() {
-                let v = _mm_loadu_si128(bytes.as_ptr().add(i).cast::<__m128i>());
-                let mut hit = _mm_setzero_si128();
-                for n in needles {
-                    hit = _mm_or_si128(hit, _mm_cmpeq_epi8(v, n));
-                }
-                let mask = _mm_movemask_epi8(hit) as u32;
-                if mask != 0 {
-                    return i + mask.trailing_zeros() as usize;
-                }
-                i += 16;
-            }
-        }
-    }
-    while i < bytes.len() && !set.contains(&bytes[i]) {
-        i += 1;
-    }
-    i
 }
 
 /// The bytes to remove to drop top-level member `key` from the JSON object `json`

@@ -6,7 +6,7 @@
 //! Malformed JSON gives `None`; it never panics (property-tested against a serde
 //! reference in `stream.rs`).
 
-use memchr::memchr2;
+use crate::scan::find_any;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Choices {
@@ -54,7 +54,10 @@ impl<'a> Cursor<'a> {
         let start = self.i + 1;
         let mut j = start;
         loop {
-            let k = memchr2(b'"', b'\\', &self.d[j..])?;
+            let k = find_any(&self.d[j..], [b'"', b'\\']);
+            if j + k == self.d.len() {
+                return None;
+            }
             if self.d[j + k] == b'\\' {
                 j += k + 2;
                 if j > self.d.len() {
@@ -78,6 +81,8 @@ impl<'a> Cursor<'a> {
             b'{' | b'[' => {
                 let mut depth = 0usize;
                 loop {
+                    // Only quotes and brackets matter inside a skipped value.
+                    self.i += find_any(&self.d[self.i..], [b'"', b'{', b'}', b'[', b']']);
                     match self.peek()? {
                         b'"' => {
                             self.string()?;
