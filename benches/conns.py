@@ -1,18 +1,29 @@
 """Memory per connection: idle keep-alive connections, and concurrent slow streams
-(the backend sends a token every 50 ms), measured from llmproxy's RSS.
-    python3 benches/conns.py [idle connections, default 5000] [slow streams, default 2000]
+(the backend sends a token every 50 ms, 200 tokens: 10 s per stream), measured from
+llmproxy's RSS; the peak number of streams in flight at once is read from /metrics.
+    python3 benches/conns.py [idle connections, default 10000] [slow streams, default 10000]
 Needs `cargo build --release --bin llmproxy --example mock_vllm --example webhook_receiver`.
 Everything listens on 127.0.0.1; every count and duration is bounded.
 """
 import json, os, resource, selectors, signal, socket, subprocess, sys, tempfile, time, urllib.request
 
-IDLE = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
-STREAMS = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
+IDLE = int(sys.argv[1]) if len(sys.argv) > 1 else 10000
+STREAMS = int(sys.argv[2]) if len(sys.argv) > 2 else 10000
+TOKENS = 200
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 W = tempfile.mkdtemp(prefix="llmproxy-conns-")
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+try:  # 10,000 streams are 20,000 sockets in the proxy: raise the hard limit if allowed
+    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+except (ValueError, OSError):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+if STREAMS * 2 + 100 > limit:
+    fit = (limit - 100) // 2
+    print(f"note: the open-file limit here is {limit} (hard) and a stream holds two sockets in the proxy; "
+          f"running {fit} streams instead of {STREAMS}", file=sys.stderr)
+    STREAMS = fit
 procs = []
 
 
@@ -29,6 +40,14 @@ def up(p):
     sys.exit(f"nothing on {p}")
 
 
+def in_flight():
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{PROXY}/metrics", timeout=5).read().decode()
+    except OSError as e:
+        print(f"metrics: {e}", file=sys.stderr); return 0
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("llmproxy_backend_in_flight{"))
+
+
 def rss_kib(pid):
     for l in open(f"/proc/{pid}/status"):
         if l.startswith("VmRSS:"):
@@ -36,8 +55,8 @@ def rss_kib(pid):
 
 
 MOCK, HOOK, PROXY = port(), port(), port()
-procs.append(subprocess.Popen([f"{REL}/examples/mock_vllm", "--port", str(MOCK)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-procs.append(subprocess.Popen([f"{REL}/examples/webhook_receiver", "--port", str(HOOK), "--quiet", "--log", "/dev/null"], stdout=subprocess.DEVNULL))
+procs.append(subprocess.Popen([f"{REL}/examples/mock_vllm", "--port", str(MOCK), "--paced"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+procs.append(subprocess.Popen([f"{REL}/examples/webhook_receiver", "--port", str(HOOK), "--quiet", "--log", "none", "--no-store"], stdout=subprocess.DEVNULL))
 up(MOCK); up(HOOK)
 open(f"{W}/c.yaml", "w").write(f"""
 listen: "127.0.0.1:{PROXY}"
@@ -83,8 +102,8 @@ try:
     proxy = start_proxy()
     base2 = rss_kib(proxy.pid)
 
-    # Slow streams: 100 tokens, one every 50 ms, all at once.
-    body = json.dumps({"model": "mock-model", "messages": [{"role": "user", "content": "a b c"}], "max_tokens": 100, "stream": True}).encode()
+    # Slow streams: TOKENS tokens, one every 50 ms, all at once.
+    body = json.dumps({"model": "mock-model", "messages": [{"role": "user", "content": "a b c"}], "max_tokens": TOKENS, "stream": True}).encode()
     req = b"POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\nx-mock-token-delay-ms: 50\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
     sel = selectors.DefaultSelector()
     before = rss_kib(proxy.pid)
@@ -93,9 +112,11 @@ try:
         s.setblocking(False)
         s.sendall(req)
         sel.register(s, selectors.EVENT_READ, bytearray())
-    peak, done, complete = before, 0, 0
-    end = time.time() + 60
+    peak, done, complete, most, polled = before, 0, 0, 0, 0.0
+    end = time.time() + 120
     while done < STREAMS and time.time() < end:
+        if time.time() - polled > 0.5:
+            most, polled = max(most, in_flight()), time.time()
         for key, _ in sel.select(timeout=0.5):
             try:
                 chunk = key.fileobj.recv(65536)
@@ -112,7 +133,7 @@ try:
     print(f"llmproxy RSS at start: {base / 1024:.1f} MiB (second process: {base2 / 1024:.1f} MiB)")
     print(f"{IDLE} idle keep-alive connections: +{(idle - base) / 1024:.1f} MiB = {per_idle:.1f} KiB per connection")
     print(f"{STREAMS} concurrent slow streams (token every 50 ms): peak +{(peak - before) / 1024:.1f} MiB = {per_stream:.1f} KiB per stream "
-          f"(client and upstream connection); {complete}/{STREAMS} streams complete")
+          f"(client and upstream connection); at most {most:.0f} in flight at once; {complete}/{STREAMS} streams complete")
 finally:
     for p in procs:
         p.send_signal(signal.SIGTERM)

@@ -17,6 +17,10 @@
 //! `--prerender` (for benchmarks): chat completions are answered from responses built
 //! at start (`--tokens` chunks, usage chunk when the request asks for it), each in one
 //! write, so the mock costs as little CPU as possible and is not what is measured.
+//!
+//! `--paced` (for benchmarks): chat streams with a token delay are fed by one pacer
+//! thread for all of them (non-blocking writes, 2 ms ticks) instead of a sleeping
+//! thread each, so 10,000 slow streams at once cost the mock little.
 
 #[path = "common/http.rs"]
 mod http;
@@ -34,6 +38,7 @@ struct Mock {
     name: String,
     last: Mutex<Value>,
     prerendered: Option<Prerendered>,
+    paced: bool,
 }
 
 /// Whole responses built once: JSON, SSE without and with the usage chunk.
@@ -63,6 +68,7 @@ fn main() {
         name: http::flag("--name").unwrap_or_else(|| format!("mock-{port}")),
         last: Mutex::new(Value::Null),
         prerendered: None,
+        paced: std::env::args().any(|a| a == "--paced"),
     };
     let mock = Mock {
         prerendered: std::env::args()
@@ -276,6 +282,31 @@ impl Mock {
         let pause_after_first = num("x-mock-pause-after-first-ms").unwrap_or(0);
         let split = num("x-mock-split").unwrap_or(0) as usize;
         w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n")?;
+        if self.paced
+            && chat
+            && delay > 0
+            && pause_after_first == 0
+            && split == 0
+            && fail.is_empty()
+        {
+            let stream = w.try_clone()?;
+            stream.set_nonblocking(true)?;
+            let paced = Paced {
+                w: stream,
+                pending: Vec::new(),
+                next: 0,
+                total: completion,
+                every: Duration::from_millis(delay),
+                due: std::time::Instant::now(),
+                model: serde_json::to_string(&model).unwrap_or_default(),
+                prompt_tokens,
+                include_usage,
+                continuous,
+            };
+            let _ = pacer().send(paced);
+            // The pacer owns the connection now; it closes it after the stream.
+            return Ok(false);
+        }
         let object = if chat {
             "chat.completion.chunk"
         } else {
@@ -332,6 +363,131 @@ impl Mock {
         sse.w.write_all(b"0\r\n\r\n")?;
         Ok(true)
     }
+}
+
+/// A chat stream the pacer feeds: role chunk, `total` tokens one per `every`, the
+/// last chunk, the usage chunk if asked, `[DONE]`, and the end of the chunked body.
+struct Paced {
+    w: TcpStream,
+    pending: Vec<u8>,
+    /// Events written so far (the role chunk is event 0).
+    next: u64,
+    total: u64,
+    every: Duration,
+    due: std::time::Instant,
+    /// The model name as a JSON string.
+    model: String,
+    prompt_tokens: u64,
+    include_usage: bool,
+    continuous: bool,
+}
+
+impl Paced {
+    fn usage(&self, c: u64) -> String {
+        let p = self.prompt_tokens;
+        format!(
+            r#"{{"prompt_tokens":{p},"total_tokens":{},"completion_tokens":{c}}}"#,
+            p + c
+        )
+    }
+
+    fn chunk(&self, delta: &str, finish: &str, c: u64) -> String {
+        let usage = if self.continuous {
+            format!(r#","usage":{}"#, self.usage(c))
+        } else {
+            String::new()
+        };
+        format!(
+            r#"{{"id":"cmpl-mock","object":"chat.completion.chunk","created":0,"model":{},"choices":[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}}}]{usage}}}"#,
+            self.model
+        )
+    }
+
+    /// The bytes of event `next` (the last one carries everything to the end).
+    fn render(&self) -> Vec<u8> {
+        let mut events = Vec::new();
+        let i = self.next;
+        if i == 0 {
+            events.push(self.chunk(r#"{"role":"assistant","content":""}"#, "null", 0));
+        } else if i <= self.total {
+            events.push(self.chunk(&format!(r#"{{"content":"tok{} "}}"#, i - 1), "null", i));
+        } else {
+            let last = self.chunk(
+                r#"{"content":""}"#,
+                r#""length","stop_reason":null"#,
+                self.total,
+            );
+            events.push(last);
+            if self.include_usage {
+                events.push(format!(
+                    r#"{{"id":"cmpl-mock","object":"chat.completion.chunk","created":0,"model":{},"choices":[],"usage":{}}}"#,
+                    self.model,
+                    self.usage(self.total)
+                ));
+            }
+            events.push("[DONE]".into());
+        }
+        let mut out = Vec::new();
+        for e in events {
+            let ev = format!("data: {e}\n\n");
+            out.extend_from_slice(format!("{:x}\r\n{ev}\r\n", ev.len()).as_bytes());
+        }
+        if i > self.total {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+        out
+    }
+
+    /// Writes what is due; `false` once the stream is over (or the peer is gone).
+    fn tick(&mut self, now: std::time::Instant) -> bool {
+        if self.pending.is_empty() && now >= self.due {
+            if self.next > self.total + 1 {
+                return false;
+            }
+            self.pending = self.render();
+            self.next += 1;
+            self.due += if self.next == 1 {
+                Duration::ZERO
+            } else {
+                self.every
+            };
+        }
+        while !self.pending.is_empty() {
+            match self.w.write(&self.pending) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(_) => return false,
+            }
+        }
+        self.next <= self.total + 1
+    }
+}
+
+/// The one pacer thread, started on first use.
+fn pacer() -> &'static std::sync::mpsc::Sender<Paced> {
+    static PACER: std::sync::OnceLock<std::sync::mpsc::Sender<Paced>> = std::sync::OnceLock::new();
+    PACER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Paced>();
+        std::thread::spawn(move || {
+            let mut live: Vec<Paced> = Vec::new();
+            loop {
+                if live.is_empty() {
+                    match rx.recv() {
+                        Ok(p) => live.push(p),
+                        Err(_) => return,
+                    }
+                }
+                live.extend(rx.try_iter());
+                let now = std::time::Instant::now();
+                live.retain_mut(|p| p.tick(now));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        tx
+    })
 }
 
 /// Writes `data: ...\n\n` events as HTTP chunks, optionally in small pieces.

@@ -28,6 +28,11 @@ pub fn listen(name: &str, host: &str, port: u16) -> TcpListener {
         eprintln!("{name}: cannot listen on {host}:{port}: {e}");
         std::process::exit(1);
     });
+    // std listens with a backlog of 128: a burst of thousands of connections (the
+    // slow-stream benchmark opens 10,000 at once) would overflow it and connects would
+    // time out. SAFETY: listen(2) again on a listening socket we own only resizes its
+    // backlog.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
     let addr = listener.local_addr().expect("local addr");
     println!("{name} listening on {addr}");
     let _ = std::io::stdout().flush();
