@@ -1,7 +1,8 @@
-//! The durable spool: every record is appended to a segment file and fsync'd (group
-//! commit: one fdatasync per batch the writer thread drains) before anything tries to
-//! deliver it; the sender reads segments back oldest first and advances a cursor as
-//! records are delivered or dead-lettered. Delivered segments are deleted.
+//! The durable spool: every record is appended to a segment file (group commit: one
+//! write per batch the writer thread drains, then at most every `SYNC_INTERVAL` one
+//! fdatasync) before anything tries to deliver it; the sender reads segments back
+//! oldest first and advances a cursor as records are delivered or dead-lettered.
+//! Delivered segments are deleted.
 //!
 //! Files in `spool_dir`: `seg-<seq>.jsonl` (JSON Lines, `jq`-readable), `cursor`
 //! (`<seq> <offset>` of the oldest record not yet delivered), `dead-letter.jsonl`
@@ -174,6 +175,8 @@ pub struct SpoolWriter {
     file: File,
     len: u64,
     buf: Vec<u8>,
+    /// Bytes were written since the last fdatasync.
+    unsynced: bool,
     shared: Arc<Shared>,
 }
 
@@ -194,6 +197,7 @@ impl SpoolWriter {
             file,
             len: 0,
             buf: Vec::with_capacity(64 * 1024),
+            unsynced: false,
             shared,
         })
     }
@@ -216,21 +220,31 @@ impl SpoolWriter {
 
     /// Writes and fsyncs what is buffered, then tells the reader.
     pub fn commit(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
+        self.write_out(true)
+    }
+
+    /// Writes what is buffered to the segment and tells the reader. Once written, a
+    /// record is in the page cache: it survives the proxy crashing (`kill -9`). With
+    /// `sync` it is also fdatasync'd (it survives power loss); a segment is always
+    /// synced before the next one starts.
+    pub fn write_out(&mut self, sync: bool) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.file.write_all(&self.buf)?;
+            self.unsynced = true;
+            self.len += self.buf.len() as u64;
+            self.shared
+                .backlog_bytes
+                .fetch_add(self.buf.len() as u64, Relaxed);
+            self.buf.clear();
+            if let Ok(mut c) = self.shared.committed.lock() {
+                c.seq = self.seq;
+                c.len = self.len;
+            }
+            self.shared.grown.notify_all();
         }
-        self.file.write_all(&self.buf)?;
-        self.file.sync_data()?;
-        self.len += self.buf.len() as u64;
-        self.shared
-            .backlog_bytes
-            .fetch_add(self.buf.len() as u64, Relaxed);
-        self.buf.clear();
-        if let Ok(mut c) = self.shared.committed.lock() {
-            c.seq = self.seq;
-            c.len = self.len;
+        if sync || self.len >= SEGMENT_BYTES {
+            self.sync()?;
         }
-        self.shared.grown.notify_all();
         if self.len >= SEGMENT_BYTES {
             let next = SpoolWriter::create(&self.dir, self.seq + 1, self.shared.clone())?;
             *self = SpoolWriter {
@@ -238,6 +252,15 @@ impl SpoolWriter {
                 ..next
             };
             self.shared.grown.notify_all();
+        }
+        Ok(())
+    }
+
+    /// fdatasyncs what was written and not yet synced.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.unsynced {
+            self.file.sync_data()?;
+            self.unsynced = false;
         }
         Ok(())
     }
