@@ -3,7 +3,7 @@ nginx (one worker, core 0), llmproxy (one worker, whole process on core 0, meter
 webhook on, spool on), and the load generator on core 1. Runs are interleaved across
 targets and repeated; medians are reported, because this machine is shared and noisy.
 """
-import json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import json, os, re, urllib.request, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
 DUR, ROUNDS = int(sys.argv[1]), int(sys.argv[2])
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,6 +121,22 @@ def worker_cpu(pid):
     return total
 
 
+def drained(port):
+    """Waits (at most 15 s) until llmproxy has delivered every record of the run, so its
+    CPU time includes the billing work the run caused, not only what was done during it."""
+    end = time.time() + 15
+    while time.time() < end:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            vals = {l.split()[0]: float(l.split()[1]) for l in text.splitlines()
+                    if l.startswith(("llmproxy_usage_spool_bytes ", "llmproxy_usage_queue_depth "))}
+            if vals and all(v == 0 for v in vals.values()):
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+
+
 def rss_kib(pid):
     if pid is None:
         return 0
@@ -170,8 +186,11 @@ try:
                 before = cpu(PIDS[t])
                 wbefore = worker_cpu(proxy.pid) if t == "llmproxy" else 0
                 res = fn(t)
+                wafter = worker_cpu(proxy.pid) if t == "llmproxy" else 0
+                if t == "llmproxy":
+                    drained(PROXY)
                 res["cpu_us"] = (cpu(PIDS[t]) - before) / TICK * 1e6 / max(res["n"], 1) if PIDS[t] else 0
-                res["relay_us"] = (worker_cpu(proxy.pid) - wbefore) / TICK * 1e6 / max(res["n"], 1) if t == "llmproxy" else res["cpu_us"]
+                res["relay_us"] = (wafter - wbefore) / TICK * 1e6 / max(res["n"], 1) if t == "llmproxy" else res["cpu_us"]
                 results[name][t].append(res)
                 time.sleep(0.5)
         print(f"round {r + 1}/{ROUNDS} done", file=sys.stderr)
