@@ -206,7 +206,7 @@ pub struct UsageHookConfig {
 }
 
 fn default_pipeline() -> usize {
-    32
+    128
 }
 
 fn default_hook_timeout() -> Dur {
