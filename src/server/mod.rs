@@ -345,10 +345,23 @@ fn worker_thread(
     ready: std::sync::mpsc::Sender<Result<SocketAddr, String>>,
 ) {
     pin_to_core(id);
+    // Cooperative task running: completions for this ring are handled when the worker
+    // next enters the kernel (it does, constantly) instead of by interrupting it with
+    // an IPI; a single issuer lets the kernel skip locking. Kernels without these
+    // flags (before 6.0) get a plain ring.
+    let mut urb = io_uring::IoUring::builder();
+    urb.setup_coop_taskrun().setup_single_issuer();
     let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()
         .with_entries(4096)
-        .build();
+        .uring_builder(urb)
+        .build()
+        .or_else(|_| {
+            monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                .enable_timer()
+                .with_entries(4096)
+                .build()
+        });
     let mut rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
