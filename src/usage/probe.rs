@@ -23,6 +23,19 @@ pub struct Probe<'a> {
     pub usage: Option<&'a [u8]>,
     /// A non-null `error`, or `"object": "error"`.
     pub error: bool,
+    /// With exactly one choice whose generated text (`delta.content` or `text`) is a
+    /// string: where that string's contents are in the event. Lets the meter recognise
+    /// the next events of the stream, which differ only there.
+    pub text: Option<TextSlot>,
+}
+
+/// The generated-text string of a one-choice event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextSlot {
+    /// The string's contents (inside the quotes).
+    pub span: std::ops::Range<usize>,
+    /// The choice has output besides this string (reasoning, a tool call).
+    pub other_output: bool,
 }
 
 struct Cursor<'a> {
@@ -146,6 +159,12 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Where the contents of string value `v` (a slice of `d`, quotes included) are in `d`.
+fn inner(d: &[u8], v: &[u8]) -> std::ops::Range<usize> {
+    let at = v.as_ptr() as usize - d.as_ptr() as usize;
+    at + 1..at + v.len() - 1
+}
+
 fn is_null(v: &[u8]) -> bool {
     v == b"null"
 }
@@ -159,8 +178,9 @@ fn non_empty(v: &[u8]) -> bool {
     }
 }
 
-fn choices(c: &mut Cursor<'_>) -> Option<Choices> {
+fn choices(c: &mut Cursor<'_>, text: &mut Option<TextSlot>) -> Option<Choices> {
     let mut out = Choices::default();
+    let mut slot: Option<TextSlot>;
     c.eat(b'[')?;
     c.ws();
     if c.peek()? == b']' {
@@ -173,6 +193,10 @@ fn choices(c: &mut Cursor<'_>) -> Option<Choices> {
             return None;
         }
         let mut output = false;
+        let mut other = false;
+        let mut text_span = None;
+        // Both a `text` and a `delta.content` string: no single slot.
+        let mut strings = 0;
         c.object(|key, c| {
             match key {
                 b"delta" => {
@@ -180,15 +204,20 @@ fn choices(c: &mut Cursor<'_>) -> Option<Choices> {
                     if c.peek()? == b'{' {
                         c.object(|k, c| {
                             let v = c.value()?;
-                            if matches!(
-                                k,
-                                b"content"
-                                    | b"reasoning_content"
-                                    | b"reasoning"
-                                    | b"tool_calls"
-                                    | b"function_call"
-                            ) {
-                                output |= non_empty(v);
+                            match k {
+                                b"content" => {
+                                    output |= non_empty(v);
+                                    if v.first() == Some(&b'"') {
+                                        text_span = Some(inner(c.d, v));
+                                        strings += 1;
+                                    }
+                                }
+                                b"reasoning_content" | b"reasoning" | b"tool_calls"
+                                | b"function_call" => {
+                                    output |= non_empty(v);
+                                    other |= non_empty(v);
+                                }
+                                _ => {}
                             }
                             Some(())
                         })?;
@@ -196,7 +225,14 @@ fn choices(c: &mut Cursor<'_>) -> Option<Choices> {
                         c.value()?;
                     }
                 }
-                b"text" => output |= non_empty(c.value()?),
+                b"text" => {
+                    let v = c.value()?;
+                    output |= non_empty(v);
+                    if v.first() == Some(&b'"') {
+                        text_span = Some(inner(c.d, v));
+                        strings += 1;
+                    }
+                }
                 b"finish_reason" => out.finished |= !is_null(c.value()?),
                 _ => {
                     c.value()?;
@@ -206,11 +242,16 @@ fn choices(c: &mut Cursor<'_>) -> Option<Choices> {
         })?;
         out.count += 1;
         out.with_output += output as u64;
+        slot = text_span.filter(|_| strings == 1).map(|span| TextSlot {
+            span,
+            other_output: other,
+        });
         c.ws();
         match c.peek()? {
             b',' => c.i += 1,
             b']' => {
                 c.i += 1;
+                *text = if out.count == 1 { slot } else { None };
                 return Some(out);
             }
             _ => return None,
@@ -227,7 +268,7 @@ pub fn probe(data: &[u8]) -> Option<Probe<'_>> {
             b"choices" => {
                 c.ws();
                 if c.peek()? == b'[' {
-                    p.choices = Some(choices(c)?);
+                    p.choices = Some(choices(c, &mut p.text)?);
                 } else if !is_null(c.value()?) {
                     return None;
                 }

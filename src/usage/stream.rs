@@ -5,8 +5,9 @@
 //! `usage`. The last valid usage wins (running totals are never summed); all-zero
 //! placeholders are ignored.
 
-use super::probe::probe;
+use super::probe::{Choices, probe};
 use super::{Parsed, Usage, UsageSource};
+use crate::scan::find_any;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
@@ -33,6 +34,46 @@ pub struct StreamMeter {
     pub unparsed: u64,
     /// The event last observed carried a non-null `usage`.
     pub last_had_usage: bool,
+    template: Template,
+}
+
+/// The last fully probed event of the usual shape (one choice, generated text in a
+/// string, no usage, no error), kept to recognise the events after it: a backend's
+/// chunks differ only in that string, and an event that is byte for byte the template
+/// around it, with text holding no quote or backslash, probes the same but for whether
+/// the text is empty. Checking that costs two compares instead of a parse.
+#[derive(Debug, Default)]
+struct Template {
+    valid: bool,
+    /// The template event's bytes; the text was `bytes[prefix..bytes.len() - suffix]`.
+    bytes: Vec<u8>,
+    prefix: usize,
+    suffix: usize,
+    choices: Choices,
+    other_output: bool,
+}
+
+impl Template {
+    /// The probe of `data` if it is the template with other text.
+    fn matches(&self, data: &[u8]) -> Option<Choices> {
+        let (p, sfx) = (self.prefix, self.suffix);
+        if !self.valid
+            || data.len() < p + sfx
+            || data[..p] != self.bytes[..p]
+            || data[data.len() - sfx..] != self.bytes[self.bytes.len() - sfx..]
+        {
+            return None;
+        }
+        let text = &data[p..data.len() - sfx];
+        if find_any(text, [b'"', b'\\']) != text.len() {
+            return None;
+        }
+        let output = self.other_output || !text.is_empty();
+        Some(Choices {
+            with_output: output as u64,
+            ..self.choices
+        })
+    }
 }
 
 impl StreamMeter {
@@ -46,10 +87,31 @@ impl StreamMeter {
             self.saw_done = true;
             return EventKind::Other;
         }
+        if let Some(choices) = self.template.matches(data) {
+            self.output_deltas += choices.with_output;
+            return if choices.with_output > 0 {
+                EventKind::Output
+            } else {
+                EventKind::Other
+            };
+        }
         let Some(probe) = probe(data) else {
             self.unparsed += 1;
             return EventKind::Other;
         };
+        let t = &mut self.template;
+        t.valid = false;
+        if let (Some(slot), Some(choices), None, false) =
+            (&probe.text, probe.choices, probe.usage, probe.error)
+        {
+            t.bytes.clear();
+            t.bytes.extend_from_slice(data);
+            t.prefix = slot.span.start;
+            t.suffix = data.len() - slot.span.end;
+            t.choices = choices;
+            t.other_output = slot.other_output;
+            t.valid = true;
+        }
         if probe.error {
             self.saw_error = true;
         }
@@ -83,13 +145,16 @@ impl StreamMeter {
 
     /// Starts a new stream, keeping buffer capacity.
     pub fn reset(&mut self) {
-        let (usage, scratch) = (
+        let (usage, scratch, mut template) = (
             std::mem::take(&mut self.usage),
             std::mem::take(&mut self.scratch),
+            std::mem::take(&mut self.template),
         );
+        template.valid = false;
         *self = StreamMeter {
             usage,
             scratch,
+            template,
             ..StreamMeter::default()
         };
         self.usage.details.clear();
@@ -474,6 +539,37 @@ mod differential {
         fn hand_written_probe_agrees_with_serde(json in chunk()) {
             let fast = super::probe(json.as_bytes()).map(|p| (p.choices.map(|c| (c.count, c.with_output, c.finished)), p.usage.map(<[u8]>::to_vec), p.error));
             prop_assert_eq!(fast, reference(json.as_bytes()), "{}", json);
+        }
+
+        #[test]
+        fn recognised_events_meter_as_a_full_probe_would(
+            events in proptest::collection::vec(
+                (0usize..6, "[a-z \"\\\\é]{0,6}"),
+                1..40,
+            ),
+        ) {
+            // Events of a few shapes in any order, their text anything (quotes and
+            // backslashes escaped as a backend would): the meter, which recognises
+            // repeats of the last event's shape, counts and classifies exactly as a
+            // full probe of each event does.
+            let mut meter = crate::usage::StreamMeter::new();
+            let mut want_deltas = 0;
+            for (shape, text) in &events {
+                let t = serde_json::to_string(text).unwrap();
+                let data = match shape {
+                    0 => format!(r#"{{"id":"c","choices":[{{"index":0,"delta":{{"content":{t}}},"finish_reason":null}}]}}"#),
+                    1 => format!(r#"{{"id":"c","choices":[{{"index":0,"delta":{{"role":"assistant","content":{t}}}}}]}}"#),
+                    2 => format!(r#"{{"id":"c","choices":[{{"index":0,"text":{t},"finish_reason":"stop"}}]}}"#),
+                    3 => format!(r#"{{"id":"c","choices":[{{"index":0,"delta":{{"content":{t},"tool_calls":[{{"id":"t"}}]}}}}]}}"#),
+                    4 => format!(r#"{{"id":"c","choices":[],"usage":{{"prompt_tokens":1,"total_tokens":{},"completion_tokens":1}}}}"#, text.len() + 2),
+                    _ => format!(r#"{{"id":"c","choices":[{{"index":0,"delta":{{"content":{t}}}}},{{"index":1,"delta":{{"content":""}}}}]}}"#),
+                };
+                let mut fresh = crate::usage::StreamMeter::new();
+                let want = fresh.observe(data.as_bytes());
+                want_deltas += fresh.output_deltas;
+                prop_assert_eq!(meter.observe(data.as_bytes()), want, "{}", data);
+            }
+            prop_assert_eq!(meter.output_deltas, want_deltas);
         }
 
         #[test]
