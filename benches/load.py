@@ -205,10 +205,13 @@ try:
             added = (f"{x['p50'] - d['p50']:7.3f} {x['p99'] - d['p99']:7.3f}") if t != "direct" else f"{'-':>7} {'-':>7}"
             cpu_s = f"{x['cpu_us']:10.1f}" if t != "direct" else f"{'-':>10}"
             print(f"{name:28} {t:9} {x['rps']:9.0f} {x['p50']:8.3f} {x['p99']:8.3f} {added} {cpu_s} {errs:7d}")
-        ratio_rps = row["llmproxy"]["rps"] / row["nginx"]["rps"]
-        ratio_cpu = row["llmproxy"]["cpu_us"] / row["nginx"]["cpu_us"] if row["nginx"]["cpu_us"] else float("nan")
-        ratio_relay = row["llmproxy"]["relay_us"] / row["nginx"]["cpu_us"] if row["nginx"]["cpu_us"] else float("nan")
-        print(f"{'':28} {'ratio':9} llmproxy/nginx req/s {ratio_rps:.2f}x, CPU per request {ratio_cpu:.2f}x "
+        # Ratios are taken round by round (the two runs of a round are next to each other
+        # in time, so a slow spell of the machine hits both), then the median.
+        pairs = list(zip(results[name]["llmproxy"], results[name]["nginx"]))
+        ratio_rps = med([l["rps"] / n["rps"] for l, n in pairs])
+        ratio_cpu = med([l["cpu_us"] / n["cpu_us"] for l, n in pairs if n["cpu_us"]] or [float("nan")])
+        ratio_relay = med([l["relay_us"] / n["cpu_us"] for l, n in pairs if n["cpu_us"]] or [float("nan")])
+        print(f"{'':28} {'ratio':9} llmproxy/nginx (median of per-round ratios) req/s {ratio_rps:.2f}x, CPU per request {ratio_cpu:.2f}x "
               f"(worker thread alone {row['llmproxy']['relay_us']:.1f} us/req, {ratio_relay:.2f}x)\n")
     print(f"peak RSS: nginx worker {rss_kib(nginx_worker) / 1024:.1f} MiB, llmproxy {rss_kib(proxy.pid) / 1024:.1f} MiB")
 finally:
