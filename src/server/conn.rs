@@ -654,12 +654,19 @@ fn write_upstream_head(
     out.extend_from_slice(backend.authority.as_bytes());
     out.extend_from_slice(b"\r\n");
     let strip_key = auth_enabled || backend.api_key.is_some();
+    // Most requests have no Connection header (HTTP/1.1 keep-alive): then no header
+    // is scanned against its tokens.
+    let has_connection = head
+        .headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case(b"connection"));
     let listed_in_connection = |name: &[u8]| {
-        head.headers.iter().any(|(n, v)| {
-            n.eq_ignore_ascii_case(b"connection")
-                && v.split(|&b| b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
-        })
+        has_connection
+            && head.headers.iter().any(|(n, v)| {
+                n.eq_ignore_ascii_case(b"connection")
+                    && v.split(|&b| b == b',')
+                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+            })
     };
     for (name, value) in head.headers.iter() {
         let skip = is_hop_by_hop(name)
