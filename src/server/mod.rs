@@ -155,8 +155,8 @@ impl Worker {
 /// message for start-up failures.
 /// Raises the open-file limit to its hard maximum (as nginx's worker_rlimit_nofile
 /// would be set by hand): every proxied request holds two sockets. Warns when even that
-/// is short of what `limits.max_connections` allows, since connections beyond it would
-/// fail with "Too many open files".
+/// is short of the connections `limits.max_connections` allows, since connections
+/// beyond it would fail with "Too many open files", and says how many requests fit.
 fn raise_fd_limit(max_connections: u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -177,11 +177,18 @@ fn raise_fd_limit(max_connections: u64) {
             }
         }
     }
-    let needed = max_connections * 2 + 64;
-    if lim.rlim_cur < needed {
+    // An idle keep-alive connection holds one file, a request in flight two.
+    let room = lim.rlim_cur.saturating_sub(64);
+    if room < max_connections {
         warn!(
-            "open-file limit is {} but limits.max_connections allows {max_connections} connections in all (two sockets each, {needed} files): raise it (ulimit -n, systemd LimitNOFILE=) or lower limits.max_connections",
+            "open-file limit is {} but limits.max_connections allows {max_connections} connections in all: connections beyond ~{room} fail (raise it: ulimit -n, systemd LimitNOFILE=; or lower limits.max_connections)",
             lim.rlim_cur
+        );
+    } else if room < max_connections * 2 {
+        info!(
+            "open-file limit {}: up to ~{} requests in flight at once (each holds two sockets)",
+            lim.rlim_cur,
+            room / 2
         );
     }
 }
