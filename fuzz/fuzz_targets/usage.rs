@@ -15,6 +15,17 @@ fuzz_target!(|data: &[u8]| {
     let _ = m.observe(data);
     let _ = m.finish(false);
 
+    // Two events in a row: the meter may recognise the second by the first's shape;
+    // it must classify and count it exactly as a fresh probe does.
+    let cut2 = data.last().map_or(0, |&b| b as usize).min(data.len());
+    let (a, b) = data.split_at(cut2);
+    let mut seq = StreamMeter::new();
+    let _ = seq.observe(a);
+    let before = seq.output_deltas;
+    let mut fresh = StreamMeter::new();
+    assert_eq!(seq.observe(b), fresh.observe(b));
+    assert_eq!(seq.output_deltas - before, fresh.output_deltas);
+
     let mut whole = UsageFinder::new();
     whole.feed(data);
     let cut = data.first().map_or(0, |&b| b as usize).min(data.len());
