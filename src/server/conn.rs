@@ -152,6 +152,12 @@ async fn answer_early(w: &Worker, c: &mut Conn, e: ProxyError) {
 /// bits come from a per-thread generator seeded once from the OS, so making an id does
 /// not cost a getrandom syscall per request (profiling showed it).
 fn new_request_id() -> String {
+    new_request_id_at(SystemTime::now())
+}
+
+/// `new_request_id` with the clock already read (one read per request serves the id
+/// and the record's timestamp).
+fn new_request_id_at(now: SystemTime) -> String {
     thread_local! {
         static RNG: std::cell::Cell<(u64, u64)> = std::cell::Cell::new({
             let seed = uuid::Uuid::new_v4().as_u128();
@@ -167,18 +173,23 @@ fn new_request_id() -> String {
         r.set((b, a));
         ((a.wrapping_add(b) as u128) << 64) | b.wrapping_mul(0x9E37_79B9_7F4A_7C15) as u128
     });
-    let millis = SystemTime::now()
+    let millis = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let bytes = random.to_le_bytes();
     let mut tail = [0u8; 10];
     tail.copy_from_slice(&bytes[..10]);
     let id = uuid::Builder::from_unix_timestamp_millis(millis, &tail).into_uuid();
-    format!("req_{}", id.simple())
+    // Hex straight into the string: `format!` was 1.3% of the worker.
+    let mut hex = [0u8; uuid::fmt::Simple::LENGTH];
+    let mut out = String::with_capacity(4 + hex.len());
+    out.push_str("req_");
+    out.push_str(id.simple().encode_lower(&mut hex));
+    out
 }
 
 /// A caller's `X-Request-Id` of 1–128 characters from `[A-Za-z0-9._:-]` is kept.
-fn request_id(head: &RequestHead) -> String {
+fn request_id(head: &RequestHead, now: SystemTime) -> String {
     match head.headers.get("x-request-id") {
         Some(v)
             if !v.is_empty()
@@ -188,7 +199,7 @@ fn request_id(head: &RequestHead) -> String {
         {
             String::from_utf8_lossy(v).into_owned()
         }
-        _ => new_request_id(),
+        _ => new_request_id_at(now),
     }
 }
 
@@ -203,11 +214,12 @@ struct Request {
 
 /// Handles one request whose head is parsed. Returns whether to keep the connection.
 async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
+    let now = SystemTime::now();
     let rq = Request {
         key: auth::presented_key(&c.head.headers).map(str::to_owned),
-        id: request_id(&c.head),
+        id: request_id(&c.head, now),
         arrived: Instant::now(),
-        timestamp: SystemTime::now(),
+        timestamp: now,
         path: path_index(c.head.route()),
     };
     c.client.consume(head_len);

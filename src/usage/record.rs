@@ -191,6 +191,18 @@ pub fn format_api_key(key: &str, format: ApiKeyFormat) -> String {
             }
             s
         }
+        ApiKeyFormat::Masked if key.is_ascii() => match key.len() {
+            // Keys are ASCII in practice: slice bytes (one allocation per request).
+            0 => String::new(),
+            1..16 => "***".to_string(),
+            n => {
+                let mut s = String::with_capacity(13);
+                s.push_str(&key[..6]);
+                s.push_str("...");
+                s.push_str(&key[n - 4..]);
+                s
+            }
+        },
         ApiKeyFormat::Masked => {
             let chars: Vec<char> = key.chars().collect();
             if chars.is_empty() {
@@ -279,6 +291,19 @@ mod tests {
         assert_eq!(format_api_key(k, ApiKeyFormat::Masked), "sk-pro...9f2a");
         assert_eq!(format_api_key("short-key", ApiKeyFormat::Masked), "***");
         assert_eq!(format_api_key("", ApiKeyFormat::Masked), "");
+        assert_eq!(
+            format_api_key("0123456789abcde", ApiKeyFormat::Masked),
+            "***"
+        );
+        assert_eq!(
+            format_api_key("0123456789abcdef", ApiKeyFormat::Masked),
+            "012345...cdef"
+        );
+        // Not ASCII: counted and cut in characters, never inside one.
+        assert_eq!(
+            format_api_key("ключ-0123456789ab", ApiKeyFormat::Masked),
+            "ключ-0...89ab"
+        );
         assert_eq!(format_api_key(k, ApiKeyFormat::Full), k);
         assert_eq!(format_api_key(k, ApiKeyFormat::None), "");
         assert_eq!(
