@@ -512,7 +512,7 @@ async fn proxy(
         write_stall: cfg.limits.idle_timeout.0,
         cut: &w.cutting,
     };
-    let mut sent_at = Instant::now();
+    let mut sent_at = rq.arrived; // read only once the request was written
     let o = loop {
         let written = up.write_keep(&mut c.up_req).await.is_ok();
         sent_at = if written { Instant::now() } else { sent_at };
