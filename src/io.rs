@@ -8,8 +8,9 @@
 //! (never, for a read from a silent peer). Instead that direction of the socket is
 //! shut down, which completes the operation at once, and it is awaited, so the buffer
 //! comes back. Every wait given up on ends the connection (or, for a read, leaves only
-//! an answer to write), so nothing is lost by shutting it. This costs nothing per operation, where monoio's `Canceller` costs a
-//! hash-set insert and removal on every read and write.
+//! an answer to write), so nothing is lost by shutting it. This costs nothing per
+//! operation, where monoio's `Canceller` costs a hash-set insert and removal on every
+//! read and write.
 
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
