@@ -20,6 +20,12 @@ impl Request {
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+
+    /// The client asked to close the connection after this request.
+    fn closes(&self) -> bool {
+        self.header("connection")
+            .is_some_and(|c| c.eq_ignore_ascii_case("close"))
+    }
 }
 
 /// Binds `host:port` (port 0 picks one) and prints `<name> listening on ADDR`.
@@ -39,36 +45,36 @@ pub fn listen(name: &str, host: &str, port: u16) -> TcpListener {
     listener
 }
 
+/// Accepts connections and runs `conn(reader, writer)` for each on its own thread.
+fn per_connection<F>(listener: TcpListener, conn: F)
+where
+    F: Fn(BufReader<TcpStream>, TcpStream) + Send + Sync + 'static,
+{
+    let conn = std::sync::Arc::new(conn);
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let conn = conn.clone();
+        std::thread::spawn(move || {
+            let _ = stream.set_nodelay(true);
+            if let Ok(writer) = stream.try_clone() {
+                conn(BufReader::with_capacity(64 * 1024, stream), writer);
+            }
+        });
+    }
+}
+
 /// Serves each connection on its own thread with `handler`, which writes the response.
 pub fn serve<H>(listener: TcpListener, handler: H)
 where
     H: Fn(&Request, &mut TcpStream) -> std::io::Result<bool> + Send + Sync + 'static,
 {
-    let handler = std::sync::Arc::new(handler);
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let handler = handler.clone();
-        std::thread::spawn(move || {
-            let _ = stream.set_nodelay(true);
-            let mut writer = match stream.try_clone() {
-                Ok(w) => w,
-                Err(_) => return,
-            };
-            let mut reader = BufReader::with_capacity(64 * 1024, stream);
-            while let Some(req) = read_request(&mut reader) {
-                match handler(&req, &mut writer) {
-                    Ok(true) => {}
-                    _ => return,
-                }
-                if req
-                    .header("connection")
-                    .is_some_and(|c| c.eq_ignore_ascii_case("close"))
-                {
-                    return;
-                }
+    per_connection(listener, move |mut reader, mut writer| {
+        while let Some(req) = read_request(&mut reader) {
+            if !matches!(handler(&req, &mut writer), Ok(true)) || req.closes() {
+                return;
             }
-        });
-    }
+        }
+    });
 }
 
 /// Like `serve`, for handlers that answer at once: answers are gathered in a buffer
@@ -78,35 +84,21 @@ pub fn serve_batched<H>(listener: TcpListener, handler: H)
 where
     H: Fn(&Request, &mut Vec<u8>) -> std::io::Result<bool> + Send + Sync + 'static,
 {
-    let handler = std::sync::Arc::new(handler);
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let handler = handler.clone();
-        std::thread::spawn(move || {
-            let _ = stream.set_nodelay(true);
-            let mut writer = match stream.try_clone() {
-                Ok(w) => w,
-                Err(_) => return,
-            };
-            let mut reader = BufReader::with_capacity(64 * 1024, stream);
-            let mut out = Vec::with_capacity(16 * 1024);
-            while let Some(req) = read_request(&mut reader) {
-                let keep = matches!(handler(&req, &mut out), Ok(true))
-                    && !req
-                        .header("connection")
-                        .is_some_and(|c| c.eq_ignore_ascii_case("close"));
-                if (!keep || reader.buffer().is_empty()) && !out.is_empty() {
-                    if writer.write_all(&out).is_err() {
-                        return;
-                    }
-                    out.clear();
-                }
-                if !keep {
+    per_connection(listener, move |mut reader, mut writer| {
+        let mut out = Vec::with_capacity(16 * 1024);
+        while let Some(req) = read_request(&mut reader) {
+            let keep = matches!(handler(&req, &mut out), Ok(true)) && !req.closes();
+            if (!keep || reader.buffer().is_empty()) && !out.is_empty() {
+                if writer.write_all(&out).is_err() {
                     return;
                 }
+                out.clear();
             }
-        });
-    }
+            if !keep {
+                return;
+            }
+        }
+    });
 }
 
 fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {

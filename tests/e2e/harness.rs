@@ -237,19 +237,9 @@ impl Stack {
     }
 
     pub fn record(&self, request_id: &str) -> Value {
-        let end = Instant::now() + Duration::from_secs(15);
-        loop {
-            let all = fetch_records(&self.receiver);
-            if let Some(r) = all.iter().find(|r| r["request_id"] == request_id) {
-                return r.clone();
-            }
-            assert!(
-                Instant::now() < end,
-                "no record for {request_id}; have {all:?}\nproxy log:\n{}",
-                self.proxy.output()
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        wait_record_or(&self.receiver, request_id, || {
+            format!("proxy log:\n{}", self.proxy.output())
+        })
     }
 
     /// What the mock backend last received.
@@ -262,6 +252,28 @@ impl Stack {
 pub fn fetch_records(receiver: &Proc) -> Vec<Value> {
     let r = request(&receiver.addr, "GET", "/records", &[], b"");
     serde_json::from_slice::<Vec<Value>>(&r.body).unwrap_or_default()
+}
+
+/// Waits (up to 15 s) until the receiver holds the record of `request_id`.
+pub fn wait_record(receiver: &Proc, request_id: &str) -> Value {
+    wait_record_or(receiver, request_id, String::new)
+}
+
+/// `wait_record`, with `context()` added to the failure message.
+fn wait_record_or(receiver: &Proc, request_id: &str, context: impl Fn() -> String) -> Value {
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let all = fetch_records(receiver);
+        if let Some(r) = all.iter().find(|r| r["request_id"] == request_id) {
+            return r.clone();
+        }
+        assert!(
+            Instant::now() < end,
+            "no record for {request_id}; have {all:?}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
 }
 
 pub fn wait_records(receiver: &Proc, n: usize) -> Vec<Value> {

@@ -317,15 +317,7 @@ fn upstream_garbage_gives_clean_errors_and_honest_records() {
             &chat(true, 3),
         );
         assert_eq!(r.status, status, "{name}: {}", r.text());
-        wait_until(&id, 10, || {
-            fetch_records(&rx)
-                .iter()
-                .any(|r| r["request_id"] == id.as_str())
-        });
-        let rec = fetch_records(&rx)
-            .into_iter()
-            .find(|r| r["request_id"] == id.as_str())
-            .unwrap();
+        let rec = wait_record(&rx, &id);
         assert_eq!(rec["outcome"], outcome, "{name}: {rec}");
         if name == "negative-usage" {
             assert_eq!(

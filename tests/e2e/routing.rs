@@ -187,15 +187,7 @@ fn models_route_and_merge() {
             &json!({"model": model, "messages": [], "max_tokens": 1}),
         );
         assert_eq!(r.status, 200);
-        wait_until("record", 10, || {
-            fetch_records(&rx)
-                .iter()
-                .any(|r| r["request_id"] == id.as_str())
-        });
-        let rec = fetch_records(&rx)
-            .into_iter()
-            .find(|r| r["request_id"] == id.as_str())
-            .unwrap();
+        let rec = wait_record(&rx, &id);
         assert_eq!(rec["backend_url"], url(want).as_str());
     }
     let r = post_json(
