@@ -177,6 +177,10 @@ SCENARIOS = [
     ("fixed 2000 req/s (latency)", oha),
     ("no keep-alive (churn)", lambda t: wrk(t, "json-close")),
 ]
+# ONLY=json,sse,... runs a subset (json, sse, rate, churn), to measure one change.
+KEYS = ["json", "sse", "rate", "churn"]
+if os.environ.get("ONLY"):
+    SCENARIOS = [sc for k, sc in zip(KEYS, SCENARIOS) if k in os.environ["ONLY"].split(",")]
 results = {s: {t: [] for t in PORTS} for s, _ in SCENARIOS}
 try:
     for r in range(ROUNDS):

@@ -5,6 +5,9 @@
 # benches/load.py does), drives it with wrk from core 1, records the worker thread with
 # perf, then prints each thread's CPU per request and the worker's top symbols.
 #   benches/profile.sh [json|sse] [seconds, default 8]
+# METER=off runs without usage metering's webhook (the relay alone, to compare);
+# BIN=path profiles that llmproxy binary (an A/B against another build);
+# BILLING_CPU=n moves the billing threads to core n; WHOLE=1 records every thread rather than the worker; KEEP=file keeps perf.data.
 # Needs perf (Debian: linux-perf) and wrk. Everything listens on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,13 +16,15 @@ SECS=${2:-8}
 command -v perf >/dev/null || { echo "perf is not installed (apt-get install linux-perf)"; exit 1; }
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)"; exit 1; }
 FP=target/profile
-CARGO_TARGET_DIR=$FP RUSTFLAGS="-C force-frame-pointers=yes" cargo build --release --bin llmproxy 2>&1 | tail -n 1
+BIN=${BIN:-$FP/release/llmproxy}
+[ "$BIN" = "$FP/release/llmproxy" ] &&
+    CARGO_TARGET_DIR=$FP RUSTFLAGS="-C force-frame-pointers=yes" cargo build --release --bin llmproxy 2>&1 | tail -n 1
 cargo build --release --example mock_vllm --example webhook_receiver 2>&1 | tail -n 1
 W=$(mktemp -d /tmp/llmproxy-profile-XXXX)
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 MOCK=$(port); HOOK=$(port); PROXY=$(port)
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] && cp "$W/perf.data" "$KEEP"; rm -rf "$W"; }
 trap cleanup EXIT
 taskset -c 1 target/release/examples/mock_vllm --port "$MOCK" --prerender --tokens 64 --models mock-model >"$W/mock.log" 2>&1 &
 pids+=($!)
@@ -32,12 +37,12 @@ access_log: "off"
 backends:
   - url: "http://127.0.0.1:$MOCK"
 usage_hook:
-  enabled: true
+  enabled: $([ "${METER:-on}" = off ] && echo false || echo true)
   url: "http://127.0.0.1:$HOOK/usage"
   spool_dir: "$W/spool"
 EOF
 sleep 0.5
-taskset -c 0 "$FP/release/llmproxy" --config "$W/p.yaml" >"$W/proxy.log" 2>&1 &
+taskset -c 0 "$BIN" --config "$W/p.yaml" >"$W/proxy.log" 2>&1 &
 P=$!
 pids+=($P)
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$PROXY/health" >/dev/null && break; sleep 0.1; done
@@ -47,12 +52,22 @@ wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = '{"model":"mock-model","messages":[{"role":"user","content":"one two three four five"}],"max_tokens":64$stream}'
 EOF
+if [ -n "${BILLING_CPU:-}" ]; then
+    for t in /proc/$P/task/*; do
+        case "$(cat "$t/comm")" in usage-*) taskset -pc "$BILLING_CPU" "$(basename "$t")" >/dev/null ;; esac
+    done
+fi
 worker=$(for t in /proc/$P/task/*; do [ "$(cat "$t/comm")" = worker-0 ] && basename "$t"; done)
-snap() { for t in /proc/$P/task/*; do echo "$(cat "$t/comm") $(awk '{print $14+$15}' "$t/stat")"; done | sort; }
+snap() {
+    for t in /proc/$P/task/*; do
+        echo "$(cat "$t/comm") $(awk '{print $14+$15}' "$t/stat") $(awk '/ctxt_switches/ {s += $2} END {print s}' "$t/status")"
+    done | sort
+}
 before=$(snap)
 taskset -c 1 wrk -t1 -c64 -d"$((SECS + 2))s" -s "$W/req.lua" "http://127.0.0.1:$PROXY/v1/chat/completions" >"$W/wrk.out" &
 sleep 1
-perf record -q -F 4999 -e cpu-clock --call-graph fp -t "$worker" -o "$W/perf.data" -- sleep "$SECS" 2>/dev/null
+if [ -n "${WHOLE:-}" ]; then who=(-p "$P"); else who=(-t "$worker"); fi
+perf record -q -F 4999 -e cpu-clock --call-graph fp "${who[@]}" -o "$W/perf.data" -- sleep "$SECS" 2>/dev/null
 wait %4 2>/dev/null || sleep 2
 sleep 2 # let the billing threads finish the run's records
 after=$(snap)
@@ -60,7 +75,7 @@ n=$(grep -oP '\d+(?= requests in)' "$W/wrk.out")
 grep "Requests/sec" "$W/wrk.out"
 echo "CPU per request by thread (incl. the billing work the run caused):"
 join <(echo "$before") <(echo "$after") | awk -v n="$n" -v hz="$(getconf CLK_TCK)" \
-    '{ us = ($3 - $2) / hz * 1e6 / n; if (us > 0.005) printf "  %-14s %6.2f us\n", $1, us }'
+    '{ us = ($4 - $2) / hz * 1e6 / n; if (us > 0.005) printf "  %-14s %6.2f us  %7.4f context switches\n", $1, us, ($5 - $3) / n }'
 echo "worker thread, top symbols (self):"
 perf report -i "$W/perf.data" --no-children --sort dso,sym -g none --percent-limit 0.7 2>/dev/null |
     grep -v '^#' | grep -v '^$' | head -40

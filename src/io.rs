@@ -12,11 +12,15 @@
 //! operation, where monoio's `Canceller` costs a hash-set insert and removal on every
 //! read and write.
 
+use crate::tick;
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
+use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::task::Poll;
 
 pub struct Io {
     pub stream: TcpStream,
@@ -72,7 +76,8 @@ impl Io {
 
     /// Writes all of `out` (then clears it) unless the peer takes nothing for `stall`:
     /// then the write is cancelled and `TimedOut` returned. A caller that stops reading
-    /// cannot hold a request forever.
+    /// cannot hold a request forever. (The stall is measured in ticks of the worker's
+    /// clock, so it holds to within one `TICK`.)
     pub async fn write_all_within(
         &mut self,
         out: &mut Vec<u8>,
@@ -84,16 +89,20 @@ impl Io {
         let buf = std::mem::take(out);
         let end = buf.len();
         let fd = self.stream.as_raw_fd();
+        let deadline = tick::now() + stall;
         let fut = AsyncWriteRentExt::write_all(&mut self.stream, buf.slice(0..end));
         let mut fut = std::pin::pin!(fut);
         let mut timed_out = false;
-        let (res, slice) = monoio::select! {
-            r = &mut fut => r,
-            _ = monoio::time::sleep(stall) => {
-                // The connection is given up: both directions end, the write fails.
-                shutdown(fd, libc::SHUT_RDWR);
-                timed_out = true;
-                (&mut fut).await
+        let (res, slice) = loop {
+            match first_of(fut.as_mut(), tick::next_tick()).await {
+                Either::Done(r) => break r,
+                Either::Tick if tick::now() < deadline => {}
+                Either::Tick => {
+                    // The connection is given up: both directions end, the write fails.
+                    shutdown(fd, libc::SHUT_RDWR);
+                    timed_out = true;
+                    break fut.as_mut().await;
+                }
             }
         };
         *out = slice.into_inner();
@@ -184,11 +193,35 @@ pub enum Wait {
 
 /// How often a wait looks up from the socket: to notice a caller that hung up while
 /// the backend is thinking, or a shutdown. Also the hang-up detection latency.
-pub const TICK: std::time::Duration = std::time::Duration::from_millis(100);
+pub use crate::tick::TICK;
+
+/// What ended a wait for an operation or the next tick.
+enum Either<T> {
+    Done(T),
+    Tick,
+}
+
+/// Polls `op` and then `tick` (the operation first: bytes that are there are taken
+/// before a tick is looked at). A hand-written `select!` of two: no random branch
+/// choice, no futures moved into a tuple.
+async fn first_of<F: Future>(mut op: Pin<&mut F>, tick: tick::NextTick) -> Either<F::Output> {
+    let mut tick = std::pin::pin!(tick);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = op.as_mut().poll(cx) {
+            return Poll::Ready(Either::Done(r));
+        }
+        match tick.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Either::Tick),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
 
 impl Io {
-    /// Waits for more bytes until `deadline`. Every `TICK`, `on_tick` may interrupt.
-    /// The read stays in flight across ticks, so no byte is ever lost to a timer.
+    /// Waits for more bytes until `deadline` (to within one `TICK`: compute it from
+    /// `tick::now()`). Every `TICK`, `on_tick` may interrupt. The read stays in flight
+    /// across ticks, so no byte is ever lost to a timer.
     pub async fn fill_until(
         &mut self,
         deadline: std::time::Instant,
@@ -200,12 +233,12 @@ impl Io {
         let mut fut = std::pin::pin!(fut);
         let mut stopped = None;
         let r = loop {
-            monoio::select! {
-                r = &mut fut => break r,
-                _ = monoio::time::sleep(TICK) => {
+            match first_of(fut.as_mut(), tick::next_tick()).await {
+                Either::Done(r) => break r,
+                Either::Tick => {
                     let why = if on_tick() {
                         Wait::Interrupted
-                    } else if std::time::Instant::now() >= deadline {
+                    } else if tick::now() >= deadline {
                         Wait::TimedOut
                     } else {
                         continue;
@@ -214,7 +247,7 @@ impl Io {
                     // 408, a 504) where there is one to give.
                     shutdown(fd, libc::SHUT_RD);
                     stopped = Some(why);
-                    break (&mut fut).await;
+                    break fut.as_mut().await;
                 }
             }
         };

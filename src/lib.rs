@@ -18,5 +18,6 @@ pub mod server;
 pub mod sse;
 #[cfg(test)]
 mod testing;
+pub mod tick;
 pub mod upstream;
 pub mod usage;

@@ -12,6 +12,7 @@ use crate::http::body::{BodyDecoder, Framing};
 use crate::http::error::itoa_u64;
 use crate::http::head::{ResponseHead, is_hop_by_hop};
 use crate::io::{Io, PeerState, Wait, peek_fd};
+use crate::tick;
 use crate::usage::{Usage, UsageSource};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -134,7 +135,7 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
             }
         }
         match up
-            .fill_until(Instant::now() + spec.read_timeout, &mut on_tick)
+            .fill_until(tick::now() + spec.read_timeout, &mut on_tick)
             .await
         {
             Wait::Data => received_any = true,
@@ -244,7 +245,7 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
             break End::Completed;
         }
         match up
-            .fill_until(Instant::now() + spec.read_timeout, &mut on_tick)
+            .fill_until(tick::now() + spec.read_timeout, &mut on_tick)
             .await
         {
             Wait::Data => {}

@@ -13,6 +13,7 @@ use crate::io::{Io, Wait};
 use crate::metrics::path_index;
 use crate::relay::response::{self, Buffers, End, Spec};
 use crate::relay::rewrite::{self, RequestInfo};
+use crate::tick;
 use crate::upstream::Pick;
 use crate::upstream::pool::{ConnectError, Pool};
 use crate::usage::{Outcome, UsageRecord, format_api_key};
@@ -93,7 +94,7 @@ async fn read_head(w: &Worker, c: &mut Conn, first: bool) -> Option<usize> {
     let limits = &v.live.config.limits;
     let max = limits.max_header_bytes.0 as usize;
     let mut started = !c.client.data().is_empty();
-    let mut deadline = Instant::now()
+    let mut deadline = tick::now()
         + if first || started {
             limits.header_timeout.0
         } else {
@@ -125,7 +126,7 @@ async fn read_head(w: &Worker, c: &mut Conn, first: bool) -> Option<usize> {
             Wait::Data => {
                 if !started {
                     started = true;
-                    deadline = Instant::now() + limits.header_timeout.0;
+                    deadline = tick::now() + limits.header_timeout.0;
                 }
             }
             Wait::TimedOut if started => {
@@ -214,11 +215,13 @@ struct Request {
 
 /// Handles one request whose head is parsed. Returns whether to keep the connection.
 async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
-    let now = SystemTime::now();
+    // One clock read: the wall-clock timestamp is derived from it (see `tick`).
+    let arrived = Instant::now();
+    let now = tick::wall_time(arrived);
     let rq = Request {
         key: auth::presented_key(&c.head.headers).map(str::to_owned),
         id: request_id(&c.head, now),
-        arrived: Instant::now(),
+        arrived,
         timestamp: now,
         path: path_index(c.head.route()),
     };
@@ -324,7 +327,7 @@ async fn read_body(v: &View, c: &mut Conn) -> Result<(), Option<ProxyError>> {
         }
         match c
             .client
-            .fill_until(Instant::now() + limits.header_timeout.0, || false)
+            .fill_until(tick::now() + limits.header_timeout.0, || false)
             .await
         {
             Wait::Data => {}

@@ -7,7 +7,7 @@ use crate::http::head::ResponseHead;
 use crate::io::Wait;
 use crate::upstream::pool::{ConnectError, Pool};
 use crate::warn;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A model list larger than this is not a model list.
 const MAX_MODELS_BODY: usize = 8 << 20;
@@ -115,7 +115,7 @@ async fn fetch(
     }
     req.extend_from_slice(format!("x-request-id: {request_id}\r\n\r\n").as_bytes());
     up.write_all(&mut req).await.map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + limits.first_byte_timeout.0.min(Duration::from_secs(10));
+    let deadline = crate::tick::now() + limits.first_byte_timeout.0.min(Duration::from_secs(10));
     let mut head = ResponseHead::default();
     loop {
         match head.parse(up.data(), 64 * 1024) {

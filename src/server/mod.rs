@@ -10,19 +10,21 @@ use crate::access_log::AccessLog;
 use crate::auth::Auth;
 use crate::config::{Config, parse_listen};
 use crate::delivery::{self, RecordSink};
-use crate::io::TICK;
 use crate::metrics::Metrics;
+use crate::tick::{self, TICK};
 use crate::upstream::health::HealthChecker;
 use crate::upstream::{Backend, Upstreams};
 use crate::{error, info, warn};
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{
     AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
 };
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Instant;
 
 /// The part of the configuration SIGHUP can replace: keys, backends and limits.
@@ -407,10 +409,21 @@ async fn accept_loop(w: &Rc<Worker>, listener: TcpListener) {
     {
         let mut accept = std::pin::pin!(listener.accept());
         loop {
-            monoio::select! {
-                r = &mut accept => {
+            // The accept first, then the worker's tick (a hand-written select of two,
+            // as in `io`: no timer made per accepted connection).
+            let mut tick = std::pin::pin!(tick::next_tick());
+            let r = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = accept.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                tick.as_mut().poll(cx).map(|()| None)
+            });
+            match r.await {
+                Some(r) => {
                     match r {
-                        Ok((stream, _)) => admit(w, stream, w.view().live.config.limits.max_connections),
+                        Ok((stream, _)) => {
+                            admit(w, stream, w.view().live.config.limits.max_connections)
+                        }
                         Err(e) => {
                             // EMFILE and friends: back off instead of spinning.
                             warn!("worker {}: accept failed: {e}", w.id);
@@ -418,13 +431,13 @@ async fn accept_loop(w: &Rc<Worker>, listener: TcpListener) {
                         }
                     }
                     // Checked here too: under constant connection churn the accept
-                    // branch is always ready and the tick below would never fire.
+                    // branch is always ready and the tick would never be looked at.
                     if w.shutting_down() {
                         break;
                     }
                     accept.set(listener.accept());
                 }
-                _ = monoio::time::sleep(TICK) => {
+                None => {
                     if w.shutting_down() {
                         break;
                     }

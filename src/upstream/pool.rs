@@ -41,7 +41,7 @@ impl Pool {
     pub fn take(&self, i: usize) -> Option<Io> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(i)?;
-        let now = Instant::now();
+        let now = crate::tick::now();
         while let Some((io, since)) = list.pop() {
             if io.data().is_empty()
                 && (now.saturating_duration_since(since) < FRESH || io.peek() == PeerState::Quiet)
@@ -71,9 +71,9 @@ impl Pool {
         }
     }
 
-    /// Keeps `io`, idle from now, for reuse.
+    /// Keeps `io`, idle from now (to within a tick), for reuse.
     pub fn put(&self, i: usize, io: Io) {
-        self.put_idle(i, io, Instant::now());
+        self.put_idle(i, io, crate::tick::now());
     }
 
     pub async fn connect(backend: &Backend, timeout: Duration) -> Result<Io, ConnectError> {
