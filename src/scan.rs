@@ -40,6 +40,45 @@ pub fn find_any<const N: usize>(bytes: &[u8], set: [u8; N]) -> usize {
     i
 }
 
+/// How many leading bytes of `bytes` go into a JSON string as they are: none of `"`,
+/// `\\` or a control byte (below 0x20). Sixteen bytes at a time, like `find_any`.
+#[inline]
+pub fn json_plain_len(bytes: &[u8]) -> usize {
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_movemask_epi8,
+            _mm_or_si128, _mm_set1_epi8,
+        };
+        // SAFETY: SSE2 is part of the x86_64 baseline; every load reads 16 bytes at `i`
+        // with `i + 16 <= bytes.len()`, unaligned loads allowed.
+        unsafe {
+            let quote = _mm_set1_epi8(b'"' as i8);
+            let backslash = _mm_set1_epi8(b'\\' as i8);
+            let below = _mm_set1_epi8(0x1f);
+            while i + 16 <= bytes.len() {
+                let v = _mm_loadu_si128(bytes.as_ptr().add(i).cast::<__m128i>());
+                // max(v, 0x1f) == 0x1f exactly when v <= 0x1f (unsigned).
+                let control = _mm_cmpeq_epi8(_mm_max_epu8(v, below), below);
+                let hit = _mm_or_si128(
+                    _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)),
+                    control,
+                );
+                let mask = _mm_movemask_epi8(hit) as u32;
+                if mask != 0 {
+                    return i + mask.trailing_zeros() as usize;
+                }
+                i += 16;
+            }
+        }
+    }
+    while i < bytes.len() && bytes[i] >= 0x20 && bytes[i] != b'"' && bytes[i] != b'\\' {
+        i += 1;
+    }
+    i
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,6 +93,14 @@ mod tests {
             prop_assert_eq!(find_any(&bytes, [b'"', b'\\']), want);
             let want = bytes.iter().position(|b| b"\"{}[]".contains(b)).unwrap_or(bytes.len());
             prop_assert_eq!(find_any(&bytes, [b'"', b'{', b'}', b'[', b']']), want);
+        }
+
+        #[test]
+        fn json_plain_len_stops_where_escaping_starts(
+            bytes in proptest::collection::vec(prop_oneof![Just(b'"'), Just(b'\\'), Just(0x1f_u8), Just(0x20_u8), Just(0x7f_u8), Just(0x80_u8), 0x20u8..0x7f], 0..80),
+        ) {
+            let want = bytes.iter().position(|&b| b < 0x20 || b == b'"' || b == b'\\').unwrap_or(bytes.len());
+            prop_assert_eq!(json_plain_len(&bytes), want);
         }
     }
 }

@@ -5,7 +5,8 @@
 //! sends it in one write. Built on the crate's own response parsing (httparse and
 //! the body decoder). `https://` webhooks go through ureq instead.
 
-use crate::http::body::BodyDecoder;
+use crate::http::body::{BodyDecoder, Framing};
+use crate::http::error::itoa_u64;
 use crate::http::head::ResponseHead;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -32,11 +33,22 @@ struct Conn {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// Parsed heads land here (its buffers reused from one answer to the next).
+    head: ResponseHead,
+    /// The last 2xx head with a Content-Length, byte for byte, and what it said
+    /// (status, body length, keep-alive): a receiver answers every record alike, so
+    /// an identical head is known without parsing it again.
+    same: Vec<u8>,
+    same_says: (u16, u64, bool),
 }
 
 /// One POST's answer: status and a short excerpt of the body (empty for a 2xx, whose
 /// body nobody reads).
 pub type Answer = Result<(u16, String), String>;
+
+/// One answer read off the connection: (status, excerpt), and whether the connection
+/// stays usable.
+type Read1 = ((u16, String), bool);
 
 impl PlainHttp {
     /// `None` for anything but a plain `http://` URL.
@@ -86,6 +98,9 @@ impl PlainHttp {
                             buf: vec![0; 16 * 1024],
                             start: 0,
                             end: 0,
+                            head: ResponseHead::default(),
+                            same: Vec::new(),
+                            same_says: (0, 0, false),
                         });
                         break;
                     }
@@ -117,7 +132,9 @@ impl PlainHttp {
             req.extend_from_slice(key.as_bytes());
             req.extend_from_slice(b"\r\n");
             req.extend_from_slice(&self.extra);
-            let _ = write!(req, "content-length: {}\r\n\r\n", body.len());
+            req.extend_from_slice(b"content-length: ");
+            req.extend_from_slice(itoa_u64(body.len() as u64).as_bytes());
+            req.extend_from_slice(b"\r\n\r\n");
             req.extend_from_slice(body);
         }
         let mut answers = Vec::with_capacity(items.len());
@@ -164,27 +181,43 @@ impl Conn {
     }
 
     /// One response: (status, body excerpt), and whether the connection stays usable.
-    fn read_answer(&mut self) -> Result<((u16, String), bool), String> {
-        let mut head = ResponseHead::default();
-        loop {
-            match head.parse(&self.buf[self.start..self.end], MAX_RESPONSE_HEAD) {
+    fn read_answer(&mut self) -> Result<Read1, String> {
+        if let Some(answer) = self.same_answer()? {
+            return Ok(answer);
+        }
+        let head_len = loop {
+            match self
+                .head
+                .parse(&self.buf[self.start..self.end], MAX_RESPONSE_HEAD)
+            {
                 Ok(Some(n)) => {
                     self.start += n;
-                    if (100..200).contains(&head.status) {
+                    if (100..200).contains(&self.head.status) {
                         continue;
                     }
-                    break;
+                    break n;
                 }
                 Ok(None) => self.fill()?,
                 Err(e) => return Err(format!("invalid response from the webhook: {e:?}")),
             }
-        }
+        };
+        let head = &mut self.head;
         let framing = head
             .framing("POST")
             .map_err(|e| format!("invalid response framing: {e:?}"))?;
+        let (status, keep_alive) = (head.status, head.keep_alive);
+        match framing {
+            Framing::Length(n) if (200..300).contains(&status) => {
+                let at = self.start - head_len;
+                self.same.clear();
+                self.same.extend_from_slice(&self.buf[at..self.start]);
+                self.same_says = (status, n, keep_alive);
+            }
+            _ => self.same.clear(),
+        }
         let mut decoder = BodyDecoder::new(framing);
         let mut excerpt = Vec::new();
-        let keep_excerpt = !(200..300).contains(&head.status);
+        let keep_excerpt = !(200..300).contains(&status);
         loop {
             let n = decoder
                 .decode(&self.buf[self.start..self.end], |s| {
@@ -203,7 +236,7 @@ impl Conn {
             if let Err(e) = self.fill() {
                 if decoder.eof_is_clean() {
                     return Ok((
-                        (head.status, String::from_utf8_lossy(&excerpt).into_owned()),
+                        (status, String::from_utf8_lossy(&excerpt).into_owned()),
                         false,
                     ));
                 }
@@ -215,7 +248,36 @@ impl Conn {
         } else {
             String::from_utf8_lossy(&excerpt).into_owned()
         };
-        Ok(((head.status, excerpt), head.keep_alive))
+        Ok(((status, excerpt), keep_alive))
+    }
+
+    /// The answer, when its head is byte for byte the last one remembered: its body
+    /// (of the remembered length) is skipped. `None`: parse it.
+    fn same_answer(&mut self) -> Result<Option<Read1>, String> {
+        let (status, len, keep) = self.same_says;
+        let want = self.same.len();
+        if want == 0 {
+            return Ok(None);
+        }
+        // Wait for as many bytes as the remembered head has (or a difference).
+        while self.end - self.start < want && self.same.starts_with(&self.buf[self.start..self.end])
+        {
+            self.fill()?;
+        }
+        if !self.buf[self.start..self.end].starts_with(&self.same) {
+            return Ok(None);
+        }
+        self.start += want;
+        let mut left = len;
+        loop {
+            let take = left.min((self.end - self.start) as u64);
+            self.start += take as usize;
+            left -= take;
+            if left == 0 {
+                return Ok(Some(((status, String::new()), keep)));
+            }
+            self.fill()?;
+        }
     }
 }
 
@@ -285,6 +347,61 @@ mod tests {
         // The server is gone: every answer is an error, and nothing panics.
         let answers = c.post_many(&[(b"{}", "d"), (b"{}", "e")]);
         assert!(answers.iter().all(|a| a.is_err()));
+    }
+
+    #[test]
+    fn a_repeated_answer_head_is_recognised_and_any_other_is_parsed() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let ok2 = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let ok3 = "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nyes";
+        let answers: Vec<String> = vec![
+            ok2.into(),
+            ok2.into(),
+            ok2.into(), // sent a byte at a time
+            ok3.into(),
+            "HTTP/1.1 500 Oops\r\ncontent-length: 4\r\n\r\nfail".into(),
+            ok3.into(),
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nbye".into(),
+        ];
+        let n = answers.len();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            for (i, a) in answers.iter().enumerate() {
+                if i == 2 {
+                    for b in a.as_bytes() {
+                        s.write_all(&[*b]).unwrap();
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                } else {
+                    s.write_all(a.as_bytes()).unwrap();
+                }
+            }
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink);
+        });
+        let mut c = PlainHttp::new(
+            &format!("http://127.0.0.1:{port}/hook"),
+            &[],
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let items: Vec<(&[u8], &str)> = (0..n).map(|_| (&b"{}"[..], "k")).collect();
+        let got = c.post_many(&items);
+        let want: Vec<Answer> = vec![
+            Ok((200, String::new())),
+            Ok((200, String::new())),
+            Ok((200, String::new())),
+            Ok((200, String::new())),
+            Ok((500, "fail".into())),
+            Ok((200, String::new())),
+            Ok((200, String::new())),
+        ];
+        assert_eq!(got, want);
+        // The last answer closed the connection: it is not kept.
+        assert!(c.conn.is_none());
+        drop(c);
+        server.join().unwrap();
     }
 
     #[test]

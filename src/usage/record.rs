@@ -126,7 +126,7 @@ impl UsageRecord {
 /// copied as they are; anything with a quote, backslash or control byte goes through
 /// serde_json.
 fn push_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if crate::scan::json_plain_len(s.as_bytes()) == s.len() {
         out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
