@@ -85,10 +85,23 @@ usage_hook:
 """)
 proxy = start([f"{REL}/llmproxy", "--config", f"{W}/llmproxy.yaml"], 0, "llmproxy.log")
 wait_port(NGINX, "nginx"); wait_port(PROXY, "llmproxy")
+# BASE=path/to/another/llmproxy adds that build as a fourth target ("base"), measured
+# in the same interleaved rounds: an A/B of a change that the machine's noise between
+# separate runs would hide.
+BASE = os.environ.get("BASE")
+BASE_PORT = free_port()
+if BASE:
+    open(f"{W}/base.yaml", "w").write(open(f"{W}/llmproxy.yaml").read()
+                                      .replace(f":{PROXY}", f":{BASE_PORT}").replace(f"{W}/spool", f"{W}/base-spool"))
+    base = start([BASE, "--config", f"{W}/base.yaml"], 0, "base.log")
+    wait_port(BASE_PORT, "base llmproxy")
 time.sleep(0.3)
 nginx_worker = int(subprocess.check_output(["pgrep", "-P", str(nginx_master.pid)]).split()[0])
 PIDS = {"direct": None, "nginx": nginx_worker, "llmproxy": proxy.pid}
 PORTS = {"direct": MOCK, "nginx": NGINX, "llmproxy": PROXY}
+if BASE:
+    PIDS["base"], PORTS["base"] = base.pid, BASE_PORT
+PROXIES = {"llmproxy": PROXY, "base": BASE_PORT}
 
 BODY = {
     "json": '{"model":"mock-model","messages":[{"role":"user","content":"one two three four five"}],"max_tokens":64}',
@@ -184,17 +197,18 @@ if os.environ.get("ONLY"):
 results = {s: {t: [] for t in PORTS} for s, _ in SCENARIOS}
 try:
     for r in range(ROUNDS):
-        order = list(PORTS)[r % 3:] + list(PORTS)[:r % 3]
+        k = r % len(PORTS)
+        order = list(PORTS)[k:] + list(PORTS)[:k]
         for name, fn in SCENARIOS:
             for t in order:
                 before = cpu(PIDS[t])
-                wbefore = worker_cpu(proxy.pid) if t == "llmproxy" else 0
+                wbefore = worker_cpu(PIDS[t]) if t in PROXIES else 0
                 res = fn(t)
-                wafter = worker_cpu(proxy.pid) if t == "llmproxy" else 0
-                if t == "llmproxy":
-                    drained(PROXY)
+                wafter = worker_cpu(PIDS[t]) if t in PROXIES else 0
+                if t in PROXIES:
+                    drained(PROXIES[t])
                 res["cpu_us"] = (cpu(PIDS[t]) - before) / TICK * 1e6 / max(res["n"], 1) if PIDS[t] else 0
-                res["relay_us"] = (wafter - wbefore) / TICK * 1e6 / max(res["n"], 1) if t == "llmproxy" else res["cpu_us"]
+                res["relay_us"] = (wafter - wbefore) / TICK * 1e6 / max(res["n"], 1) if t in PROXIES else res["cpu_us"]
                 results[name][t].append(res)
                 time.sleep(0.5)
         print(f"round {r + 1}/{ROUNDS} done", file=sys.stderr)
@@ -211,12 +225,14 @@ try:
             print(f"{name:28} {t:9} {x['rps']:9.0f} {x['p50']:8.3f} {x['p99']:8.3f} {added} {cpu_s} {errs:7d}")
         # Ratios are taken round by round (the two runs of a round are next to each other
         # in time, so a slow spell of the machine hits both), then the median.
-        pairs = list(zip(results[name]["llmproxy"], results[name]["nginx"]))
-        ratio_rps = med([l["rps"] / n["rps"] for l, n in pairs])
-        ratio_cpu = med([l["cpu_us"] / n["cpu_us"] for l, n in pairs if n["cpu_us"]] or [float("nan")])
-        ratio_relay = med([l["relay_us"] / n["cpu_us"] for l, n in pairs if n["cpu_us"]] or [float("nan")])
-        print(f"{'':28} {'ratio':9} llmproxy/nginx (median of per-round ratios) req/s {ratio_rps:.2f}x, CPU per request {ratio_cpu:.2f}x "
-              f"(worker thread alone {row['llmproxy']['relay_us']:.1f} us/req, {ratio_relay:.2f}x)\n")
+        for who in PROXIES if BASE else ["llmproxy"]:
+            pairs = list(zip(results[name][who], results[name]["nginx"]))
+            ratio_rps = med([l["rps"] / n["rps"] for l, n in pairs])
+            ratio_cpu = med([l["cpu_us"] / n["cpu_us"] for l, n in pairs if n["cpu_us"]] or [float("nan")])
+            ratio_relay = med([l["relay_us"] / n["cpu_us"] for l, n in pairs if n["cpu_us"]] or [float("nan")])
+            print(f"{'':28} {'ratio':9} {who}/nginx (median of per-round ratios) req/s {ratio_rps:.2f}x, CPU per request {ratio_cpu:.2f}x "
+                  f"(worker thread alone {row[who]['relay_us']:.1f} us/req, {ratio_relay:.2f}x)")
+        print()
     print(f"peak RSS: nginx worker {rss_kib(nginx_worker) / 1024:.1f} MiB, llmproxy {rss_kib(proxy.pid) / 1024:.1f} MiB")
 finally:
     cleanup()
