@@ -53,32 +53,41 @@ impl UsageFinder {
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
+        // While capturing, the value is the span of `chunk` from `from`: copied in one
+        // piece when it ends or the chunk does.
+        let mut from = 0;
         let mut i = 0;
         while i < chunk.len() {
             if self.in_str {
                 i = self.string_run(chunk, i);
                 continue;
             }
-            if !self.capturing && self.depth >= 2 {
-                // Inside nested values only quotes and brackets matter: skip the rest
-                // (the numbers of an embedding) eight bytes at a time.
+            if self.depth >= 2 {
+                // Inside nested values only quotes and brackets matter: whole blocks
+                // go by sixty-four bytes at a time, and the rest (the numbers of an
+                // embedding) sixteen at a time.
+                i = self.skip_nested(chunk, i);
+                if self.in_str || self.depth < 2 {
+                    continue;
+                }
                 i += skip_plain(&chunk[i..]);
                 if i == chunk.len() {
-                    return;
+                    break;
                 }
             }
             let b = chunk[i];
             if self.capturing && self.depth == 1 && (b == b',' || b == b'}') {
-                self.capturing = false;
-                let trimmed = self.capture.trim_ascii();
-                if !trimmed.is_empty() {
-                    self.found.clear();
-                    self.found.extend_from_slice(trimmed);
-                    self.has_found = true;
+                self.capture_bytes(&chunk[from..i]);
+                if self.capturing {
+                    self.capturing = false;
+                    let trimmed = self.capture.trim_ascii();
+                    if !trimmed.is_empty() {
+                        self.found.clear();
+                        self.found.extend_from_slice(trimmed);
+                        self.has_found = true;
+                    }
                 }
                 self.capture.clear();
-            } else if self.capturing {
-                self.capture_bytes(&[b]);
             }
             match b {
                 b'"' => {
@@ -103,31 +112,71 @@ impl UsageFinder {
                     if &self.key[..self.key_len.min(KEY_CAP)] == b"usage" && self.key_len == 5 {
                         self.capturing = true;
                         self.capture.clear();
+                        from = i + 1;
                     }
                 }
                 _ => {}
             }
             i += 1;
         }
+        if self.capturing {
+            self.capture_bytes(&chunk[from.min(chunk.len())..]);
+        }
+    }
+
+    /// Outside a string at depth 2 or more, from `chunk[i]`: goes through
+    /// whole 64-byte blocks without a backslash, finding every string in a block at
+    /// once (a prefix XOR of its quotes) and following only the brackets outside them.
+    /// Stops after the bracket that brings the depth back to 1, at a block with a
+    /// backslash or at the chunk's last partial block (the byte machine takes those),
+    /// or after a block that ends inside a string (then `in_str` is set).
+    fn skip_nested(&mut self, chunk: &[u8], mut i: usize) -> usize {
+        while i + 64 <= chunk.len() {
+            // A block of numbers (an embedding) has nothing to follow.
+            if skip_plain(&chunk[i..i + 64]) == 64 {
+                i += 64;
+                continue;
+            }
+            let m = Masks::of(&chunk[i..i + 64]);
+            if m.backslash != 0 {
+                return i;
+            }
+            let inside = prefix_xor(m.quote);
+            let (opens, closes) = (m.open & !inside, m.close & !inside);
+            let mut brackets = opens | closes;
+            while brackets != 0 {
+                let bit = brackets & brackets.wrapping_neg();
+                if opens & bit != 0 {
+                    self.depth += 1;
+                } else {
+                    self.depth -= 1;
+                    if self.depth < 2 {
+                        return i + bit.trailing_zeros() as usize + 1;
+                    }
+                }
+                brackets &= brackets - 1;
+            }
+            i += 64;
+            if inside >> 63 != 0 {
+                self.in_str = true;
+                return i;
+            }
+        }
+        i
     }
 
     /// Inside a string from `chunk[i]`: takes the run up to the next quote or
-    /// backslash in one step (kept as the member name or the capture if it is one),
+    /// backslash in one step (kept as the member name if it is one),
     /// then that byte. Returns where scanning goes on.
     fn string_run(&mut self, chunk: &[u8], mut i: usize) -> usize {
         if self.escape {
             self.escape = false;
-            if self.capturing {
-                self.capture_bytes(&chunk[i..=i]);
-            }
             return i + 1;
         }
         let rest = &chunk[i..];
         let k = find_quote_or_backslash(rest);
         let run = &rest[..k];
-        if self.capturing {
-            self.capture_bytes(run);
-        } else if self.in_key {
+        if self.in_key {
             let room = KEY_CAP.saturating_sub(self.key_len).min(run.len());
             self.key[self.key_len.min(KEY_CAP)..][..room].copy_from_slice(&run[..room]);
             self.key_len = self.key_len.saturating_add(run.len());
@@ -136,9 +185,6 @@ impl UsageFinder {
         let Some(&b) = chunk.get(i) else {
             return i;
         };
-        if self.capturing {
-            self.capture_bytes(&[b]);
-        }
         if b == b'\\' {
             self.escape = true;
             if self.in_key {
@@ -162,6 +208,90 @@ impl UsageFinder {
             self.capture.extend_from_slice(bytes);
         }
     }
+}
+
+/// Bit `k` set where byte `k` of a 64-byte block is a quote, a backslash, an opening
+/// or a closing bracket.
+struct Masks {
+    quote: u64,
+    backslash: u64,
+    open: u64,
+    close: u64,
+}
+
+impl Masks {
+    #[inline]
+    fn of(block: &[u8]) -> Masks {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{
+                __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128,
+                _mm_set1_epi8,
+            };
+            assert!(block.len() >= 64);
+            // SAFETY: SSE2 is part of the x86_64 baseline; the four unaligned 16-byte
+            // loads are within `block`, whose length is checked above.
+            unsafe {
+                let set = |b: u8| _mm_set1_epi8(b as i8);
+                let (q, bs, lb, ls, rb, rs) = (
+                    set(b'"'),
+                    set(b'\\'),
+                    set(b'{'),
+                    set(b'['),
+                    set(b'}'),
+                    set(b']'),
+                );
+                let mut m = Masks {
+                    quote: 0,
+                    backslash: 0,
+                    open: 0,
+                    close: 0,
+                };
+                for k in 0..4 {
+                    let v = _mm_loadu_si128(block.as_ptr().add(16 * k).cast::<__m128i>());
+                    let bits = |x| u64::from(_mm_movemask_epi8(x) as u16) << (16 * k);
+                    m.quote |= bits(_mm_cmpeq_epi8(v, q));
+                    m.backslash |= bits(_mm_cmpeq_epi8(v, bs));
+                    m.open |= bits(_mm_or_si128(_mm_cmpeq_epi8(v, lb), _mm_cmpeq_epi8(v, ls)));
+                    m.close |= bits(_mm_or_si128(_mm_cmpeq_epi8(v, rb), _mm_cmpeq_epi8(v, rs)));
+                }
+                m
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let mut m = Masks {
+                quote: 0,
+                backslash: 0,
+                open: 0,
+                close: 0,
+            };
+            for (k, &b) in block[..64].iter().enumerate() {
+                let bit = 1u64 << k;
+                match b {
+                    b'"' => m.quote |= bit,
+                    b'\\' => m.backslash |= bit,
+                    b'{' | b'[' => m.open |= bit,
+                    b'}' | b']' => m.close |= bit,
+                    _ => {}
+                }
+            }
+            m
+        }
+    }
+}
+
+/// Bit `k` of the result is the XOR of bits `0..=k` of `x`: over a block's quote bits
+/// (no escapes), set from an opening quote up to, not including, its closing one.
+#[inline]
+fn prefix_xor(mut x: u64) -> u64 {
+    x ^= x << 1;
+    x ^= x << 2;
+    x ^= x << 4;
+    x ^= x << 8;
+    x ^= x << 16;
+    x ^= x << 32;
+    x
 }
 
 /// How many leading bytes of `bytes` are none of `"`, `[`, `]`, `{`, `}`.
@@ -406,6 +536,34 @@ mod tests {
                 .map(|raw| serde_json::from_slice::<serde_json::Value>(&raw).unwrap());
             prop_assert_eq!(got, want);
         }
+    }
+
+    proptest! {
+        /// Documents long enough for whole 64-byte blocks at every depth, strings with
+        /// and without escapes across block edges.
+        #[test]
+        fn agrees_with_serde_on_long_documents(
+            docs in proptest::collection::vec(json_value(), 1..6),
+            pad in "[a-z \"\\\\{}\\[\\]]{0,90}",
+            cuts in proptest::collection::vec(0usize..1200, 0..5),
+        ) {
+            let doc = serde_json::json!({
+                "id": pad,
+                "choices": [{"message": {"content": pad, "parts": docs}}, [pad, [pad]]],
+                "usage": docs[0],
+                "tail": docs,
+            });
+            let body = doc.to_string();
+            let got = find_split(body.as_bytes(), &cuts)
+                .map(|raw| serde_json::from_slice::<serde_json::Value>(&raw).unwrap());
+            prop_assert_eq!(got, Some(docs[0].clone()));
+        }
+    }
+
+    #[test]
+    fn prefix_xor_marks_strings() {
+        // Quotes at 1, 4 and 7: inside from 1 to 3, and from 7 on.
+        assert_eq!(prefix_xor(0b1001_0010), (u64::MAX << 7) | 0b1110);
     }
 
     proptest! {
