@@ -42,6 +42,16 @@ fn raw_even_null<'de, D: serde::Deserializer<'de>>(
     <&RawValue>::deserialize(d).map(Some)
 }
 
+/// A raw JSON value as a string: a plain one (no escapes) is taken as it is, anything
+/// else goes through serde (which also refuses what is not a string).
+fn string_value(raw: &RawValue) -> Result<String, serde_json::Error> {
+    let r = raw.get();
+    match r.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        Some(inner) if !inner.contains(['"', '\\']) => Ok(inner.to_owned()),
+        _ => serde_json::from_str::<String>(r),
+    }
+}
+
 /// Reads what the proxy needs from a request body. `Err` carries the message for a
 /// 400 `invalid_request`.
 pub fn inspect(body: &[u8], require_model: bool) -> Result<RequestInfo, String> {
@@ -49,19 +59,19 @@ pub fn inspect(body: &[u8], require_model: bool) -> Result<RequestInfo, String> 
     if first != Some(&b'{') {
         return Err("Request body must be a JSON object.".into());
     }
-    // JSON is UTF-8 (RFC 8259), and serde does not check the strings it skips.
-    std::str::from_utf8(body).map_err(|e| format!("Request body is not valid UTF-8: {e}"))?;
+    // JSON is UTF-8 (RFC 8259), and serde does not check the strings it skips. Checked
+    // once here; serde then reads the `str` without checking each string again.
+    let text =
+        std::str::from_utf8(body).map_err(|e| format!("Request body is not valid UTF-8: {e}"))?;
     let probe: Probe<'_> =
-        serde_json::from_slice(body).map_err(|e| format!("Request body is not valid JSON: {e}"))?;
-    let model = match probe.model.map(|r| serde_json::from_str::<String>(r.get())) {
+        serde_json::from_str(text).map_err(|e| format!("Request body is not valid JSON: {e}"))?;
+    let model = match probe.model.map(string_value) {
         Some(Ok(m)) if !m.is_empty() => m,
         _ if !require_model => String::new(),
         Some(_) => return Err("'model' must be a non-empty string.".into()),
         None => return Err("'model' is required.".into()),
     };
-    let user = probe
-        .user
-        .and_then(|r| serde_json::from_str::<String>(r.get()).ok());
+    let user = probe.user.and_then(|r| string_value(r).ok());
     let options = match probe.stream_options {
         Some(raw) if raw.get() != "null" => Some(
             serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw.get())
@@ -272,6 +282,35 @@ mod tests {
             (info.model.as_str(), info.user.as_deref()),
             ("mé", Some("u1"))
         );
+    }
+
+    proptest! {
+        /// `model` and `user` read as serde reads them, escapes and all; a value that
+        /// is not a string is refused (model) or ignored (user).
+        #[test]
+        fn model_and_user_read_as_serde_does(
+            model in prop_oneof![
+                "[a-zA-Z0-9/._:-]{1,20}".prop_map(Value::String),
+                "[a-z\"\\\\\u{e9}\u{1F600}\n\t ]{1,12}".prop_map(Value::String),
+                any::<i32>().prop_map(Value::from),
+                Just(Value::Null),
+            ],
+            user in prop_oneof![
+                "[a-z\"\\\\ ]{0,10}".prop_map(Value::String),
+                Just(json!(["u"])),
+            ],
+        ) {
+            let body = json!({"model": model, "messages": [], "user": user}).to_string();
+            let got = inspect(body.as_bytes(), true);
+            match model.as_str() {
+                Some(m) if !m.is_empty() => {
+                    let info = got.unwrap();
+                    prop_assert_eq!(info.model.as_str(), m);
+                    prop_assert_eq!(info.user.as_deref(), user.as_str());
+                }
+                _ => prop_assert!(got.is_err()),
+            }
+        }
     }
 
     proptest! {
