@@ -30,6 +30,8 @@ taskset -c 1 target/release/examples/mock_vllm --port "$MOCK" --prerender --toke
 pids+=($!)
 taskset -c 1 target/release/examples/webhook_receiver --port "$HOOK" --quiet --log none --no-store >"$W/hook.log" 2>&1 &
 pids+=($!)
+RECV=$!
+MOCKP=${pids[0]}
 cat >"$W/p.yaml" <<EOF
 listen: "127.0.0.1:$PROXY"
 workers: 1
@@ -63,6 +65,8 @@ snap() {
         echo "$(cat "$t/comm") $(awk '{print $14+$15}' "$t/stat") $(awk '/ctxt_switches/ {s += $2} END {print s}' "$t/status")"
     done | sort
 }
+ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+rb=$(ticks "$RECV"); mb=$(ticks "$MOCKP")
 before=$(snap)
 taskset -c 1 wrk -t1 -c64 -d"$((SECS + 2))s" -s "$W/req.lua" "http://127.0.0.1:$PROXY/v1/chat/completions" >"$W/wrk.out" &
 sleep 1
@@ -71,11 +75,14 @@ perf record -q -F 4999 -e cpu-clock --call-graph fp "${who[@]}" -o "$W/perf.data
 wait %4 2>/dev/null || sleep 2
 sleep 2 # let the billing threads finish the run's records
 after=$(snap)
+ra=$(ticks "$RECV"); ma=$(ticks "$MOCKP")
 n=$(grep -oP '\d+(?= requests in)' "$W/wrk.out")
 grep "Requests/sec" "$W/wrk.out"
 echo "CPU per request by thread (incl. the billing work the run caused):"
 join <(echo "$before") <(echo "$after") | awk -v n="$n" -v hz="$(getconf CLK_TCK)" \
     '{ us = ($4 - $2) / hz * 1e6 / n; if (us > 0.005) printf "  %-14s %6.2f us  %7.4f context switches\n", $1, us, ($5 - $3) / n }'
+awk -v n="$n" -v hz="$(getconf CLK_TCK)" -v r=$((ra - rb)) -v m=$((ma - mb)) \
+    'BEGIN { printf "on core 1: mock %.2f us, webhook receiver %.2f us per request\n", m / hz * 1e6 / n, r / hz * 1e6 / n }'
 echo "worker thread, top symbols (self):"
 perf report -i "$W/perf.data" --no-children --sort dso,sym -g none --percent-limit 0.7 2>/dev/null |
     grep -v '^#' | grep -v '^$' | head -40
