@@ -93,6 +93,20 @@ impl RecordSink {
     }
 }
 
+/// Puts the calling thread in `SCHED_BATCH`: it gets its fair share of the CPU as
+/// before, but waking up (every group-commit window, every batch) no longer preempts
+/// a worker in the middle of its requests; it runs when the worker's slice ends or
+/// the worker waits. Unlike `SCHED_IDLE` it cannot be starved, so records still flow
+/// under full load. Best effort: on failure the thread keeps the normal policy.
+fn no_wakeup_preemption() {
+    // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid param
+    // struct; SCHED_BATCH requires priority 0.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
+    }
+}
+
 /// Starts the delivery threads. Join the handles after `RecordSink::close`.
 pub fn start(
     cfg: &UsageHookConfig,
@@ -105,7 +119,10 @@ pub fn start(
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
             .name(name.into())
-            .spawn(f)
+            .spawn(move || {
+                no_wakeup_preemption();
+                f()
+            })
             .map_err(|e| format!("cannot start the {name} thread: {e}"))
     };
     if cfg.spool_dir.is_empty() {
