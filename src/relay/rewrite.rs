@@ -7,6 +7,7 @@ use crate::config::UsageMode;
 use crate::usage::json::member_span;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::ops::Range;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestInfo {
@@ -19,7 +20,7 @@ pub struct RequestInfo {
     /// The caller itself asked for `stream_options.continuous_usage_stats`.
     pub caller_wants_continuous: bool,
     /// Where the caller's `stream_options` value (possibly `null`) lies in the body.
-    options_span: Option<std::ops::Range<usize>>,
+    options_span: Option<Range<usize>>,
     options: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
@@ -44,12 +45,20 @@ fn raw_even_null<'de, D: serde::Deserializer<'de>>(
 
 /// A raw JSON value as a string: a plain one (no escapes) is taken as it is, anything
 /// else goes through serde (which also refuses what is not a string).
-fn string_value(raw: &RawValue) -> Result<String, serde_json::Error> {
-    let r = raw.get();
-    match r.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+fn string_value(raw: &str) -> Result<String, serde_json::Error> {
+    match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
         Some(inner) if !inner.contains(['"', '\\']) => Ok(inner.to_owned()),
-        _ => serde_json::from_str::<String>(r),
+        _ => serde_json::from_str::<String>(raw),
     }
+}
+
+/// Where the members the proxy reads lie in a body (ranges of their raw values).
+#[derive(Debug, Default, PartialEq)]
+struct Found {
+    model: Option<Range<usize>>,
+    stream: Option<bool>,
+    user: Option<Range<usize>>,
+    stream_options: Option<Range<usize>>,
 }
 
 /// Reads what the proxy needs from a request body. `Err` carries the message for a
@@ -60,21 +69,24 @@ pub fn inspect(body: &[u8], require_model: bool) -> Result<RequestInfo, String> 
         return Err("Request body must be a JSON object.".into());
     }
     // JSON is UTF-8 (RFC 8259), and serde does not check the strings it skips. Checked
-    // once here; serde then reads the `str` without checking each string again.
+    // once here; the scan and serde then read the `str` without checking it again.
     let text =
         std::str::from_utf8(body).map_err(|e| format!("Request body is not valid UTF-8: {e}"))?;
-    let probe: Probe<'_> =
-        serde_json::from_str(text).map_err(|e| format!("Request body is not valid JSON: {e}"))?;
-    let model = match probe.model.map(string_value) {
+    let found = match scan::request(text.as_bytes()) {
+        Some(f) => f,
+        None => serde_found(text)?,
+    };
+    let raw = |r: &Option<Range<usize>>| r.clone().map(|r| &text[r]);
+    let model = match raw(&found.model).map(string_value) {
         Some(Ok(m)) if !m.is_empty() => m,
         _ if !require_model => String::new(),
         Some(_) => return Err("'model' must be a non-empty string.".into()),
         None => return Err("'model' is required.".into()),
     };
-    let user = probe.user.and_then(|r| string_value(r).ok());
-    let options = match probe.stream_options {
-        Some(raw) if raw.get() != "null" => Some(
-            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw.get())
+    let user = raw(&found.user).and_then(|r| string_value(r).ok());
+    let options = match raw(&found.stream_options) {
+        Some(r) if r != "null" => Some(
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(r)
                 .map_err(|_| "'stream_options' must be an object.".to_string())?,
         ),
         _ => None,
@@ -88,17 +100,242 @@ pub fn inspect(body: &[u8], require_model: bool) -> Result<RequestInfo, String> 
     };
     Ok(RequestInfo {
         model,
-        stream: probe.stream.unwrap_or(false),
+        stream: found.stream.unwrap_or(false),
         user,
         caller_wants_usage: flag("include_usage"),
         caller_wants_continuous: flag("continuous_usage_stats"),
-        options_span: probe.stream_options.map(|raw| {
-            // The raw value borrows from `body`: its offset is where to splice.
-            let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
-            start..start + raw.get().len()
-        }),
+        options_span: found.stream_options,
         options,
     })
+}
+
+/// `Found` by serde, for any body the scan did not take; its error is the 400's text.
+fn serde_found(text: &str) -> Result<Found, String> {
+    let probe: Probe<'_> =
+        serde_json::from_str(text).map_err(|e| format!("Request body is not valid JSON: {e}"))?;
+    // A raw value borrows from `text`: its offset is where it lies.
+    let span = |r: Option<&RawValue>| {
+        r.map(|r| {
+            let start = r.get().as_ptr() as usize - text.as_ptr() as usize;
+            start..start + r.get().len()
+        })
+    };
+    Ok(Found {
+        model: span(probe.model),
+        stream: probe.stream,
+        user: span(probe.user),
+        stream_options: span(probe.stream_options),
+    })
+}
+
+/// A strict scan of a whole request body that finds its top-level `model`, `stream`,
+/// `user` and `stream_options` without serde (the serde probe was ~3 % of a worker
+/// relaying short requests). It never refuses a body: on anything it does not take
+/// for sure (a `\\u` escape, a control byte, a duplicate member the probe would
+/// refuse, `stream` not a boolean or null, nesting deeper than 64, any byte outside
+/// JSON's grammar) it gives up and serde reads the body, so what is accepted, and
+/// every error message, stays serde's. Property-tested against serde.
+mod scan {
+    use super::Found;
+    use crate::scan::json_plain_len;
+
+    struct Scan<'a> {
+        b: &'a [u8],
+        i: usize,
+    }
+
+    pub(super) fn request(b: &[u8]) -> Option<Found> {
+        let mut s = Scan { b, i: 0 };
+        let mut f = Found::default();
+        let mut stream_seen = false;
+        let mut seen = [false; 3];
+        s.ws();
+        s.eat(b'{')?;
+        s.ws();
+        if s.peek()? == b'}' {
+            s.i += 1;
+        } else {
+            loop {
+                s.ws();
+                let key = s.string()?;
+                s.ws();
+                s.eat(b':')?;
+                s.ws();
+                let start = s.i;
+                s.value(0)?;
+                let v = start..s.i;
+                // Each member once (the probe refuses a duplicate); `model` and `user`
+                // null are absent, as serde reads an `Option` (`stream_options` null
+                // is kept: it is replaced in place).
+                let null = &b[v.clone()] == b"null";
+                let once =
+                    |seen: &mut bool, slot: &mut Option<std::ops::Range<usize>>, keep_null| {
+                        (!std::mem::replace(seen, true))
+                            .then(|| *slot = (keep_null || !null).then(|| v.clone()))
+                    };
+                match &b[key] {
+                    b"\"model\"" => once(&mut seen[0], &mut f.model, false)?,
+                    b"\"user\"" => once(&mut seen[1], &mut f.user, false)?,
+                    b"\"stream_options\"" => once(&mut seen[2], &mut f.stream_options, true)?,
+                    b"\"stream\"" if !stream_seen => {
+                        stream_seen = true;
+                        f.stream = match &b[v] {
+                            b"true" => Some(true),
+                            b"false" => Some(false),
+                            b"null" => None,
+                            _ => return None,
+                        };
+                    }
+                    b"\"stream\"" => return None,
+                    // A member name with an escape may be one of those: serde decides.
+                    k if k.contains(&b'\\') => return None,
+                    _ => {}
+                }
+                s.ws();
+                match s.next()? {
+                    b',' => {}
+                    b'}' => break,
+                    _ => return None,
+                }
+            }
+        }
+        s.ws();
+        (s.i == b.len()).then_some(f)
+    }
+
+    impl Scan<'_> {
+        fn peek(&self) -> Option<u8> {
+            self.b.get(self.i).copied()
+        }
+
+        fn next(&mut self) -> Option<u8> {
+            let c = self.peek()?;
+            self.i += 1;
+            Some(c)
+        }
+
+        fn eat(&mut self, c: u8) -> Option<()> {
+            (self.next()? == c).then_some(())
+        }
+
+        fn ws(&mut self) {
+            while matches!(self.peek(), Some(b' ' | b'\n' | b'\t' | b'\r')) {
+                self.i += 1;
+            }
+        }
+
+        /// A string, quotes included (its range); escapes other than `\\u`.
+        fn string(&mut self) -> Option<std::ops::Range<usize>> {
+            let start = self.i;
+            self.eat(b'"')?;
+            loop {
+                self.i += json_plain_len(&self.b[self.i..]);
+                match self.next()? {
+                    b'"' => return Some(start..self.i),
+                    b'\\' => match self.next()? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
+                        _ => return None,
+                    },
+                    _ => return None, // a control byte
+                }
+            }
+        }
+
+        fn value(&mut self, depth: u32) -> Option<()> {
+            if depth > 64 {
+                return None;
+            }
+            match self.peek()? {
+                b'"' => self.string().map(drop),
+                b'{' => {
+                    self.i += 1;
+                    self.ws();
+                    if self.peek()? == b'}' {
+                        self.i += 1;
+                        return Some(());
+                    }
+                    loop {
+                        self.ws();
+                        self.string()?;
+                        self.ws();
+                        self.eat(b':')?;
+                        self.ws();
+                        self.value(depth + 1)?;
+                        self.ws();
+                        match self.next()? {
+                            b',' => {}
+                            b'}' => return Some(()),
+                            _ => return None,
+                        }
+                    }
+                }
+                b'[' => {
+                    self.i += 1;
+                    self.ws();
+                    if self.peek()? == b']' {
+                        self.i += 1;
+                        return Some(());
+                    }
+                    loop {
+                        self.ws();
+                        self.value(depth + 1)?;
+                        self.ws();
+                        match self.next()? {
+                            b',' => {}
+                            b']' => return Some(()),
+                            _ => return None,
+                        }
+                    }
+                }
+                b't' => self.literal(b"true"),
+                b'f' => self.literal(b"false"),
+                b'n' => self.literal(b"null"),
+                b'-' | b'0'..=b'9' => self.number(),
+                _ => None,
+            }
+        }
+
+        fn literal(&mut self, word: &[u8]) -> Option<()> {
+            let end = self.i + word.len();
+            (self.b.get(self.i..end)? == word).then(|| self.i = end)
+        }
+
+        /// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`
+        fn number(&mut self) -> Option<()> {
+            if self.peek() == Some(b'-') {
+                self.i += 1;
+            }
+            match self.next()? {
+                b'0' => {}
+                b'1'..=b'9' => self.digits(),
+                _ => return None,
+            }
+            if self.peek() == Some(b'.') {
+                self.i += 1;
+                self.digit()?;
+                self.digits();
+            }
+            if matches!(self.peek(), Some(b'e' | b'E')) {
+                self.i += 1;
+                if matches!(self.peek(), Some(b'+' | b'-')) {
+                    self.i += 1;
+                }
+                self.digit()?;
+                self.digits();
+            }
+            Some(())
+        }
+
+        fn digit(&mut self) -> Option<()> {
+            self.next()?.is_ascii_digit().then_some(())
+        }
+
+        fn digits(&mut self) {
+            while self.peek().is_some_and(|c| c.is_ascii_digit()) {
+                self.i += 1;
+            }
+        }
+    }
 }
 
 /// The body to send upstream for a stream, asking the backend for usage (and, in
@@ -282,6 +519,79 @@ mod tests {
             (info.model.as_str(), info.user.as_deref()),
             ("mé", Some("u1"))
         );
+    }
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            "[a-z\"\\\\/\n\t\u{1}\u{e9} ]{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::vec(("[a-z]{1,6}", inner), 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Whatever the scan takes, serde takes too, finding the same members; and the
+        /// usual request is taken by the scan.
+        #[test]
+        fn the_scan_takes_only_what_serde_takes_and_finds_the_same(
+            members in proptest::collection::vec((0usize..8, any_json()), 0..7),
+            pretty in any::<bool>(),
+            edit in proptest::option::of((0usize..400, any::<u8>())),
+            cut in proptest::option::of(0usize..400),
+            tail in proptest::sample::select(vec!["", " \n", "x", "}", ","]),
+        ) {
+            const NAMES: [&str; 8] = ["model", "stream", "user", "stream_options", "messages",
+                "max_tokens", "mod\\u0065l", "stream\\n"];
+            let mut text = String::from("{");
+            for (k, (name, v)) in members.iter().enumerate() {
+                if k > 0 {
+                    text.push_str(if pretty { ",\n  " } else { "," });
+                }
+                let v = if pretty { serde_json::to_string_pretty(v).unwrap() } else { v.to_string() };
+                text.push_str(&format!("\"{}\":{}{v}", NAMES[*name], if pretty { " " } else { "" }));
+            }
+            text.push('}');
+            text.push_str(tail);
+            let mut bytes = text.into_bytes();
+            if let Some((at, b)) = edit && !bytes.is_empty() {
+                let at = at % bytes.len();
+                bytes[at] = b;
+            }
+            if let Some(c) = cut {
+                bytes.truncate(c.min(bytes.len()));
+            }
+            let Ok(text) = std::str::from_utf8(&bytes) else { return Ok(()) };
+            if let Some(found) = scan::request(text.as_bytes()) {
+                prop_assert_eq!(Ok(found), serde_found(text));
+            }
+        }
+    }
+
+    #[test]
+    fn the_usual_request_is_taken_by_the_scan() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"say \"hi\"\n"}],"max_tokens":64,"temperature":0.7,"stream":true,"stream_options":{"include_usage":false},"user":"u1"}"#;
+        let found = scan::request(body.as_bytes()).expect("taken by the scan");
+        assert_eq!(Ok(found), serde_found(body));
+        // Refusals stay serde's: the scan gives up, it never refuses.
+        for bad in [
+            r#"{"model":"m",}"#,
+            r#"{"model":"m","model":"n"}"#,
+            r#"{"stream":1}"#,
+            r#"{"a":01}"#,
+        ] {
+            assert!(scan::request(bad.as_bytes()).is_none(), "{bad}");
+        }
     }
 
     proptest! {
