@@ -1,12 +1,14 @@
 //! The stream_options rewrite: for any body the proxy accepts, the rewritten body is
-//! valid JSON equal to the input plus `stream_options.include_usage: true`.
+//! valid JSON equal to the input plus `stream_options.include_usage: true`. And the
+//! request scan takes only bodies serde reads the same way.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use llmproxy::config::UsageMode;
-use llmproxy::relay::rewrite::{inspect, rewrite};
+use llmproxy::relay::rewrite::{check_scan_against_serde, inspect, rewrite};
 use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
+    check_scan_against_serde(data);
     let Ok(info) = inspect(data, true) else { return };
     let Some(out) = rewrite(data, &info, UsageMode::Final) else { return };
     // JSON numbers have no range limit but serde_json's Value does (`1E2666...`): the

@@ -109,6 +109,18 @@ pub fn inspect(body: &[u8], require_model: bool) -> Result<RequestInfo, String> 
     })
 }
 
+/// For the fuzzer: panics if the scan takes a body that serde reads differently (or
+/// refuses).
+#[doc(hidden)]
+pub fn check_scan_against_serde(body: &[u8]) {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return;
+    };
+    if let Some(found) = scan::request(body) {
+        assert_eq!(Ok(found), serde_found(text), "scan and serde differ");
+    }
+}
+
 /// `Found` by serde, for any body the scan did not take; its error is the 400's text.
 fn serde_found(text: &str) -> Result<Found, String> {
     let probe: Probe<'_> =
