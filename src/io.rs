@@ -21,6 +21,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::task::Poll;
+use std::time::Instant;
 
 pub struct Io {
     pub stream: TcpStream,
@@ -222,9 +223,22 @@ impl Io {
     /// Waits for more bytes until `deadline` (to within one `TICK`: compute it from
     /// `tick::now()`). Every `TICK`, `on_tick` may interrupt. The read stays in flight
     /// across ticks, so no byte is ever lost to a timer.
-    pub async fn fill_until(
+    pub async fn fill_until(&mut self, deadline: Instant, on_tick: impl FnMut() -> bool) -> Wait {
+        self.fill_waking(deadline, 1, on_tick).await
+    }
+
+    /// `fill_until` for a wait with nothing to look at between its start and its
+    /// deadline but what `tick::wake_all` announces (a shutdown): woken only near the
+    /// deadline (up to `WHEEL - 1` ticks at a time) or by `wake_all`, when `on_wake`
+    /// may interrupt. An idle keep-alive connection costs no wake-up every tick.
+    pub async fn fill_by(&mut self, deadline: Instant, on_wake: impl FnMut() -> bool) -> Wait {
+        self.fill_waking(deadline, tick::WHEEL - 1, on_wake).await
+    }
+
+    async fn fill_waking(
         &mut self,
-        deadline: std::time::Instant,
+        deadline: Instant,
+        stride: u64,
         mut on_tick: impl FnMut() -> bool,
     ) -> Wait {
         let fd = self.stream.as_raw_fd();
@@ -233,7 +247,12 @@ impl Io {
         let mut fut = std::pin::pin!(fut);
         let mut stopped = None;
         let r = loop {
-            match first_of(fut.as_mut(), tick::next_tick()).await {
+            let wake = if stride == 1 {
+                tick::next_tick()
+            } else {
+                tick::after(tick::ticks_until(deadline).min(stride))
+            };
+            match first_of(fut.as_mut(), wake).await {
                 Either::Done(r) => break r,
                 Either::Tick => {
                     let why = if on_tick() {

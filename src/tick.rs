@@ -12,6 +12,11 @@
 //! `now()` is that reading while the ticker runs (at most one `TICK` old), and a
 //! real clock read while it is parked (no wait registered), so a deadline is never
 //! computed from a stale clock.
+//!
+//! A wait that has nothing to look at but its deadline (an idle keep-alive connection)
+//! asks to be woken up to `WHEEL - 1` ticks later (`after`), not every tick: waits sit
+//! in a wheel of `WHEEL` buckets, one per coming tick. `wake_all` wakes every wait at
+//! once (a worker shutting down).
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -22,16 +27,24 @@ use std::time::{Duration, Instant, SystemTime};
 /// How often a wait looks up from its socket, and the precision of every deadline.
 pub const TICK: Duration = Duration::from_millis(100);
 
+/// Buckets of the wheel: the farthest a wait can be is `WHEEL - 1` ticks ahead.
+pub const WHEEL: u64 = 16;
+const EMPTY: Vec<Option<Waker>> = Vec::new();
+const NONE: Vec<usize> = Vec::new();
+
 struct Clock {
     /// Ticks so far; a wait registered in one epoch is woken when it ends.
     epoch: Cell<u64>,
     /// The clock at the last tick (or at the last `now()` while parked), and the wall
     /// clock read with it.
     now: Cell<Option<(Instant, SystemTime)>>,
-    /// Registered waits of this epoch; `None` slots are free (listed in `free`).
-    waiters: RefCell<Vec<Option<Waker>>>,
-    free: RefCell<Vec<usize>>,
+    /// Registered waits by the tick they are due at (bucket `due % WHEEL`); `None`
+    /// slots are free (listed in `free`).
+    wheel: RefCell<[Vec<Option<Waker>>; WHEEL as usize]>,
+    free: RefCell<[Vec<usize>; WHEEL as usize]>,
     live: Cell<usize>,
+    /// Bumped by `wake_all`: every wait registered before is due.
+    round: Cell<u64>,
     /// The ticker task exists (it is spawned by the first wait on this thread).
     spawned: Cell<bool>,
     /// The ticker is between ticks (so `now` is fresh); otherwise it is parked.
@@ -45,9 +58,10 @@ thread_local! {
         Clock {
             epoch: Cell::new(0),
             now: Cell::new(None),
-            waiters: RefCell::new(Vec::new()),
-            free: RefCell::new(Vec::new()),
+            wheel: RefCell::new([EMPTY; WHEEL as usize]),
+            free: RefCell::new([NONE; WHEEL as usize]),
             live: Cell::new(0),
+            round: Cell::new(0),
             spawned: Cell::new(false),
             running: Cell::new(false),
             parked: RefCell::new(None),
@@ -93,15 +107,50 @@ pub fn wall_time(at: Instant) -> SystemTime {
 
 /// Resolves at the next tick of this thread's clock.
 pub fn next_tick() -> NextTick {
-    NextTick {
-        epoch: CLOCK.with(|c| c.epoch.get()),
+    after(1)
+}
+
+/// Resolves `ticks` ticks from now (1 to `WHEEL - 1`), or at `wake_all`.
+pub fn after(ticks: u64) -> NextTick {
+    CLOCK.with(|c| NextTick {
+        due: c.epoch.get() + ticks.clamp(1, WHEEL - 1),
+        round: c.round.get(),
         slot: None,
-    }
+    })
+}
+
+/// How many ticks until `deadline` (at least 1), for `after`.
+pub fn ticks_until(deadline: Instant) -> u64 {
+    let left = deadline.saturating_duration_since(now());
+    (left.as_millis() / TICK.as_millis()) as u64 + 1
+}
+
+/// Wakes every wait registered on this thread now (they see what changed, such as a
+/// shutdown, without waiting for their tick).
+pub fn wake_all() {
+    let woken: Vec<Waker> = CLOCK.with(|c| {
+        c.round.set(c.round.get() + 1);
+        c.live.set(0);
+        c.free.borrow_mut().iter_mut().for_each(Vec::clear);
+        c.wheel
+            .borrow_mut()
+            .iter_mut()
+            .flat_map(|b| b.drain(..).flatten())
+            .collect()
+    });
+    woken.into_iter().for_each(Waker::wake);
 }
 
 pub struct NextTick {
-    epoch: u64,
+    due: u64,
+    round: u64,
     slot: Option<usize>,
+}
+
+impl NextTick {
+    fn is_due(&self, c: &Clock) -> bool {
+        c.epoch.get() >= self.due || c.round.get() != self.round
+    }
 }
 
 impl Future for NextTick {
@@ -109,14 +158,15 @@ impl Future for NextTick {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         CLOCK.with(|c| {
-            if c.epoch.get() != self.epoch {
+            if self.is_due(c) {
                 self.slot = None;
                 return Poll::Ready(());
             }
-            let mut waiters = c.waiters.borrow_mut();
+            let b = (self.due % WHEEL) as usize;
+            let mut wheel = c.wheel.borrow_mut();
             match self.slot {
                 Some(i) => {
-                    if let Some(Some(w)) = waiters.get_mut(i)
+                    if let Some(Some(w)) = wheel[b].get_mut(i)
                         && !w.will_wake(cx.waker())
                     {
                         *w = cx.waker().clone();
@@ -124,19 +174,20 @@ impl Future for NextTick {
                 }
                 None => {
                     let w = Some(cx.waker().clone());
-                    let i = match c.free.borrow_mut().pop() {
+                    let bucket = &mut wheel[b];
+                    let i = match c.free.borrow_mut()[b].pop() {
                         Some(i) => {
-                            waiters[i] = w;
+                            bucket[i] = w;
                             i
                         }
                         None => {
-                            waiters.push(w);
-                            waiters.len() - 1
+                            bucket.push(w);
+                            bucket.len() - 1
                         }
                     };
                     self.slot = Some(i);
                     c.live.set(c.live.get() + 1);
-                    drop(waiters);
+                    drop(wheel);
                     start_ticker(c);
                 }
             }
@@ -150,11 +201,12 @@ impl Drop for NextTick {
         if let Some(i) = self.slot {
             // try_with: a wait dropped while the thread's locals are torn down.
             let _ = CLOCK.try_with(|c| {
-                if c.epoch.get() == self.epoch {
-                    if let Some(slot) = c.waiters.borrow_mut().get_mut(i) {
+                if !self.is_due(c) {
+                    let b = (self.due % WHEEL) as usize;
+                    if let Some(slot) = c.wheel.borrow_mut()[b].get_mut(i) {
                         *slot = None;
                     }
-                    c.free.borrow_mut().push(i);
+                    c.free.borrow_mut()[b].push(i);
                     c.live.set(c.live.get() - 1);
                 }
             });
@@ -196,11 +248,15 @@ async fn ticker() {
         .await;
         monoio::time::sleep(TICK).await;
         CLOCK.with(|c| {
-            c.epoch.set(c.epoch.get() + 1);
+            let epoch = c.epoch.get() + 1;
+            c.epoch.set(epoch);
             c.now.set(Some(read_clock()));
-            woken.extend(c.waiters.borrow_mut().drain(..).flatten());
-            c.free.borrow_mut().clear();
-            c.live.set(0);
+            let b = (epoch % WHEEL) as usize;
+            let before = woken.len();
+            woken.extend(c.wheel.borrow_mut()[b].drain(..).flatten());
+            c.free.borrow_mut()[b].clear();
+            c.live
+                .set(c.live.get().saturating_sub(woken.len() - before));
         });
         for w in woken.drain(..) {
             w.wake();
@@ -245,7 +301,7 @@ mod tests {
             }
             CLOCK.with(|c| {
                 assert_eq!(c.live.get(), 0);
-                assert!(c.waiters.borrow().len() <= 1);
+                assert!(c.wheel.borrow().iter().all(|b| b.len() <= 1));
             });
             // With nothing waiting the ticker parks after its tick, and `now` reads
             // the real clock.
@@ -254,6 +310,47 @@ mod tests {
             CLOCK.with(|c| assert!(!c.running.get()));
             let before = Instant::now();
             assert!(now() >= before);
+        });
+    }
+
+    #[test]
+    fn a_later_wait_comes_after_its_ticks_and_wake_all_brings_it_forward() {
+        rt().block_on(async {
+            // Keep the ticker running on its own schedule.
+            let start = Instant::now();
+            after(3).await;
+            let took = start.elapsed();
+            assert!(took >= TICK * 2 && took <= TICK * 5, "{took:?}");
+
+            let late = monoio::spawn(async {
+                let t = Instant::now();
+                after(WHEEL - 1).await;
+                t.elapsed()
+            });
+            let dropped = monoio::spawn(async {
+                let t = std::pin::pin!(after(10));
+                let waker = Waker::noop().clone();
+                let mut cx = Context::from_waker(&waker);
+                let mut t = t;
+                assert!(t.as_mut().poll(&mut cx).is_pending());
+            });
+            dropped.await;
+            monoio::time::sleep(TICK).await;
+            wake_all();
+            let waited = late.await;
+            assert!(
+                waited < TICK * 4,
+                "woken by wake_all, not after 15 ticks: {waited:?}"
+            );
+            CLOCK.with(|c| assert_eq!(c.live.get(), 0));
+        });
+    }
+
+    #[test]
+    fn ticks_until_rounds_up() {
+        rt().block_on(async {
+            assert_eq!(ticks_until(now()), 1);
+            assert!(ticks_until(now() + TICK * 20) >= 20);
         });
     }
 

@@ -116,13 +116,14 @@ async fn read_head(w: &Worker, c: &mut Conn, first: bool) -> Option<usize> {
             }
         }
         // At shutdown an idle connection stays open until the worker has drained, so
-        // a request sent on it is answered 503 rather than reset.
+        // a request sent on it is answered 503 rather than reset; then it closes (the
+        // worker wakes every wait when it sets `closing`). The wait is woken only for
+        // that and near its deadline, not every tick.
         let idle = !started;
-        match c
-            .client
-            .fill_until(deadline, || idle && w.closing.get())
-            .await
-        {
+        if idle && w.closing.get() {
+            return None;
+        }
+        match c.client.fill_by(deadline, || idle && w.closing.get()).await {
             Wait::Data => {
                 if !started {
                     started = true;
@@ -327,7 +328,7 @@ async fn read_body(v: &View, c: &mut Conn) -> Result<(), Option<ProxyError>> {
         }
         match c
             .client
-            .fill_until(tick::now() + limits.header_timeout.0, || false)
+            .fill_by(tick::now() + limits.header_timeout.0, || false)
             .await
         {
             Wait::Data => {}

@@ -126,7 +126,7 @@ async fn fetch(
             Ok(None) => {}
             Err(e) => return Err(format!("invalid response head: {e:?}")),
         }
-        match up.fill_until(deadline, || false).await {
+        match up.fill_by(deadline, || false).await {
             Wait::Data => {}
             other => return Err(format!("no response: {other:?}")),
         }
@@ -145,7 +145,7 @@ async fn fetch(
         if decoder.is_done() {
             break;
         }
-        match up.fill_until(deadline, || false).await {
+        match up.fill_by(deadline, || false).await {
             Wait::Data => {}
             Wait::Eof if decoder.eof_is_clean() => break,
             other => return Err(format!("body cut short: {other:?}")),

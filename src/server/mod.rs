@@ -463,6 +463,8 @@ async fn accept_loop(w: &Rc<Worker>, listener: TcpListener) {
         }
     }
     w.closing.set(true);
+    // Idle connections wait for their deadline, not every tick: wake them to close.
+    tick::wake_all();
     let deadline = Instant::now() + TICK * 3;
     while w.conns.get() > 0 && Instant::now() < deadline {
         monoio::time::sleep(std::time::Duration::from_millis(10)).await;
