@@ -135,7 +135,10 @@ fn read_into(r: &mut BufReader<TcpStream>, out: &mut Request) -> Option<()> {
         set(&mut out.path, req.path?);
         let n = req.headers.len();
         for (i, h) in req.headers.iter().enumerate() {
-            let value = String::from_utf8_lossy(h.value);
+            let value = match std::str::from_utf8(h.value) {
+                Ok(v) => std::borrow::Cow::Borrowed(v),
+                Err(_) => String::from_utf8_lossy(h.value),
+            };
             match out.headers.get_mut(i) {
                 Some((k, v)) => {
                     set(k, h.name);
@@ -205,13 +208,31 @@ pub fn respond(w: &mut TcpStream, status: u16, ctype: &str, body: &[u8]) -> std:
 }
 
 /// Appends a whole response with a Content-Length body to `out`.
+/// Decimal digits of `n`, without the formatting machinery (one answer per record).
+fn push_num(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
 pub fn respond_into(out: &mut Vec<u8>, status: u16, ctype: &str, body: &[u8]) {
-    let _ = write!(
-        out,
-        "HTTP/1.1 {status} {}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n\r\n",
-        reason(status),
-        body.len()
-    );
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_num(out, status as usize);
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: ");
+    out.extend_from_slice(ctype.as_bytes());
+    out.extend_from_slice(b"\r\ncontent-length: ");
+    push_num(out, body.len());
+    out.extend_from_slice(b"\r\n\r\n");
     out.extend_from_slice(body);
 }
 
