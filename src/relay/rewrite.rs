@@ -162,55 +162,35 @@ mod scan {
         let mut stream_seen = false;
         let mut seen = [false; 3];
         s.ws();
-        s.eat(b'{')?;
-        s.ws();
-        if s.peek()? == b'}' {
-            s.i += 1;
-        } else {
-            loop {
-                s.ws();
-                let key = s.string()?;
-                s.ws();
-                s.eat(b':')?;
-                s.ws();
-                let start = s.i;
-                s.value(0)?;
-                let v = start..s.i;
-                // Each member once (the probe refuses a duplicate); `model` and `user`
-                // null are absent, as serde reads an `Option` (`stream_options` null
-                // is kept: it is replaced in place).
-                let null = &b[v.clone()] == b"null";
-                let once =
-                    |seen: &mut bool, slot: &mut Option<std::ops::Range<usize>>, keep_null| {
-                        (!std::mem::replace(seen, true))
-                            .then(|| *slot = (keep_null || !null).then(|| v.clone()))
+        s.object(0, |key, v| {
+            // Each member once (the probe refuses a duplicate); `model` and `user` null
+            // are absent, as serde reads an `Option` (`stream_options` null is kept: it
+            // is replaced in place).
+            let null = &b[v.clone()] == b"null";
+            let once = |seen: &mut bool, slot: &mut Option<std::ops::Range<usize>>, keep_null| {
+                (!std::mem::replace(seen, true))
+                    .then(|| *slot = (keep_null || !null).then(|| v.clone()))
+            };
+            match &b[key] {
+                b"\"model\"" => once(&mut seen[0], &mut f.model, false),
+                b"\"user\"" => once(&mut seen[1], &mut f.user, false),
+                b"\"stream_options\"" => once(&mut seen[2], &mut f.stream_options, true),
+                b"\"stream\"" if !stream_seen => {
+                    stream_seen = true;
+                    f.stream = match &b[v] {
+                        b"true" => Some(true),
+                        b"false" => Some(false),
+                        b"null" => None,
+                        _ => return None,
                     };
-                match &b[key] {
-                    b"\"model\"" => once(&mut seen[0], &mut f.model, false)?,
-                    b"\"user\"" => once(&mut seen[1], &mut f.user, false)?,
-                    b"\"stream_options\"" => once(&mut seen[2], &mut f.stream_options, true)?,
-                    b"\"stream\"" if !stream_seen => {
-                        stream_seen = true;
-                        f.stream = match &b[v] {
-                            b"true" => Some(true),
-                            b"false" => Some(false),
-                            b"null" => None,
-                            _ => return None,
-                        };
-                    }
-                    b"\"stream\"" => return None,
-                    // A member name with an escape may be one of those: serde decides.
-                    k if k.contains(&b'\\') => return None,
-                    _ => {}
+                    Some(())
                 }
-                s.ws();
-                match s.next()? {
-                    b',' => {}
-                    b'}' => break,
-                    _ => return None,
-                }
+                b"\"stream\"" => None,
+                // A member name with an escape may be one of those: serde decides.
+                k if k.contains(&b'\\') => None,
+                _ => Some(()),
             }
-        }
+        })?;
         s.ws();
         (s.i == b.len()).then_some(f)
     }
@@ -253,34 +233,44 @@ mod scan {
             }
         }
 
+        /// An object at `depth`; `member(name, value)` gets the ranges of each member's
+        /// name (quotes included) and value, and may give up.
+        fn object(
+            &mut self,
+            depth: u32,
+            mut member: impl FnMut(std::ops::Range<usize>, std::ops::Range<usize>) -> Option<()>,
+        ) -> Option<()> {
+            self.eat(b'{')?;
+            self.ws();
+            if self.peek()? == b'}' {
+                self.i += 1;
+                return Some(());
+            }
+            loop {
+                self.ws();
+                let name = self.string()?;
+                self.ws();
+                self.eat(b':')?;
+                self.ws();
+                let start = self.i;
+                self.value(depth + 1)?;
+                member(name, start..self.i)?;
+                self.ws();
+                match self.next()? {
+                    b',' => {}
+                    b'}' => return Some(()),
+                    _ => return None,
+                }
+            }
+        }
+
         fn value(&mut self, depth: u32) -> Option<()> {
             if depth > 64 {
                 return None;
             }
             match self.peek()? {
                 b'"' => self.string().map(drop),
-                b'{' => {
-                    self.i += 1;
-                    self.ws();
-                    if self.peek()? == b'}' {
-                        self.i += 1;
-                        return Some(());
-                    }
-                    loop {
-                        self.ws();
-                        self.string()?;
-                        self.ws();
-                        self.eat(b':')?;
-                        self.ws();
-                        self.value(depth + 1)?;
-                        self.ws();
-                        match self.next()? {
-                            b',' => {}
-                            b'}' => return Some(()),
-                            _ => return None,
-                        }
-                    }
-                }
+                b'{' => self.object(depth, |_, _| Some(())),
                 b'[' => {
                     self.i += 1;
                     self.ws();
@@ -601,6 +591,11 @@ mod tests {
             r#"{"model":"m","model":"n"}"#,
             r#"{"stream":1}"#,
             r#"{"a":01}"#,
+            "{\"model\":\"a\u{1}b\"}",
+            r#"{"model":"\u0041"}"#,
+            r#"{"a":[1,]}"#,
+            r#"{"a":1.}"#,
+            r#"{"a":tru}"#,
         ] {
             assert!(scan::request(bad.as_bytes()).is_none(), "{bad}");
         }
