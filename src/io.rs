@@ -12,15 +12,12 @@
 //! operation, where monoio's `Canceller` costs a hash-set insert and removal on every
 //! read and write.
 
-use crate::tick;
+use crate::tick::{self, Either, first_of};
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
-use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::pin::Pin;
-use std::task::Poll;
 use std::time::Instant;
 
 pub struct Io {
@@ -190,33 +187,6 @@ pub enum Wait {
     TimedOut,
     /// `on_tick` asked to stop waiting.
     Interrupted,
-}
-
-/// How often a wait looks up from the socket: to notice a caller that hung up while
-/// the backend is thinking, or a shutdown. Also the hang-up detection latency.
-pub use crate::tick::TICK;
-
-/// What ended a wait for an operation or the next tick.
-enum Either<T> {
-    Done(T),
-    Tick,
-}
-
-/// Polls `op` and then `tick` (the operation first: bytes that are there are taken
-/// before a tick is looked at). A hand-written `select!` of two: no random branch
-/// choice, no futures moved into a tuple.
-async fn first_of<F: Future>(mut op: Pin<&mut F>, tick: tick::NextTick) -> Either<F::Output> {
-    let mut tick = std::pin::pin!(tick);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(r) = op.as_mut().poll(cx) {
-            return Poll::Ready(Either::Done(r));
-        }
-        match tick.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Either::Tick),
-            Poll::Pending => Poll::Pending,
-        }
-    })
-    .await
 }
 
 impl Io {

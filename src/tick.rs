@@ -73,16 +73,21 @@ fn read_clock() -> (Instant, SystemTime) {
     (Instant::now(), SystemTime::now())
 }
 
-/// Now, to within one `TICK`: for deadlines of waits, not for measuring.
-pub fn now() -> Instant {
-    CLOCK.with(|c| match c.now.get() {
-        Some((t, _)) if c.running.get() => t,
+/// The last tick's clock reading while the ticker runs, a fresh one while it is parked.
+fn reading(c: &Clock) -> (Instant, SystemTime) {
+    match c.now.get() {
+        Some(r) if c.running.get() => r,
         _ => {
             let r = read_clock();
             c.now.set(Some(r));
-            r.0
+            r
         }
-    })
+    }
+}
+
+/// Now, to within one `TICK`: for deadlines of waits, not for measuring.
+pub fn now() -> Instant {
+    CLOCK.with(|c| reading(c).0)
 }
 
 /// The wall-clock time of `at`, an instant read recently (within a `TICK` or so):
@@ -90,19 +95,32 @@ pub fn now() -> Instant {
 /// request's timestamp and its durations then come from one clock read.
 pub fn wall_time(at: Instant) -> SystemTime {
     CLOCK.with(|c| {
-        let (t, w) = match c.now.get() {
-            Some(r) if c.running.get() => r,
-            _ => {
-                let r = read_clock();
-                c.now.set(Some(r));
-                r
-            }
-        };
+        let (t, w) = reading(c);
         match at.checked_duration_since(t) {
             Some(ahead) => w + ahead,
             None => w - t.duration_since(at),
         }
     })
+}
+
+/// What ended a wait for an operation or a tick.
+pub enum Either<T> {
+    Done(T),
+    Tick,
+}
+
+/// Polls `op` and then `tick` (the operation first: bytes that are there are taken
+/// before a tick is looked at). A hand-written `select!` of two: no random branch
+/// choice, no futures moved into a tuple.
+pub async fn first_of<F: Future>(mut op: Pin<&mut F>, tick: NextTick) -> Either<F::Output> {
+    let mut tick = std::pin::pin!(tick);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = op.as_mut().poll(cx) {
+            return Poll::Ready(Either::Done(r));
+        }
+        tick.as_mut().poll(cx).map(|()| Either::Tick)
+    })
+    .await
 }
 
 /// Resolves at the next tick of this thread's clock.

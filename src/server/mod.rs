@@ -17,14 +17,12 @@ use crate::upstream::{Backend, Upstreams};
 use crate::{error, info, warn};
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 use std::cell::{Cell, RefCell};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{
     AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
 };
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::Instant;
 
 /// The part of the configuration SIGHUP can replace: keys, backends and limits.
@@ -409,17 +407,10 @@ async fn accept_loop(w: &Rc<Worker>, listener: TcpListener) {
     {
         let mut accept = std::pin::pin!(listener.accept());
         loop {
-            // The accept first, then the worker's tick (a hand-written select of two,
-            // as in `io`: no timer made per accepted connection).
-            let mut tick = std::pin::pin!(tick::next_tick());
-            let r = std::future::poll_fn(|cx| {
-                if let Poll::Ready(r) = accept.as_mut().poll(cx) {
-                    return Poll::Ready(Some(r));
-                }
-                tick.as_mut().poll(cx).map(|()| None)
-            });
-            match r.await {
-                Some(r) => {
+            // The accept first, then the worker's tick: no timer made per accepted
+            // connection.
+            match tick::first_of(accept.as_mut(), tick::next_tick()).await {
+                tick::Either::Done(r) => {
                     match r {
                         Ok((stream, _)) => {
                             admit(w, stream, w.view().live.config.limits.max_connections)
@@ -437,7 +428,7 @@ async fn accept_loop(w: &Rc<Worker>, listener: TcpListener) {
                     }
                     accept.set(listener.accept());
                 }
-                None => {
+                tick::Either::Tick => {
                     if w.shutting_down() {
                         break;
                     }
