@@ -15,8 +15,10 @@
 //! `GET /mock/last` returns the last request received (headers and body) as JSON.
 //!
 //! `--prerender` (for benchmarks): chat completions are answered from responses built
-//! at start (`--tokens` chunks, usage chunk when the request asks for it), each in one
-//! write, so the mock costs as little CPU as possible and is not what is measured.
+//! at start (`--tokens` chunks, usage chunk when the request asks for it), by one
+//! io_uring event loop for all connections (answers to pipelined requests in one write),
+//! so the mock costs as little CPU as possible and is not what is measured. Only
+//! chat completions, `/v1/models` and `/health` are served in this mode.
 //!
 //! `--paced` (for benchmarks): chat streams with a token delay are fed by one pacer
 //! thread for all of them (non-blocking writes, 2 ms ticks) instead of a sleeping
@@ -41,11 +43,192 @@ struct Mock {
     paced: bool,
 }
 
-/// Whole responses built once: JSON, SSE without and with the usage chunk.
+/// Whole responses built once: JSON, SSE without and with the usage chunk, and the
+/// answers to the health checks a proxy sends.
 struct Prerendered {
     json: Vec<u8>,
     sse: Vec<u8>,
     sse_usage: Vec<u8>,
+    health: Vec<u8>,
+    models: Vec<u8>,
+    not_found: Vec<u8>,
+}
+
+impl Prerendered {
+    /// The whole response to a chat completion with this body.
+    fn chat(&self, body: &[u8]) -> &[u8] {
+        let has = |needle: &[u8]| memchr::memmem::find(body, needle).is_some();
+        if !has(b"\"stream\":true") {
+            &self.json
+        } else if has(b"\"include_usage\":true") {
+            &self.sse_usage
+        } else {
+            &self.sse
+        }
+    }
+}
+
+/// The prerender mode's server: one io_uring event loop (monoio) on one thread for all
+/// connections, every request answered from prerendered bytes, answers to the requests
+/// of one read gathered in one write. The thread-per-connection server costs ~10 us of
+/// the load generator's core per request (two context switches each); this one does
+/// not make the backend what a benchmark measures.
+mod fast {
+    use super::{Mock, Prerendered};
+    use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+    use monoio::net::{TcpListener, TcpStream};
+    use std::rc::Rc;
+
+    pub fn serve(listener: std::net::TcpListener, mock: Mock) {
+        let Some(pre) = mock.prerendered else { return };
+        let pre = Rc::new(pre);
+        let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .with_entries(1024)
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("mock-vllm: cannot start the event loop: {e}");
+                std::process::exit(1);
+            }
+        };
+        rt.block_on(async move {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("mock-vllm: cannot use the listener: {e}");
+                    std::process::exit(1);
+                }
+            };
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                monoio::spawn(connection(stream, pre.clone()));
+            }
+        });
+    }
+
+    /// Where the request at the start of `buf` ends, whether it asks to close, and
+    /// its route and body; `None` while incomplete, `Err` when it is not HTTP.
+    struct Parsed {
+        end: usize,
+        close: bool,
+        chat: bool,
+        models: bool,
+        health: bool,
+        body: std::ops::Range<usize>,
+    }
+
+    fn parse(buf: &[u8]) -> Result<Option<Parsed>, ()> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        let head = match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(()),
+        };
+        let route = req.path.unwrap_or("").split('?').next().unwrap_or("");
+        let mut len = 0usize;
+        let mut chunked = false;
+        let mut close = false;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                len = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .ok_or(())?;
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = h.value.eq_ignore_ascii_case(b"chunked");
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                close = h.value.eq_ignore_ascii_case(b"close");
+            }
+        }
+        let (body, end) = if chunked {
+            // Chunk sizes are skipped over; the routing needs only a whole body's
+            // bytes, and a chunked body is matched chunk by chunk.
+            let mut at = head;
+            loop {
+                let Some(nl) = memchr::memchr(b'\n', &buf[at..]) else {
+                    return Ok(None);
+                };
+                let line = std::str::from_utf8(&buf[at..at + nl]).map_err(|_| ())?;
+                let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                    .map_err(|_| ())?;
+                at += nl + 1 + size + 2;
+                if at > buf.len() {
+                    return Ok(None);
+                }
+                if size == 0 {
+                    break;
+                }
+            }
+            (head..at, at)
+        } else {
+            if buf.len() < head + len {
+                return Ok(None);
+            }
+            (head..head + len, head + len)
+        };
+        Ok(Some(Parsed {
+            end,
+            close,
+            chat: route == "/v1/chat/completions",
+            models: route == "/v1/models",
+            health: route == "/health",
+            body,
+        }))
+    }
+
+    async fn connection(mut stream: TcpStream, pre: Rc<Prerendered>) {
+        let mut inb: Vec<u8> = Vec::with_capacity(64 * 1024);
+        let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
+        loop {
+            if inb.len() == inb.capacity() {
+                inb.reserve(inb.capacity());
+            }
+            let (res, buf) = stream.read(inb).await;
+            inb = buf;
+            match res {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let mut at = 0;
+            let mut close = false;
+            while !close {
+                let p = match parse(&inb[at..]) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => break,
+                    Err(()) => return,
+                };
+                let whole = if p.chat {
+                    pre.chat(&inb[at + p.body.start..at + p.body.end])
+                } else if p.models {
+                    &pre.models
+                } else if p.health {
+                    &pre.health
+                } else {
+                    &pre.not_found
+                };
+                out.extend_from_slice(whole);
+                at += p.end;
+                close = p.close;
+            }
+            inb.drain(..at);
+            if !out.is_empty() {
+                let (res, buf) = stream.write_all(out).await;
+                out = buf;
+                out.clear();
+                if res.is_err() {
+                    return;
+                }
+            }
+            if close {
+                return;
+            }
+        }
+    }
 }
 
 fn main() {
@@ -73,10 +256,13 @@ fn main() {
     let mock = Mock {
         prerendered: std::env::args()
             .any(|a| a == "--prerender")
-            .then(|| prerender(&mock.models[0], mock.tokens)),
+            .then(|| prerender(&mock.models, &mock.name, mock.tokens)),
         ..mock
     };
     let listener = http::listen("mock-vllm", &host, port);
+    if mock.prerendered.is_some() {
+        return fast::serve(listener, mock);
+    }
     let mock = std::sync::Arc::new(mock);
     http::serve(listener, move |req, w| mock.handle(req, w));
 }
@@ -96,7 +282,8 @@ fn words(v: &Value) -> u64 {
     }
 }
 
-fn prerender(model: &str, tokens: u64) -> Prerendered {
+fn prerender(models: &[String], name: &str, tokens: u64) -> Prerendered {
+    let model = models[0].as_str();
     let usage =
         json!({"prompt_tokens": 5, "total_tokens": 5 + tokens, "completion_tokens": tokens});
     let text: String = (0..tokens).map(|i| format!("tok{i} ")).collect();
@@ -129,30 +316,29 @@ fn prerender(model: &str, tokens: u64) -> Prerendered {
         out.extend_from_slice(b"0\r\n\r\n");
         out
     };
+    let answer = |status: u16, body: &[u8]| {
+        let mut out = Vec::new();
+        http::respond_into(&mut out, status, "application/json", body);
+        out
+    };
+    let data: Vec<Value> = models
+        .iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": name}))
+        .collect();
+    let models = json!({"object": "list", "data": data});
     Prerendered {
         json,
         sse: sse(false),
         sse_usage: sse(true),
+        health: answer(200, b"{}"),
+        models: answer(200, models.to_string().as_bytes()),
+        not_found: answer(404, &error_json(404, "not found")),
     }
 }
 
 impl Mock {
     fn handle(&self, req: &http::Request, w: &mut TcpStream) -> std::io::Result<bool> {
         let route = req.path.split('?').next().unwrap_or("");
-        if let Some(p) = &self.prerendered
-            && route == "/v1/chat/completions"
-        {
-            let has = |needle: &[u8]| req.body.windows(needle.len()).any(|w| w == needle);
-            let resp = if !has(b"\"stream\":true") {
-                &p.json
-            } else if has(b"\"include_usage\":true") {
-                &p.sse_usage
-            } else {
-                &p.sse
-            };
-            w.write_all(resp)?;
-            return Ok(true);
-        }
         if route != "/mock/last" && route != "/health" {
             let headers: serde_json::Map<String, Value> = req
                 .headers
