@@ -14,7 +14,7 @@
 
 use crate::{error, warn};
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -26,6 +26,8 @@ use std::time::Duration;
 pub const SEGMENT_BYTES: u64 = 8 << 20;
 /// A line longer than this is not a record (records are well under 64 KiB).
 const MAX_LINE: u64 = 1 << 20;
+/// The reader reads segments this much at a time (hundreds of records a read).
+const READ_CHUNK: usize = 256 * 1024;
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("seg-{seq:020}.jsonl"))
@@ -128,6 +130,10 @@ impl Spool {
             read_pos: offset,
             pending: Default::default(),
             file: None,
+            chunk: Vec::new(),
+            chunk_at: 0,
+            file_pos: 0,
+            known: (0, 0, false),
             sealed_len: None,
             cursor,
             spare: Vec::new(),
@@ -299,7 +305,17 @@ pub struct SpoolReader {
     read_pos: u64,
     /// Lengths of the records handed out and not yet acknowledged, oldest first.
     pending: std::collections::VecDeque<u64>,
-    file: Option<BufReader<File>>,
+    /// Segment `seq`, open while records are read from it.
+    file: Option<File>,
+    /// Bytes read from `file` and not yet handed out start at `chunk[chunk_at]`; the
+    /// next read starts at `file_pos`. One read covers many records, and lines are
+    /// found with the SIMD memchr.
+    chunk: Vec<u8>,
+    chunk_at: usize,
+    file_pos: u64,
+    /// The writer's `Committed` (seq, len, closed) as last seen: the lock is taken again
+    /// only once the records it covered are read.
+    known: (u64, u64, bool),
     /// The final length of segment `seq` once the writer has moved past it (sealed
     /// segments do not grow: one stat per segment, not one per record).
     sealed_len: Option<(u64, u64)>,
@@ -321,10 +337,14 @@ impl SpoolReader {
     /// of a segment (`Empty` until its records are acknowledged).
     pub fn next(&mut self, wait: Duration) -> Next {
         loop {
-            let (cseq, clen, closed) = match self.shared.committed.lock() {
-                Ok(c) => (c.seq, c.len, c.closed),
-                Err(_) => return Next::Closed,
-            };
+            let (kseq, klen, _) = self.known;
+            if !(self.seq < kseq || (self.seq == kseq && self.read_pos < klen)) {
+                self.known = match self.shared.committed.lock() {
+                    Ok(c) => (c.seq, c.len, c.closed),
+                    Err(_) => return Next::Closed,
+                };
+            }
+            let (cseq, clen, closed) = self.known;
             if self.seq < cseq || (self.seq == cseq && self.read_pos < clen) {
                 let limit = if self.seq == cseq {
                     clen
@@ -373,9 +393,11 @@ impl SpoolReader {
     fn read_line(&mut self, limit: u64) -> io::Result<Option<Vec<u8>>> {
         if self.file.is_none() {
             match File::open(segment_path(&self.dir, self.seq)) {
-                Ok(mut f) => {
-                    f.seek(SeekFrom::Start(self.read_pos))?;
-                    self.file = Some(BufReader::with_capacity(64 * 1024, f));
+                Ok(f) => {
+                    self.file = Some(f);
+                    self.chunk.clear();
+                    self.chunk_at = 0;
+                    self.file_pos = self.read_pos;
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     if self.pending.is_empty() {
@@ -387,22 +409,51 @@ impl SpoolReader {
                 Err(e) => return Err(e),
             }
         }
-        let Some(reader) = self.file.as_mut() else {
-            return Ok(None);
+        // The line ends at the first newline after `chunk_at`; read more (at most up to
+        // `limit`, what the writer has committed) until there is one.
+        let end = loop {
+            let have = &self.chunk[self.chunk_at..];
+            if let Some(i) = memchr::memchr(b'\n', have) {
+                break Some(self.chunk_at + i);
+            }
+            if self.file_pos >= limit || have.len() as u64 >= MAX_LINE {
+                break None;
+            }
+            self.chunk.drain(..self.chunk_at);
+            self.chunk_at = 0;
+            let want = (limit - self.file_pos).min(READ_CHUNK as u64) as usize;
+            let len = self.chunk.len();
+            self.chunk.resize(len + want, 0);
+            let Some(file) = self.file.as_ref() else {
+                return Ok(None);
+            };
+            let n = match file.read_at(&mut self.chunk[len..], self.file_pos) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.chunk.truncate(len);
+                    return Err(e);
+                }
+            };
+            self.chunk.truncate(len + n);
+            self.file_pos += n as u64;
+            if n == 0 {
+                break None;
+            }
         };
+        let from = self.chunk_at;
+        let to = end.unwrap_or(self.chunk.len().min(from + MAX_LINE as usize));
         let mut line = self.spare.pop().unwrap_or_else(|| Vec::with_capacity(1024));
         line.clear();
-        let max = (limit - self.read_pos).min(MAX_LINE);
-        reader.by_ref().take(max).read_until(b'\n', &mut line)?;
-        if line.last() == Some(&b'\n') {
-            line.pop();
+        line.extend_from_slice(&self.chunk[from..to]);
+        if end.is_some() {
+            self.chunk_at = to + 1;
             self.pending.push_back(line.len() as u64 + 1);
             self.read_pos += line.len() as u64 + 1;
             return Ok(Some(line));
         }
         if !self.pending.is_empty() {
             // Dealt with once the records before it are acknowledged.
-            self.file = None;
+            self.close_file();
             return Ok(None);
         }
         // No newline before the committed end: the torn tail of a crashed write.
@@ -416,9 +467,15 @@ impl SpoolReader {
             .fetch_sub(line.len() as u64, Relaxed);
         self.offset += line.len() as u64;
         self.read_pos = self.offset;
-        self.file = None;
+        self.close_file();
         self.save_cursor();
         Ok(None)
+    }
+
+    fn close_file(&mut self) {
+        self.file = None;
+        self.chunk.clear();
+        self.chunk_at = 0;
     }
 
     fn sealed_len(&mut self) -> u64 {
@@ -445,7 +502,7 @@ impl SpoolReader {
         }
         self.pending.clear();
         self.read_pos = self.offset;
-        self.file = None;
+        self.close_file();
     }
 
     /// The oldest record handed out was delivered or dead-lettered: move past it. The
@@ -498,7 +555,7 @@ impl SpoolReader {
         self.seq = next.unwrap_or(cseq).min(cseq);
         self.offset = 0;
         self.read_pos = 0;
-        self.file = None;
+        self.close_file();
         self.save_cursor();
     }
 }
@@ -613,6 +670,37 @@ mod tests {
             drain(&mut r),
             vec!["{\"n\":1}", "{\"n\":2}", "{\"n\":3}", "{\"n\":4}"]
         );
+        assert_eq!(spool.shared.backlog_bytes.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn records_across_read_chunks_and_commits_come_back_whole_and_in_order() {
+        // Lines of many lengths, committed in uneven batches while the reader reads, so
+        // lines straddle the reader's chunks and the committed end in every way.
+        let d = dir();
+        let spool = Spool::open(&d).unwrap();
+        let mut w = spool.writer().unwrap();
+        let mut r = spool.reader();
+        let line = |i: usize| format!("{i}:{}", "x".repeat(i * 7919 % 1500));
+        let mut got = Vec::new();
+        let total = 2500;
+        for i in 0..total {
+            w.append(line(i).as_bytes());
+            if i % 97 == 0 || i % 13 == 5 {
+                w.write_out(false).unwrap();
+                while let Next::Record(l) = r.next(Duration::ZERO) {
+                    got.push(String::from_utf8(l).unwrap());
+                    r.ack();
+                }
+            }
+        }
+        w.commit().unwrap();
+        got.extend(drain(&mut r));
+        assert!(total * 750 > 2 * READ_CHUNK, "spans several reads");
+        assert_eq!(got.len(), total);
+        for (i, l) in got.iter().enumerate() {
+            assert_eq!(l, &line(i));
+        }
         assert_eq!(spool.shared.backlog_bytes.load(Relaxed), 0);
     }
 
