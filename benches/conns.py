@@ -2,6 +2,7 @@
 (the backend sends a token every 50 ms, 200 tokens: 10 s per stream), measured from
 llmproxy's RSS; the peak number of streams in flight at once is read from /metrics.
     python3 benches/conns.py [idle connections, default 10000] [slow streams, default 10000]
+BIN=path measures another llmproxy build.
 Needs `cargo build --release --bin llmproxy --example mock_vllm --example webhook_receiver`.
 Everything listens on 127.0.0.1; every count and duration is bounded.
 """
@@ -71,7 +72,7 @@ limits:
   max_connections: 20000
 """)
 def start_proxy():
-    p = subprocess.Popen([f"{REL}/llmproxy", "--config", f"{W}/c.yaml"], stdout=subprocess.DEVNULL, stderr=open(f"{W}/proxy.log", "a"))
+    p = subprocess.Popen([os.environ.get("BIN", f"{REL}/llmproxy"), "--config", f"{W}/c.yaml"], stdout=subprocess.DEVNULL, stderr=open(f"{W}/proxy.log", "a"))
     procs.append(p)
     up(PROXY)
     time.sleep(0.5)
@@ -100,6 +101,7 @@ try:
     def ticks():
         f = open(f"/proc/{proxy.pid}/stat").read().rsplit(")", 1)[1].split()
         return int(f[11]) + int(f[12])
+    clk = os.sysconf("SC_CLK_TCK")
     t0 = ticks()
     time.sleep(5)
     idle_cpu = (ticks() - t0) / os.sysconf("SC_CLK_TCK") / 5 * 100
@@ -115,6 +117,7 @@ try:
     req = b"POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\nx-mock-token-delay-ms: 50\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
     sel = selectors.DefaultSelector()
     before = rss_kib(proxy.pid)
+    c0, w0 = ticks(), time.time()
     for i in range(STREAMS):
         s = socket.create_connection(("127.0.0.1", PROXY))
         s.setblocking(False)
@@ -138,11 +141,14 @@ try:
                 sel.unregister(key.fileobj); key.fileobj.close(); done += 1
         peak = max(peak, rss_kib(proxy.pid))
     per_stream = (peak - before) / STREAMS
+    stream_cpu_s, stream_wall = (ticks() - c0) / clk, time.time() - w0
     print(f"llmproxy RSS at start: {base / 1024:.1f} MiB (second process: {base2 / 1024:.1f} MiB)")
     print(f"{IDLE} idle keep-alive connections: +{(idle - base) / 1024:.1f} MiB = {per_idle:.1f} KiB per connection; "
           f"{idle_cpu:.1f}% of a core while they idle")
     print(f"{STREAMS} concurrent slow streams (token every 50 ms): peak +{(peak - before) / 1024:.1f} MiB = {per_stream:.1f} KiB per stream "
           f"(client and upstream connection); at most {most:.0f} in flight at once; {complete}/{STREAMS} streams complete")
+    print(f"  while streaming: llmproxy used {stream_cpu_s / stream_wall * 100:.1f}% of a core over {stream_wall:.1f} s, "
+          f"{stream_cpu_s * 1e6 / max(complete * TOKENS, 1):.1f} us of CPU per relayed token (metering and billing included)")
 finally:
     for p in procs:
         p.send_signal(signal.SIGTERM)
