@@ -76,6 +76,8 @@ pub struct Outcome {
     pub saw_error: bool,
     pub first_output: Option<Instant>,
     pub head_received: Option<Instant>,
+    /// When the head reached the caller; `None` when it never went, or went with the
+    /// whole body in one write (`end` is then `Completed`: its end time stands in).
     pub head_sent: Option<Instant>,
     pub upstream_reusable: bool,
     pub client_reusable: bool,
@@ -241,7 +243,11 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
                 break End::ClientGone;
             }
             if first_write {
-                o.head_sent = Some(Instant::now());
+                // A response whose head and whole body went in this first write
+                // needs no clock read here: the caller takes its end time instead.
+                if !done {
+                    o.head_sent = Some(Instant::now());
+                }
                 first_write = false;
             }
             wrote.set(true);

@@ -574,7 +574,12 @@ async fn proxy(
     m.latency.observe_us(total_us);
     if let Some(o) = &o {
         let mut overhead = sent_at.saturating_duration_since(rq.arrived);
-        if let (Some(r), Some(s)) = (o.head_received, o.head_sent) {
+        // A head sent with the whole body has no time of its own: the end stands in.
+        let sent = match o.head_sent {
+            None if o.end == End::Completed => Some(ended),
+            s => s,
+        };
+        if let (Some(r), Some(s)) = (o.head_received, sent) {
             overhead += s.saturating_duration_since(r);
         }
         m.overhead.observe_us(overhead.as_micros() as u64);
