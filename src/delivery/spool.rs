@@ -132,6 +132,7 @@ impl Spool {
             file: None,
             chunk: Vec::new(),
             chunk_at: 0,
+            chunk_end: 0,
             file_pos: 0,
             known: (0, 0, false),
             sealed_len: None,
@@ -307,11 +308,12 @@ pub struct SpoolReader {
     pending: std::collections::VecDeque<u64>,
     /// Segment `seq`, open while records are read from it.
     file: Option<File>,
-    /// Bytes read from `file` and not yet handed out start at `chunk[chunk_at]`; the
-    /// next read starts at `file_pos`. One read covers many records, and lines are
-    /// found with the SIMD memchr.
+    /// Bytes read from `file` and not yet handed out are `chunk[chunk_at..chunk_end]`;
+    /// the next read starts at `file_pos`. One read covers many records, and lines are
+    /// found with the SIMD memchr. `chunk` is zeroed once, when it is allocated.
     chunk: Vec<u8>,
     chunk_at: usize,
+    chunk_end: usize,
     file_pos: u64,
     /// The writer's `Committed` (seq, len, closed) as last seen: the lock is taken again
     /// only once the records it covered are read.
@@ -395,8 +397,8 @@ impl SpoolReader {
             match File::open(segment_path(&self.dir, self.seq)) {
                 Ok(f) => {
                     self.file = Some(f);
-                    self.chunk.clear();
                     self.chunk_at = 0;
+                    self.chunk_end = 0;
                     self.file_pos = self.read_pos;
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -412,36 +414,34 @@ impl SpoolReader {
         // The line ends at the first newline after `chunk_at`; read more (at most up to
         // `limit`, what the writer has committed) until there is one.
         let end = loop {
-            let have = &self.chunk[self.chunk_at..];
+            let have = &self.chunk[self.chunk_at..self.chunk_end];
             if let Some(i) = memchr::memchr(b'\n', have) {
                 break Some(self.chunk_at + i);
             }
             if self.file_pos >= limit || have.len() as u64 >= MAX_LINE {
                 break None;
             }
-            self.chunk.drain(..self.chunk_at);
+            // Keep the partial line, at the front, and read after it.
+            self.chunk.copy_within(self.chunk_at..self.chunk_end, 0);
+            self.chunk_end -= self.chunk_at;
             self.chunk_at = 0;
             let want = (limit - self.file_pos).min(READ_CHUNK as u64) as usize;
-            let len = self.chunk.len();
-            self.chunk.resize(len + want, 0);
+            if self.chunk.len() < self.chunk_end + want {
+                self.chunk.resize(self.chunk_end + want, 0);
+            }
             let Some(file) = self.file.as_ref() else {
                 return Ok(None);
             };
-            let n = match file.read_at(&mut self.chunk[len..], self.file_pos) {
-                Ok(n) => n,
-                Err(e) => {
-                    self.chunk.truncate(len);
-                    return Err(e);
-                }
-            };
-            self.chunk.truncate(len + n);
+            let into = &mut self.chunk[self.chunk_end..self.chunk_end + want];
+            let n = file.read_at(into, self.file_pos)?;
+            self.chunk_end += n;
             self.file_pos += n as u64;
             if n == 0 {
                 break None;
             }
         };
         let from = self.chunk_at;
-        let to = end.unwrap_or(self.chunk.len().min(from + MAX_LINE as usize));
+        let to = end.unwrap_or(self.chunk_end.min(from + MAX_LINE as usize));
         let mut line = self.spare.pop().unwrap_or_else(|| Vec::with_capacity(1024));
         line.clear();
         line.extend_from_slice(&self.chunk[from..to]);
@@ -474,8 +474,8 @@ impl SpoolReader {
 
     fn close_file(&mut self) {
         self.file = None;
-        self.chunk.clear();
         self.chunk_at = 0;
+        self.chunk_end = 0;
     }
 
     fn sealed_len(&mut self) -> u64 {
