@@ -187,28 +187,42 @@ fn write_spool(
 ) {
     let mut batch = 0u64;
     let mut last_sync = Instant::now();
+    // The last window took records: traffic is steady, so the next window is slept out
+    // and then drained without blocking on the channel. A worker's send then never
+    // has a sleeping receiver to wake (a futex wake in the worker, two context switches
+    // and crossbeam's spin-and-yield before blocking, every window).
+    let mut steady = false;
     loop {
         let mut quiet = false;
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(r) => {
+        let first = if steady {
+            std::thread::sleep(GROUP_COMMIT_WINDOW);
+            None
+        } else {
+            match rx.recv_timeout(Duration::from_millis(50)) {
                 // Group commit: let records gather for the window while this thread
                 // sleeps (so a worker's send never has a sleeper to wake), then take
                 // them all; one write covers the lot.
-                writer.append_with(|buf| r.write_json(buf));
-                batch += 1;
-                std::thread::sleep(GROUP_COMMIT_WINDOW);
-                for r in rx.try_iter() {
-                    writer.append_with(|buf| r.write_json(buf));
-                    batch += 1;
-                    if writer.pending() >= MAX_BATCH_BYTES {
-                        break;
-                    }
+                Ok(r) => {
+                    std::thread::sleep(GROUP_COMMIT_WINDOW);
+                    Some(r)
                 }
+                Err(RecvTimeoutError::Timeout) if closing.load(Relaxed) && rx.is_empty() => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    quiet = true;
+                    None
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
             }
-            Err(RecvTimeoutError::Timeout) if closing.load(Relaxed) && rx.is_empty() => break,
-            Err(RecvTimeoutError::Timeout) => quiet = true,
-            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let taken = batch;
+        for r in first.into_iter().chain(rx.try_iter()) {
+            writer.append_with(|buf| r.write_json(buf));
+            batch += 1;
+            if writer.pending() >= MAX_BATCH_BYTES {
+                break;
+            }
         }
+        steady = batch > taken;
         let sync = quiet || last_sync.elapsed() >= SYNC_INTERVAL;
         match writer.write_out(sync) {
             Ok(()) => {
