@@ -3,13 +3,17 @@ nginx (one worker, core 0), llmproxy (one worker, whole process on core 0, meter
 webhook on, spool on), and the load generator on core 1. Runs are interleaved across
 targets and repeated; medians are reported, because this machine is shared and noisy.
 """
-import json, os, re, urllib.request, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import json, os, re, resource, urllib.request, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
 DUR, ROUNDS = int(sys.argv[1]), int(sys.argv[2])
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 W = tempfile.mkdtemp(prefix="llmproxy-load-")
 TICK = os.sysconf("SC_CLK_TCK")
+# The slow-stream scenario holds 1,000 connections in wrk and 2,000 sockets in each
+# proxy: every process started here inherits the hard open-file limit as its soft one.
+resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+SLOW_CONNS, SLOW_TOKENS, SLOW_DELAY_MS = 1000, 64, 50
 procs = []
 
 
@@ -43,12 +47,18 @@ def cleanup(*_):
 
 
 MOCK, HOOK, NGINX, PROXY = free_port(), free_port(), free_port(), free_port()
+# The slow-stream scenario's backend: a paced mock (one pacer thread feeds every stream a
+# token every 50 ms), reached through its own nginx server block and, in llmproxy, by
+# model name.
+SLOW_MOCK, NGINX_SLOW = free_port(), free_port()
 start([f"{REL}/examples/mock_vllm", "--port", str(MOCK), "--prerender", "--tokens", "64", "--models", "mock-model"], 1, "mock.log")
+start([f"{REL}/examples/mock_vllm", "--port", str(SLOW_MOCK), "--paced", "--models", "slow-model"], 1, "slow-mock.log")
 start([f"{REL}/examples/webhook_receiver", "--port", str(HOOK), "--quiet", "--log", "none", "--no-store"], 1, "receiver.log")
-wait_port(MOCK, "mock"); wait_port(HOOK, "receiver")
+wait_port(MOCK, "mock"); wait_port(HOOK, "receiver"); wait_port(SLOW_MOCK, "paced mock")
 open(f"{W}/nginx.conf", "w").write(f"""
 worker_processes 1;
 worker_cpu_affinity 01;
+worker_rlimit_nofile 20000;
 daemon off;
 error_log {W}/nginx-error.log warn;
 pid {W}/nginx.pid;
@@ -58,6 +68,17 @@ http {{
   client_body_temp_path {W}/nginx-body;
   proxy_temp_path {W}/nginx-proxy;
   upstream backend {{ server 127.0.0.1:{MOCK}; keepalive 256; }}
+  upstream slow {{ server 127.0.0.1:{SLOW_MOCK}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{NGINX_SLOW} reuseport backlog=4096;
+    keepalive_requests 1000000;
+    location / {{
+      proxy_pass http://slow;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
   server {{
     listen 127.0.0.1:{NGINX} reuseport backlog=4096;
     keepalive_requests 1000000;
@@ -78,6 +99,9 @@ workers: 1
 access_log: "off"
 backends:
   - url: "http://127.0.0.1:{MOCK}"
+    models: [mock-model]
+  - url: "http://127.0.0.1:{SLOW_MOCK}"
+    models: [slow-model]
 usage_hook:
   enabled: true
   url: "http://127.0.0.1:{HOOK}/usage"
@@ -107,6 +131,10 @@ BODY = {
     "json": '{"model":"mock-model","messages":[{"role":"user","content":"one two three four five"}],"max_tokens":64}',
     "sse": '{"model":"mock-model","messages":[{"role":"user","content":"one two three four five"}],"max_tokens":64,"stream":true}',
 }
+open(f"{W}/slow.lua", "w").write(
+    f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["x-mock-token-delay-ms"] = "{SLOW_DELAY_MS}"\n'
+    f'wrk.body = {json.dumps(json.dumps({"model": "slow-model", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": SLOW_TOKENS, "stream": True, "stream_options": {"include_usage": True}}))}\n')
+SLOW_PORTS = {"direct": SLOW_MOCK, "nginx": NGINX_SLOW, "llmproxy": PROXY, "base": BASE_PORT}
 for name, body in BODY.items():
     for close in (False, True):
         extra = 'wrk.headers["Connection"] = "close"\n' if close else ""
@@ -162,9 +190,9 @@ def to_ms(v):
     return float(n) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(target, lua):
-    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{DUR}s", "--latency", "-s", f"{W}/{lua}.lua",
-                          f"http://127.0.0.1:{PORTS[target]}/v1/chat/completions"], capture_output=True, text=True).stdout
+def wrk(target, lua, conns=64, dur=None, port=None):
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{dur or DUR}s", "--timeout", "15s", "--latency", "-s", f"{W}/{lua}.lua",
+                          f"http://127.0.0.1:{port or PORTS[target]}/v1/chat/completions"], capture_output=True, text=True).stdout
     lat = dict(re.findall(r"^\s+(\d+)%\s+(\S+)", out, re.M))
     n = int(re.search(r"(\d+) requests in", out).group(1))
     errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -189,9 +217,13 @@ SCENARIOS = [
     ("SSE 64 chunks, 64 conns", lambda t: wrk(t, "sse")),
     ("fixed 2000 req/s (latency)", oha),
     ("no keep-alive (churn)", lambda t: wrk(t, "json-close")),
+    # 1,000 streams at once, a token every 50 ms (64 tokens, 3.2 s a stream): each
+    # token is its own read and write. 10 s runs; the streams cut at the end are not
+    # counted, for any target alike.
+    ("slow SSE, 1000 streams", lambda t: wrk(t, "slow", SLOW_CONNS, 10, SLOW_PORTS[t])),
 ]
-# ONLY=json,sse,... runs a subset (json, sse, rate, churn), to measure one change.
-KEYS = ["json", "sse", "rate", "churn"]
+# ONLY=json,sse,... runs a subset (json, sse, rate, churn, slow), to measure one change.
+KEYS = ["json", "sse", "rate", "churn", "slow"]
 if os.environ.get("ONLY"):
     SCENARIOS = [sc for k, sc in zip(KEYS, SCENARIOS) if k in os.environ["ONLY"].split(",")]
 results = {s: {t: [] for t in PORTS} for s, _ in SCENARIOS}

@@ -3,7 +3,7 @@
 # same core. Installs what it needs (nginx, wrk from Debian; oha from crates.io),
 # builds, then runs benches/load.py. Every server listens on 127.0.0.1 only.
 #   benches/load.sh [seconds per run, default 5] [rounds, default 3]
-# ONLY=json,sse,rate,churn runs a subset of the scenarios.
+# ONLY=json,sse,rate,churn,slow runs a subset of the scenarios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()

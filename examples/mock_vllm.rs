@@ -467,14 +467,20 @@ impl Mock {
         let delay = num("x-mock-token-delay-ms").unwrap_or(self.token_delay);
         let pause_after_first = num("x-mock-pause-after-first-ms").unwrap_or(0);
         let split = num("x-mock-split").unwrap_or(0) as usize;
-        w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n")?;
-        if self.paced
+        let paced = self.paced
             && chat
             && delay > 0
             && pause_after_first == 0
             && split == 0
-            && fail.is_empty()
-        {
+            && fail.is_empty();
+        // The pacer closes a connection after its stream, so it says so: a proxy must
+        // not reuse it (nginx answered 502 when it did).
+        w.write_all(if paced {
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".as_slice()
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n".as_slice()
+        })?;
+        if paced {
             let stream = w.try_clone()?;
             stream.set_nonblocking(true)?;
             let paced = Paced {
