@@ -110,8 +110,8 @@ mod fast {
         });
     }
 
-    /// Where the request at the start of `buf` ends, whether it asks to close, and
-    /// its route and body; `None` while incomplete, `Err` when it is not HTTP.
+    /// A whole request at the start of a buffer: where it ends, whether it asks to
+    /// close, its route and its body.
     struct Parsed {
         end: usize,
         close: bool,
@@ -121,6 +121,8 @@ mod fast {
         body: std::ops::Range<usize>,
     }
 
+    /// The request at the start of `buf`: `None` while incomplete, `Err` when it is not
+    /// HTTP.
     fn parse(buf: &[u8]) -> Result<Option<Parsed>, ()> {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);

@@ -49,7 +49,7 @@ fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
 }
 
 /// What the writer has made durable, for the reader.
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 pub struct Committed {
     /// The segment being written and its durable length.
     pub seq: u64,
@@ -134,7 +134,7 @@ impl Spool {
             chunk_at: 0,
             chunk_end: 0,
             file_pos: 0,
-            known: (0, 0, false),
+            known: Committed::default(),
             sealed_len: None,
             cursor,
             spare: Vec::new(),
@@ -315,9 +315,9 @@ pub struct SpoolReader {
     chunk_at: usize,
     chunk_end: usize,
     file_pos: u64,
-    /// The writer's `Committed` (seq, len, closed) as last seen: the lock is taken again
-    /// only once the records it covered are read.
-    known: (u64, u64, bool),
+    /// The writer's `Committed` as last seen: the lock is taken again only once the
+    /// records it covered are read.
+    known: Committed,
     /// The final length of segment `seq` once the writer has moved past it (sealed
     /// segments do not grow: one stat per segment, not one per record).
     sealed_len: Option<(u64, u64)>,
@@ -339,15 +339,18 @@ impl SpoolReader {
     /// of a segment (`Empty` until its records are acknowledged).
     pub fn next(&mut self, wait: Duration) -> Next {
         loop {
-            let (kseq, klen, _) = self.known;
-            if !(self.seq < kseq || (self.seq == kseq && self.read_pos < klen)) {
+            if !self.behind(&self.known) {
                 self.known = match self.shared.committed.lock() {
-                    Ok(c) => (c.seq, c.len, c.closed),
+                    Ok(c) => *c,
                     Err(_) => return Next::Closed,
                 };
             }
-            let (cseq, clen, closed) = self.known;
-            if self.seq < cseq || (self.seq == cseq && self.read_pos < clen) {
+            let Committed {
+                seq: cseq,
+                len: clen,
+                closed,
+            } = self.known;
+            if self.behind(&self.known) {
                 let limit = if self.seq == cseq {
                     clen
                 } else {
@@ -390,6 +393,11 @@ impl SpoolReader {
                 return Next::Empty;
             }
         }
+    }
+
+    /// Whether `c` holds committed records this reader has not handed out yet.
+    fn behind(&self, c: &Committed) -> bool {
+        self.seq < c.seq || (self.seq == c.seq && self.read_pos < c.len)
     }
 
     fn read_line(&mut self, limit: u64) -> io::Result<Option<Vec<u8>>> {
