@@ -221,6 +221,11 @@ impl SpoolWriter {
         self.buf.push(b'\n');
     }
 
+    /// Buffers whole lines (records, each ending in a newline).
+    pub fn append_lines(&mut self, lines: &[u8]) {
+        self.buf.extend_from_slice(lines);
+    }
+
     pub fn pending(&self) -> usize {
         self.buf.len()
     }

@@ -646,7 +646,7 @@ async fn proxy(
             stream,
             Some((&backend.name, Some(&record))),
         );
-        shared.sink.emit(record);
+        w.records.emit(&record);
     } else {
         log_access(w, c, rq, status, stream, Some((&backend.name, None)));
     }

@@ -131,6 +131,8 @@ pub struct Worker {
     pub closing: Cell<bool>,
     /// Set when shutdown_timeout expired: in-flight relays stop (with records).
     pub cutting: Cell<bool>,
+    /// This worker's usage records, batched for the delivery threads.
+    pub records: delivery::WorkerSink,
 }
 
 impl Worker {
@@ -387,6 +389,7 @@ fn worker_thread(
         };
         let _ = ready.send(listener.local_addr().map_err(|e| e.to_string()));
         let live = shared.live();
+        let records = shared.sink.worker();
         let w = Rc::new(Worker {
             id,
             view: RefCell::new(Rc::new(View {
@@ -398,8 +401,12 @@ fn worker_thread(
             conns: Cell::new(0),
             closing: Cell::new(false),
             cutting: Cell::new(false),
+            records,
         });
+        let hand_over = w.clone();
+        monoio::spawn(async move { hand_over.records.hand_over_loop().await });
         accept_loop(&w, listener).await;
+        w.records.finish();
     });
 }
 
