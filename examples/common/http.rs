@@ -108,6 +108,21 @@ where
     });
 }
 
+/// Where the head in `head` ends (after its blank line: CRLF CRLF, or bare LFs), looking
+/// from `from` on.
+fn head_end(head: &[u8], from: usize) -> Option<usize> {
+    memchr::memchr_iter(b'\n', &head[from..]).find_map(|i| {
+        let rest = &head[from + i + 1..];
+        if rest.starts_with(b"\n") {
+            Some(from + i + 2)
+        } else if rest.starts_with(b"\r\n") {
+            Some(from + i + 3)
+        } else {
+            None
+        }
+    })
+}
+
 fn read_request(r: &mut BufReader<TcpStream>, out: &mut Request) -> bool {
     read_into(r, out).is_some()
 }
@@ -115,13 +130,33 @@ fn read_request(r: &mut BufReader<TcpStream>, out: &mut Request) -> bool {
 fn read_into(r: &mut BufReader<TcpStream>, out: &mut Request) -> Option<()> {
     let mut head = std::mem::take(&mut out.head);
     head.clear();
+    // The head in whole buffers, not line by line: a pipelining client sends many
+    // requests per read.
     loop {
-        let n = r.read_until(b'\n', &mut head).ok()?;
-        if n == 0 {
+        let buf = r.fill_buf().ok()?;
+        if buf.is_empty() {
             return None;
         }
-        if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") {
-            break;
+        // The blank line may start in what was taken already: a small window over
+        // the seam, then the new bytes (only the head is copied, not the buffer).
+        let kept = head.len().min(2);
+        let mut seam = head[head.len() - kept..].to_vec();
+        seam.extend_from_slice(&buf[..buf.len().min(2)]);
+        let end = head_end(&seam, 0)
+            .filter(|&e| e > kept)
+            .map(|e| e - kept)
+            .or_else(|| head_end(buf, 0));
+        match end {
+            Some(n) => {
+                head.extend_from_slice(&buf[..n]);
+                r.consume(n);
+                break;
+            }
+            None => {
+                let n = buf.len();
+                head.extend_from_slice(buf);
+                r.consume(n);
+            }
         }
         if head.len() > 1 << 20 {
             return None;
