@@ -7,6 +7,7 @@
 #   benches/profile.sh [json|sse] [seconds, default 8]
 # METER=off runs without usage metering's webhook (the relay alone, to compare);
 # BIN=path profiles that llmproxy binary (an A/B against another build);
+# RATE=n drives it with oha at n requests/s instead of wrk flat out (needs oha);
 # BILLING_CPU=n moves the billing threads to core n; WHOLE=1 records every thread rather than the worker; KEEP=file keeps perf.data.
 # Needs perf (Debian: linux-perf) and wrk. Everything listens on 127.0.0.1.
 set -euo pipefail
@@ -68,7 +69,13 @@ snap() {
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 rb=$(ticks "$RECV"); mb=$(ticks "$MOCKP")
 before=$(snap)
-taskset -c 1 wrk -t1 -c64 -d"$((SECS + 2))s" -s "$W/req.lua" "http://127.0.0.1:$PROXY/v1/chat/completions" >"$W/wrk.out" &
+if [ -n "${RATE:-}" ]; then
+    body=$(sed -n "s/^wrk.body = '\(.*\)'$/\1/p" "$W/req.lua")
+    taskset -c 1 oha --no-tui -z "$((SECS + 2))s" -c 64 -q "$RATE" -m POST -H "Content-Type: application/json" \
+        -d "$body" "http://127.0.0.1:$PROXY/v1/chat/completions" >"$W/oha.out" 2>&1 &
+else
+    taskset -c 1 wrk -t1 -c64 -d"$((SECS + 2))s" -s "$W/req.lua" "http://127.0.0.1:$PROXY/v1/chat/completions" >"$W/wrk.out" &
+fi
 sleep 1
 if [ -n "${WHOLE:-}" ]; then who=(-p "$P"); else who=(-t "$worker"); fi
 perf record -q -F 4999 -e cpu-clock --call-graph fp "${who[@]}" -o "$W/perf.data" -- sleep "$SECS" 2>/dev/null
@@ -76,8 +83,13 @@ wait %4 2>/dev/null || sleep 2
 sleep 2 # let the billing threads finish the run's records
 after=$(snap)
 ra=$(ticks "$RECV"); ma=$(ticks "$MOCKP")
-n=$(grep -oP '\d+(?= requests in)' "$W/wrk.out")
-grep "Requests/sec" "$W/wrk.out"
+if [ -n "${RATE:-}" ]; then
+    n=$(awk '/\[200\] [0-9]+ responses/ {print $2}' "$W/oha.out")
+    grep "Requests/sec" "$W/oha.out" | head -1
+else
+    n=$(grep -oP '\d+(?= requests in)' "$W/wrk.out")
+    grep "Requests/sec" "$W/wrk.out"
+fi
 echo "CPU per request by thread (incl. the billing work the run caused):"
 join <(echo "$before") <(echo "$after") | awk -v n="$n" -v hz="$(getconf CLK_TCK)" \
     '{ us = ($4 - $2) / hz * 1e6 / n; if (us > 0.005) printf "  %-14s %6.2f us  %7.4f context switches\n", $1, us, ($5 - $3) / n }'
