@@ -148,10 +148,15 @@ for name, body in BODY.items():
 
 
 def cpu(pid):
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid):
+    """(user, kernel) CPU ticks of a process, all its threads."""
     if pid is None:
-        return 0
+        return (0, 0)
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return int(f[11]) + int(f[12])
+    return (int(f[11]), int(f[12]))
 
 
 def worker_cpu(pid):
@@ -239,12 +244,14 @@ try:
         for name, fn in SCENARIOS:
             for t in order:
                 before = cpu(PIDS[t])
+                ubefore = cpu_split(PIDS[t])[0]
                 wbefore = worker_cpu(PIDS[t]) if t in PROXIES else 0
                 res = fn(t)
                 wafter = worker_cpu(PIDS[t]) if t in PROXIES else 0
                 if t in PROXIES:
                     drained(PROXIES[t])
                 res["cpu_us"] = (cpu(PIDS[t]) - before) / TICK * 1e6 / max(res["n"], 1) if PIDS[t] else 0
+                res["user_us"] = (cpu_split(PIDS[t])[0] - ubefore) / TICK * 1e6 / max(res["n"], 1) if PIDS[t] else 0
                 res["relay_us"] = (wafter - wbefore) / TICK * 1e6 / max(res["n"], 1) if t in PROXIES else res["cpu_us"]
                 results[name][t].append(res)
                 time.sleep(0.5)
@@ -253,7 +260,7 @@ try:
     print(f"\nllmproxy vs nginx, one worker each on core 0; load generator and mock on core 1; {DUR}s runs, median of {ROUNDS}")
     print(f"{'scenario':28} {'target':9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50':>7} {'+p99':>7} {'CPU us/req':>10} {'errors':>7}")
     for name, _ in SCENARIOS:
-        row = {t: {k: med([x[k] for x in results[name][t]]) for k in ("rps", "p50", "p99", "cpu_us", "relay_us")} for t in PORTS}
+        row = {t: {k: med([x[k] for x in results[name][t]]) for k in ("rps", "p50", "p99", "cpu_us", "relay_us", "user_us")} for t in PORTS}
         for t in PORTS:
             x = row[t]; d = row["direct"]
             errs = sum(r["errors"] for r in results[name][t])
@@ -269,6 +276,10 @@ try:
             ratio_relay = med([l["relay_us"] / n["cpu_us"] for l, n in pairs if n["cpu_us"]] or [float("nan")])
             print(f"{'':28} {'ratio':9} {who}/nginx (median of per-round ratios) req/s {ratio_rps:.2f}x, CPU per request {ratio_cpu:.2f}x "
                   f"(worker thread alone {row[who]['relay_us']:.1f} us/req, {ratio_relay:.2f}x)")
+            rounds = " ".join(f"{l['cpu_us'] / n['cpu_us']:.2f}" for l, n in pairs if n["cpu_us"])
+            print(f"{'':28} {'':9} per round: CPU {rounds}x; "
+                  f"user-space {row[who]['user_us']:.1f} us/req (nginx {row['nginx']['user_us']:.1f}), "
+                  f"kernel {row[who]['cpu_us'] - row[who]['user_us']:.1f} (nginx {row['nginx']['cpu_us'] - row['nginx']['user_us']:.1f})")
         print()
     print(f"peak RSS: nginx worker {rss_kib(nginx_worker) / 1024:.1f} MiB, llmproxy {rss_kib(proxy.pid) / 1024:.1f} MiB")
 finally:
