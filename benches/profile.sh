@@ -7,6 +7,8 @@
 #   benches/profile.sh [json|sse] [seconds, default 8]
 # METER=off runs without usage metering's webhook (the relay alone, to compare);
 # BIN=path profiles that llmproxy binary (an A/B against another build);
+# COUNT=1 counts io_uring operations, poll arms, syscalls and context switches per
+# request (perf stat tracepoints) instead of sampling;
 # RATE=n drives it with oha at n requests/s instead of wrk flat out (needs oha);
 # BILLING_CPU=n moves the billing threads to core n; WHOLE=1 records every thread rather than the worker; KEEP=file keeps perf.data.
 # Needs perf (Debian: linux-perf) and wrk. Everything listens on 127.0.0.1.
@@ -78,7 +80,15 @@ else
 fi
 sleep 1
 if [ -n "${WHOLE:-}" ]; then who=(-p "$P"); else who=(-t "$worker"); fi
-perf record -q -F 4999 -e cpu-clock --call-graph fp "${who[@]}" -o "$W/perf.data" -- sleep "$SECS" 2>/dev/null
+reqs() { curl -s "http://127.0.0.1:$PROXY/metrics" | awk '/^llmproxy_requests_total/ { n += $2 } END { print n + 0 }'; }
+if [ -n "${COUNT:-}" ]; then
+    r0=$(reqs)
+    perf stat -x, -o "$W/stat.txt" -e io_uring:io_uring_submit_req,io_uring:io_uring_poll_arm,io_uring:io_uring_task_add,syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,context-switches \
+        "${who[@]}" -- sleep "$SECS" 2>/dev/null
+    r1=$(reqs)
+else
+    perf record -q -F 4999 -e cpu-clock --call-graph fp "${who[@]}" -o "$W/perf.data" -- sleep "$SECS" 2>/dev/null
+fi
 wait %4 2>/dev/null || sleep 2
 sleep 2 # let the billing threads finish the run's records
 after=$(snap)
@@ -95,6 +105,11 @@ join <(echo "$before") <(echo "$after") | awk -v n="$n" -v hz="$(getconf CLK_TCK
     '{ us = ($4 - $2) / hz * 1e6 / n; if (us > 0.005) printf "  %-14s %6.2f us  %7.4f context switches\n", $1, us, ($5 - $3) / n }'
 awk -v n="$n" -v hz="$(getconf CLK_TCK)" -v r=$((ra - rb)) -v m=$((ma - mb)) \
     'BEGIN { printf "on core 1: mock %.2f us, webhook receiver %.2f us per request\n", m / hz * 1e6 / n, r / hz * 1e6 / n }'
+if [ -n "${COUNT:-}" ]; then
+    echo "per request, $([ -n "${WHOLE:-}" ] && echo "whole process" || echo "worker thread") ($((r1 - r0)) requests):"
+    awk -F, -v n=$((r1 - r0)) '!/^#/ && NF > 2 && n > 0 { printf "  %-40s %8.3f\n", $3, $1 / n }' "$W/stat.txt"
+    exit 0
+fi
 echo "worker thread, top symbols (self):"
 perf report -i "$W/perf.data" --no-children --sort dso,sym -g none --percent-limit 0.7 2>/dev/null |
     grep -v '^#' | grep -v '^$' | head -40
