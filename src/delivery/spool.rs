@@ -268,6 +268,13 @@ impl SpoolWriter {
         Ok(())
     }
 
+    /// Makes every later write fail (EBADF), as a disk that refuses would.
+    #[cfg(test)]
+    pub fn fail_writes(&mut self) -> io::Result<()> {
+        self.file = File::open(segment_path(&self.dir, self.seq))?;
+        Ok(())
+    }
+
     /// fdatasyncs what was written and not yet synced.
     pub fn sync(&mut self) -> io::Result<()> {
         if self.unsynced {
@@ -280,6 +287,13 @@ impl SpoolWriter {
     pub fn close(mut self) {
         if let Err(e) = self.commit() {
             error!("usage spool: final commit failed: {e}");
+            // Not silently: each record that could not be written is logged in full.
+            for line in self.buf.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
+                error!(
+                    "usage spool: UNDELIVERED RECORD: {}",
+                    String::from_utf8_lossy(line)
+                );
+            }
         }
         if let Ok(mut c) = self.shared.committed.lock() {
             c.closed = true;
