@@ -108,15 +108,14 @@ where
     });
 }
 
-/// Where the head in `head` ends (after its blank line: CRLF CRLF, or bare LFs), looking
-/// from `from` on.
-fn head_end(head: &[u8], from: usize) -> Option<usize> {
-    memchr::memchr_iter(b'\n', &head[from..]).find_map(|i| {
-        let rest = &head[from + i + 1..];
+/// Where a head in `bytes` ends (after its blank line: CRLF CRLF, or bare LFs).
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', bytes).find_map(|i| {
+        let rest = &bytes[i + 1..];
         if rest.starts_with(b"\n") {
-            Some(from + i + 2)
+            Some(i + 2)
         } else if rest.starts_with(b"\r\n") {
-            Some(from + i + 3)
+            Some(i + 3)
         } else {
             None
         }
@@ -139,13 +138,14 @@ fn read_into(r: &mut BufReader<TcpStream>, out: &mut Request) -> Option<()> {
         }
         // The blank line may start in what was taken already: a small window over
         // the seam, then the new bytes (only the head is copied, not the buffer).
-        let kept = head.len().min(2);
-        let mut seam = head[head.len() - kept..].to_vec();
-        seam.extend_from_slice(&buf[..buf.len().min(2)]);
-        let end = head_end(&seam, 0)
+        let (kept, took) = (head.len().min(2), buf.len().min(2));
+        let mut seam = [0u8; 4];
+        seam[..kept].copy_from_slice(&head[head.len() - kept..]);
+        seam[kept..kept + took].copy_from_slice(&buf[..took]);
+        let end = head_end(&seam[..kept + took])
             .filter(|&e| e > kept)
             .map(|e| e - kept)
-            .or_else(|| head_end(buf, 0));
+            .or_else(|| head_end(buf));
         match end {
             Some(n) => {
                 head.extend_from_slice(&buf[..n]);
