@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-byte and per-request work: the SSE scanner, the stream
 //! meter, the JSON usage finder, the request rewrite, head parsing, record
-//! serialization, and the continuous-mode usage strip.
+//! serialization, the continuous-mode usage strip, and a request's metrics counting
+//! (one worker, and two on two cores next to the shared-line design it replaced).
 //!
 //!     cargo bench --bench core
 //!
@@ -10,11 +11,14 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use llmproxy::config::UsageMode;
 use llmproxy::http::head::RequestHead;
+use llmproxy::metrics::{Metrics, WorkerMetrics};
 use llmproxy::relay::rewrite;
 use llmproxy::sse::SseScanner;
 use llmproxy::usage::json::{UsageFinder, member_span};
 use llmproxy::usage::{Outcome, StreamMeter, Usage, UsageRecord, UsageSource};
 use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// One vLLM chat chunk per token, as vLLM writes them (one event per write).
 fn vllm_events(tokens: usize) -> Vec<Vec<u8>> {
@@ -183,5 +187,81 @@ fn heads_and_records(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, sse, usage_json, rewrite_bodies, heads_and_records);
+/// What the worker counts for one proxied JSON request, as `conn.rs` does.
+fn count_one(w: &WorkerMetrics, slot: usize, i: u64) {
+    w.request_started();
+    w.backend_started(slot);
+    w.backend_done(slot);
+    w.count_request(0, false, Some(slot), 200);
+    w.latency_us(1_000 + (i & 1023));
+    w.overhead_us(20 + (i & 31));
+    w.record(15, 42 + (i & 1));
+    w.request_done();
+}
+
+fn metrics(c: &mut Criterion) {
+    let mut g = c.benchmark_group("metrics_per_request");
+    g.bench_function("one_worker", |b| {
+        let m = Arc::new(Metrics::new(1));
+        let slot = m.slot("vllm");
+        let w = m.claim(0).expect("shard");
+        let mut i = 0u64;
+        b.iter(|| {
+            i += 1;
+            count_one(&w, slot, black_box(i));
+        })
+    });
+    // Two workers on two threads (cores here), each in its own shard: the time per
+    // request on each.
+    g.bench_function("two_workers", |b| {
+        b.iter_custom(|n| {
+            let m = Arc::new(Metrics::new(2));
+            let slot = m.slot("vllm");
+            let start = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for k in 0..2 {
+                    let m = m.clone();
+                    s.spawn(move || {
+                        let Some(w) = m.claim(k) else { return };
+                        for i in 0..n {
+                            count_one(&w, slot, black_box(i));
+                        }
+                    });
+                }
+            });
+            start.elapsed()
+        })
+    });
+    // For reference, the design the shards replaced: the same eleven adds as locked
+    // read-modify-writes on counters both workers share.
+    g.bench_function("two_workers_shared_counters_reference", |b| {
+        b.iter_custom(|n| {
+            let shared: [AtomicU64; 11] = Default::default();
+            let start = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    let shared = &shared;
+                    s.spawn(move || {
+                        for i in 0..n {
+                            for c in shared {
+                                c.fetch_add(black_box(i) & 1, Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            start.elapsed()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    sse,
+    usage_json,
+    rewrite_bodies,
+    heads_and_records,
+    metrics
+);
 criterion_main!(benches);

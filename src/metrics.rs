@@ -1,5 +1,11 @@
-//! Prometheus metrics. Every counter is an atomic written with `Relaxed` ordering:
-//! workers on different cores only ever add, and a scrape needs no consistent snapshot.
+//! Prometheus metrics. What a request counts goes to its worker's own `Shard`: a
+//! single writer, so an add is a load and a store on cache lines no other core
+//! writes, never a locked read-modify-write on a line every worker shares (twelve
+//! locked adds cost ~80 ns a request here even on one core, ~320 ns with two workers
+//! on two cores taking the lines from each other). A scrape sums the shards; it needs
+//! no consistent snapshot. The delivery and log threads' counters (per batch or rare)
+//! are plain shared atomics.
+//!
 //! `llmproxy_requests_total` is an array per backend label, indexed by (path, stream,
 //! status), so counting a request never allocates or locks. Backend labels get a slot
 //! when a backend is configured (at start or on reload); a slot's array is allocated
@@ -7,8 +13,11 @@
 
 use crate::upstream::Backend;
 use std::fmt::Write;
+use std::marker::PhantomData;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 /// Path label values: the API's own paths, everything else folded so label
 /// cardinality stays bounded whatever callers send.
@@ -42,42 +51,81 @@ const STATUSES: usize = 500; // 100..=599
 pub const MAX_BACKEND_SLOTS: usize = 256;
 const PER_SLOT: usize = PATHS.len() * 2 * STATUSES;
 
+/// A counter one thread writes and any thread reads: `add` and `sub` are a load
+/// and a store, so a second writer would lose counts; only a `WorkerMetrics` (not
+/// `Send`, one per shard) writes.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    fn add(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    #[inline]
+    fn sub(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_sub(n), Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Most buckets a histogram has (its bounds and `+Inf`).
+const MAX_BUCKETS: usize = 20;
+
+/// Bucket counts in microseconds, inside its shard (no pointer to a heap block that
+/// could share a cache line with another worker's).
 pub struct Histogram {
     /// Upper bounds in microseconds.
     bounds: &'static [u64],
-    counts: Vec<AtomicU64>,
-    sum_us: AtomicU64,
+    counts: [Counter; MAX_BUCKETS],
+    sum_us: Counter,
 }
 
 impl Histogram {
     fn new(bounds: &'static [u64]) -> Self {
+        assert!(
+            bounds.len() < MAX_BUCKETS,
+            "histogram with too many buckets"
+        );
         Histogram {
             bounds,
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_us: AtomicU64::new(0),
+            counts: Default::default(),
+            sum_us: Counter::default(),
         }
     }
 
-    pub fn observe_us(&self, us: u64) {
+    fn observe_us(&self, us: u64) {
         let i = self.bounds.partition_point(|&b| b < us);
-        self.counts[i].fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(us, Relaxed);
+        self.counts[i].add(1);
+        self.sum_us.add(us);
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
+    /// One histogram made of the same histogram of every shard.
+    fn render<'a>(
+        parts: impl Iterator<Item = &'a Histogram> + Clone,
+        out: &mut String,
+        name: &str,
+        help: &str,
+    ) {
+        let Some(first) = parts.clone().next() else {
+            return;
+        };
+        let bounds = first.bounds;
+        let count = |i: usize| parts.clone().map(|h| h.counts[i].get()).sum::<u64>();
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cum = 0;
-        for (i, b) in self.bounds.iter().enumerate() {
-            cum += self.counts[i].load(Relaxed);
+        for (i, b) in bounds.iter().enumerate() {
+            cum += count(i);
             let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cum}", *b as f64 / 1000.0);
         }
-        cum += self.counts[self.bounds.len()].load(Relaxed);
+        cum += count(bounds.len());
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.sum_us.load(Relaxed) as f64 / 1000.0
-        );
+        let sum: u64 = parts.map(|h| h.sum_us.get()).sum();
+        let _ = writeln!(out, "{name}_sum {}", sum as f64 / 1000.0);
         let _ = writeln!(out, "{name}_count {cum}");
     }
 }
@@ -104,65 +152,203 @@ const OVERHEAD_BUCKETS: &[u64] = &[
     25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000,
 ];
 
+/// What one worker counts, written by that worker alone (through its
+/// `WorkerMetrics`). Aligned so that two shards never share a cache line.
+#[repr(align(128))]
+struct Shard {
+    /// Handed to a worker already.
+    claimed: AtomicBool,
+    /// Per backend label slot: counters by (path, stream, status), allocated by the
+    /// worker on the slot's first request.
+    requests: Box<[OnceLock<Box<[Counter]>>]>,
+    latency: Histogram,
+    ttft: Histogram,
+    overhead: Histogram,
+    records: Counter,
+    tokens_prompt: Counter,
+    tokens_completion: Counter,
+    /// Gauges, added to and taken from by the same worker.
+    connections_open: Counter,
+    busy: Counter,
+    /// Requests in flight per backend label slot.
+    in_flight: [Counter; MAX_BACKEND_SLOTS],
+}
+
+impl Shard {
+    fn new() -> Self {
+        Shard {
+            claimed: AtomicBool::new(false),
+            requests: (0..MAX_BACKEND_SLOTS).map(|_| OnceLock::new()).collect(),
+            latency: Histogram::new(MS_BUCKETS),
+            ttft: Histogram::new(MS_BUCKETS),
+            overhead: Histogram::new(OVERHEAD_BUCKETS),
+            records: Counter::default(),
+            tokens_prompt: Counter::default(),
+            tokens_completion: Counter::default(),
+            connections_open: Counter::default(),
+            busy: Counter::default(),
+            in_flight: std::array::from_fn(|_| Counter::default()),
+        }
+    }
+}
+
 pub struct Metrics {
     /// Label of each slot; only locked when a backend is configured and at scrape.
     slot_names: std::sync::Mutex<Vec<String>>,
-    requests: Vec<std::sync::OnceLock<Box<[AtomicU64]>>>,
-    pub latency: Histogram,
-    pub ttft: Histogram,
-    pub overhead: Histogram,
+    /// One per worker.
+    shards: Box<[Shard]>,
     pub webhook_success: AtomicU64,
     pub webhook_failure: AtomicU64,
     pub webhook_retries: AtomicU64,
-    pub records_emitted: AtomicU64,
     pub records_dropped: AtomicU64,
     pub dead_letter: AtomicU64,
-    pub tokens_prompt: AtomicU64,
-    pub tokens_completion: AtomicU64,
-    pub connections_open: AtomicU64,
     pub connections_rejected: AtomicU64,
     pub spooled: AtomicU64,
     pub redelivered: AtomicU64,
     pub access_log_dropped: AtomicU64,
     /// The spool's own counters, once a spool is open (read at scrape time).
-    pub spool: std::sync::OnceLock<Arc<crate::delivery::spool::Shared>>,
+    pub spool: OnceLock<Arc<crate::delivery::spool::Shared>>,
     /// Arrival (unix ms) of the oldest record waiting in the spool; 0 when none.
     pub spool_oldest_ms: AtomicU64,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(1)
+    }
+}
+
+/// A worker's handle on its shard, the only writer of it. Not `Send`: it stays on
+/// the thread that claimed the shard (clones share it there).
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    metrics: Arc<Metrics>,
+    shard: usize,
+    _one_thread: PhantomData<Rc<()>>,
+}
+
+impl WorkerMetrics {
+    fn shard(&self) -> &Shard {
+        &self.metrics.shards[self.shard]
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Counts one answered request. `slot`: the backend's label slot, `None` when the
+    /// proxy answered itself.
+    pub fn count_request(&self, path: usize, stream: bool, slot: Option<usize>, status: u16) {
+        let b = slot.unwrap_or(0).min(MAX_BACKEND_SLOTS - 1);
+        let s = (status.clamp(100, 599) - 100) as usize;
+        let i = (path * 2 + stream as usize) * STATUSES + s;
+        let counters = self.shard().requests[b]
+            .get_or_init(|| (0..PER_SLOT).map(|_| Counter::default()).collect());
+        if let Some(c) = counters.get(i) {
+            c.add(1);
+        }
+    }
+
+    pub fn latency_us(&self, us: u64) {
+        self.shard().latency.observe_us(us);
+    }
+
+    pub fn ttft_us(&self, us: u64) {
+        self.shard().ttft.observe_us(us);
+    }
+
+    pub fn overhead_us(&self, us: u64) {
+        self.shard().overhead.observe_us(us);
+    }
+
+    /// A usage record produced, with its tokens.
+    pub fn record(&self, prompt_tokens: u64, completion_tokens: u64) {
+        let s = self.shard();
+        s.records.add(1);
+        s.tokens_prompt.add(prompt_tokens);
+        s.tokens_completion.add(completion_tokens);
+    }
+
+    pub fn connection_opened(&self) {
+        self.shard().connections_open.add(1);
+    }
+
+    pub fn connection_closed(&self) {
+        self.shard().connections_open.sub(1);
+    }
+
+    /// A request is being handled until `request_done`.
+    pub fn request_started(&self) {
+        self.shard().busy.add(1);
+    }
+
+    pub fn request_done(&self) {
+        self.shard().busy.sub(1);
+    }
+
+    /// A request went to the backend with label slot `slot` until `backend_done`.
+    pub fn backend_started(&self, slot: usize) {
+        self.shard().in_flight[slot.min(MAX_BACKEND_SLOTS - 1)].add(1);
+    }
+
+    pub fn backend_done(&self, slot: usize) {
+        self.shard().in_flight[slot.min(MAX_BACKEND_SLOTS - 1)].sub(1);
     }
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// Metrics for `workers` workers (at least one shard).
+    pub fn new(workers: usize) -> Self {
         let zero = || AtomicU64::new(0);
         Metrics {
-            requests: (0..MAX_BACKEND_SLOTS)
-                .map(|_| std::sync::OnceLock::new())
-                .collect(),
             slot_names: std::sync::Mutex::new(vec!["none".to_string()]),
-            latency: Histogram::new(MS_BUCKETS),
-            ttft: Histogram::new(MS_BUCKETS),
-            overhead: Histogram::new(OVERHEAD_BUCKETS),
+            shards: (0..workers.max(1)).map(|_| Shard::new()).collect(),
             webhook_success: zero(),
             webhook_failure: zero(),
             webhook_retries: zero(),
-            records_emitted: zero(),
             records_dropped: zero(),
             dead_letter: zero(),
-            tokens_prompt: zero(),
-            tokens_completion: zero(),
-            connections_open: zero(),
             connections_rejected: zero(),
             spooled: zero(),
             redelivered: zero(),
             access_log_dropped: zero(),
-            spool: std::sync::OnceLock::new(),
+            spool: OnceLock::new(),
             spool_oldest_ms: zero(),
         }
+    }
+
+    /// Shard `i` for the calling thread to write; `None` if it is out of range or
+    /// was claimed before (a second writer would lose counts).
+    pub fn claim(self: &Arc<Self>, i: usize) -> Option<WorkerMetrics> {
+        let shard = self.shards.get(i)?;
+        if shard.claimed.swap(true, Relaxed) {
+            return None;
+        }
+        Some(WorkerMetrics {
+            metrics: self.clone(),
+            shard: i,
+            _one_thread: PhantomData,
+        })
+    }
+
+    fn sum(&self, f: impl Fn(&Shard) -> &Counter) -> u64 {
+        self.shards
+            .iter()
+            .fold(0u64, |a, s| a.wrapping_add(f(s).get()))
+    }
+
+    /// Requests being handled, all workers together.
+    pub fn busy(&self) -> u64 {
+        self.sum(|s| &s.busy)
+    }
+
+    /// Requests in flight to the backends with label slot `slot`, all workers together.
+    pub fn in_flight(&self, slot: usize) -> i64 {
+        self.sum(|s| &s.in_flight[slot.min(MAX_BACKEND_SLOTS - 1)]) as i64
+    }
+
+    pub fn records_emitted(&self) -> u64 {
+        self.sum(|s| &s.records)
     }
 
     /// The label slot for a backend name (the same name keeps its slot across reloads).
@@ -179,19 +365,6 @@ impl Metrics {
         names.len() - 1
     }
 
-    /// Counts one answered request. `slot`: the backend's label slot, `None` when the
-    /// proxy answered itself.
-    pub fn count_request(&self, path: usize, stream: bool, slot: Option<usize>, status: u16) {
-        let b = slot.unwrap_or(0).min(MAX_BACKEND_SLOTS - 1);
-        let s = (status.clamp(100, 599) - 100) as usize;
-        let i = (path * 2 + stream as usize) * STATUSES + s;
-        let counters =
-            self.requests[b].get_or_init(|| (0..PER_SLOT).map(|_| AtomicU64::new(0)).collect());
-        if let Some(c) = counters.get(i) {
-            c.fetch_add(1, Relaxed);
-        }
-    }
-
     pub fn render(&self, backends: &[Arc<Backend>], queue_depth: usize) -> String {
         let mut o = String::with_capacity(8192);
         let names = self
@@ -203,13 +376,18 @@ impl Metrics {
             o,
             "# HELP llmproxy_requests_total Requests answered, by path, stream, backend and status.\n# TYPE llmproxy_requests_total counter"
         );
-        for (slot, counters) in self.requests.iter().enumerate() {
-            let Some(counters) = counters.get() else {
+        for slot in 0..MAX_BACKEND_SLOTS {
+            let parts: Vec<&[Counter]> = self
+                .shards
+                .iter()
+                .filter_map(|s| s.requests[slot].get().map(|c| &c[..]))
+                .collect();
+            if parts.is_empty() {
                 continue;
-            };
+            }
             let backend = names.get(slot).map_or("other", String::as_str);
-            for (i, c) in counters.iter().enumerate() {
-                let v = c.load(Relaxed);
+            for i in 0..PER_SLOT {
+                let v: u64 = parts.iter().map(|c| c[i].get()).sum();
                 if v == 0 {
                     continue;
                 }
@@ -222,13 +400,20 @@ impl Metrics {
                 );
             }
         }
-        self.latency.render(
+        Histogram::render(
+            self.shards.iter().map(|s| &s.latency),
             &mut o,
             "llmproxy_latency_ms",
             "Request duration from arrival to the last byte sent, in ms.",
         );
-        self.ttft.render(&mut o, "llmproxy_ttft_ms", "Time to first token of streams, from arrival to the first output event forwarded, in ms.");
-        self.overhead.render(
+        Histogram::render(
+            self.shards.iter().map(|s| &s.ttft),
+            &mut o,
+            "llmproxy_ttft_ms",
+            "Time to first token of streams, from arrival to the first output event forwarded, in ms.",
+        );
+        Histogram::render(
+            self.shards.iter().map(|s| &s.overhead),
             &mut o,
             "llmproxy_proxy_overhead_ms",
             "Time spent in the proxy itself, not waiting for the backend, in ms.",
@@ -238,6 +423,8 @@ impl Metrics {
                 .get()
                 .map_or(0, |s| s.backlog_bytes.load(Relaxed)),
         );
+        let records = AtomicU64::new(self.records_emitted());
+        let open = AtomicU64::new(self.sum(|s| &s.connections_open));
         let counters: [(&str, &str, &AtomicU64); 12] = [
             (
                 "llmproxy_access_log_dropped_total",
@@ -277,7 +464,7 @@ impl Metrics {
             (
                 "llmproxy_usage_records_total",
                 "Usage records produced.",
-                &self.records_emitted,
+                &records,
             ),
             (
                 "llmproxy_usage_dropped_total",
@@ -297,7 +484,7 @@ impl Metrics {
             (
                 "llmproxy_connections_open",
                 "Client connections open.",
-                &self.connections_open,
+                &open,
             ),
         ];
         for (name, help, c) in counters {
@@ -319,12 +506,12 @@ impl Metrics {
         let _ = writeln!(
             o,
             "llmproxy_usage_tokens_total{{type=\"prompt\"}} {}",
-            self.tokens_prompt.load(Relaxed)
+            self.sum(|s| &s.tokens_prompt)
         );
         let _ = writeln!(
             o,
             "llmproxy_usage_tokens_total{{type=\"completion\"}} {}",
-            self.tokens_completion.load(Relaxed)
+            self.sum(|s| &s.tokens_completion)
         );
         let _ = writeln!(
             o,
@@ -351,7 +538,7 @@ impl Metrics {
                 o,
                 "llmproxy_backend_in_flight{{backend=\"{}\"}} {}",
                 b.name,
-                b.in_flight()
+                self.in_flight(b.slot)
             );
         }
         o
@@ -364,12 +551,13 @@ mod tests {
 
     #[test]
     fn request_counter_labels_round_trip() {
-        let m = Metrics::new();
+        let m = Arc::new(Metrics::new(1));
+        let w = m.claim(0).expect("shard 0");
         let (_a, b) = (m.slot("a"), m.slot("b"));
         assert_eq!(m.slot("b"), b);
-        m.count_request(0, true, Some(b), 200);
-        m.count_request(7, false, None, 401);
-        m.count_request(7, false, None, 401);
+        w.count_request(0, true, Some(b), 200);
+        w.count_request(7, false, None, 401);
+        w.count_request(7, false, None, 401);
         let text = m.render(&[], 0);
         assert!(text.contains("llmproxy_requests_total{path=\"/v1/chat/completions\",stream=\"true\",backend=\"b\",status=\"200\"} 1"), "{text}");
         assert!(text.contains("llmproxy_requests_total{path=\"other\",stream=\"false\",backend=\"none\",status=\"401\"} 2"));
@@ -383,10 +571,54 @@ mod tests {
         h.observe_us(7_000);
         h.observe_us(999_000_000);
         let mut o = String::new();
-        h.render(&mut o, "x", "x");
+        Histogram::render([&h].into_iter(), &mut o, "x", "x");
         assert!(o.contains("x_bucket{le=\"1\"} 1\n"));
         assert!(o.contains("x_bucket{le=\"10\"} 2\n"));
         assert!(o.contains("x_bucket{le=\"+Inf\"} 3\n"));
         assert!(o.contains("x_count 3\n"));
+    }
+
+    #[test]
+    fn a_scrape_sums_the_workers_shards() {
+        let m = Arc::new(Metrics::new(2));
+        let slot = m.slot("b");
+        // Two workers count on threads of their own, each claiming its shard, the way
+        // the server runs them.
+        std::thread::scope(|s| {
+            for i in 0..2 {
+                let m = m.clone();
+                s.spawn(move || {
+                    let Some(w) = m.claim(i) else {
+                        panic!("shard {i} taken");
+                    };
+                    for _ in 0..1000 {
+                        w.count_request(0, false, Some(slot), 200);
+                        w.latency_us(2_000);
+                        w.record(3, 4);
+                        w.request_started();
+                        w.backend_started(slot);
+                        w.connection_opened();
+                    }
+                    w.request_done();
+                    w.backend_done(slot);
+                    w.connection_closed();
+                });
+            }
+        });
+        assert!(m.claim(0).is_none(), "a shard has one writer");
+        assert!(m.claim(2).is_none());
+        let text = m.render(&[], 0);
+        assert!(
+            text.contains("backend=\"b\",status=\"200\"} 2000\n"),
+            "{text}"
+        );
+        assert!(text.contains("llmproxy_latency_ms_bucket{le=\"5\"} 2000\n"));
+        assert!(text.contains("llmproxy_latency_ms_sum 4000\n"));
+        assert!(text.contains("llmproxy_usage_records_total 2000\n"));
+        assert!(text.contains("llmproxy_usage_tokens_total{type=\"prompt\"} 6000\n"));
+        assert!(text.contains("llmproxy_usage_tokens_total{type=\"completion\"} 8000\n"));
+        assert!(text.contains("llmproxy_connections_open 1998\n"));
+        assert_eq!(m.busy(), 1998);
+        assert_eq!(m.in_flight(slot), 1998);
     }
 }

@@ -16,7 +16,7 @@ pub mod spool;
 pub mod webhook;
 
 use crate::config::UsageHookConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WorkerMetrics};
 use crate::usage::UsageRecord;
 use crate::{error, info, warn};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
@@ -109,9 +109,10 @@ impl RecordSink {
     }
 
     /// One worker's sink; run its `hand_over_loop` as a task on that worker.
-    pub fn worker(&self) -> WorkerSink {
+    pub fn worker(&self, stats: WorkerMetrics) -> WorkerSink {
         WorkerSink {
             sink: self.clone(),
+            stats,
             batch: RefCell::new(Batch::with_capacity(0)),
             waiting: Cell::new(None),
         }
@@ -131,6 +132,8 @@ impl RecordSink {
 /// records held by its worker too is logged in full and counted as dropped.
 pub struct WorkerSink {
     sink: RecordSink,
+    /// The worker's metrics shard (records and tokens are counted there).
+    stats: WorkerMetrics,
     batch: RefCell<Batch>,
     /// The hand-over task, parked while the batch is empty.
     waiting: Cell<Option<Waker>>,
@@ -139,11 +142,8 @@ pub struct WorkerSink {
 impl WorkerSink {
     pub fn emit(&self, record: &UsageRecord) {
         let m = &self.sink.metrics;
-        m.records_emitted.fetch_add(1, Relaxed);
-        m.tokens_prompt
-            .fetch_add(record.usage.prompt_tokens, Relaxed);
-        m.tokens_completion
-            .fetch_add(record.usage.completion_tokens, Relaxed);
+        self.stats
+            .record(record.usage.prompt_tokens, record.usage.completion_tokens);
         if self.sink.tx.is_none() {
             return;
         }
@@ -754,7 +754,7 @@ pub fn replay_dead(cfg: &UsageHookConfig) -> Result<(usize, usize), String> {
     let path = PathBuf::from(&cfg.spool_dir).join("dead-letter.jsonl");
     let (lines, file) =
         spool::take_dead_letters(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(1));
     let mut outbox = Outbox::new(cfg, metrics);
     let mut kept = Vec::new();
     let mut delivered = 0;
@@ -818,7 +818,7 @@ mod tests {
     #[test]
     fn a_worker_holds_its_batch_while_the_queue_is_full_and_drops_only_beyond_it() {
         let (tx, rx) = crossbeam_channel::bounded(16);
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(1));
         let sink = RecordSink {
             tx: Some(tx),
             queued: Arc::new(AtomicUsize::new(0)),
@@ -826,7 +826,7 @@ mod tests {
             metrics: metrics.clone(),
             closing: Arc::new(AtomicBool::new(false)),
         };
-        let w = sink.worker();
+        let w = sink.worker(metrics.claim(0).expect("shard"));
         w.emit(&record(0));
         w.emit(&record(1));
         assert!(w.hand_over(&mut w.batch.borrow_mut()));
@@ -839,7 +839,7 @@ mod tests {
         // The worker holds queue_size records: the next is logged and counted.
         w.emit(&record(5));
         assert_eq!(metrics.records_dropped.load(Relaxed), 1);
-        assert_eq!(metrics.records_emitted.load(Relaxed), 6);
+        assert_eq!(metrics.records_emitted(), 6);
         // The writer takes the first batch; the held one goes next.
         let first = rx.try_recv().unwrap();
         sink.queued.fetch_sub(first.records, Relaxed);
@@ -865,7 +865,7 @@ mod tests {
         let (tx, rx) = crossbeam_channel::bounded(16);
         let queued = Arc::new(AtomicUsize::new(0));
         let closing = Arc::new(AtomicBool::new(false));
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(1));
         let big = |id: usize| {
             let mut b = Batch::with_capacity(0);
             record(id).write_json(&mut b.lines);

@@ -19,7 +19,6 @@ use crate::upstream::pool::{ConnectError, Pool};
 use crate::usage::{Outcome, UsageRecord, format_api_key};
 use crate::warn;
 use monoio::net::TcpStream;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Initial read buffer per client connection.
@@ -71,9 +70,9 @@ pub async fn serve(w: &Worker, stream: TcpStream) {
     let mut first = true;
     while let Some(head_len) = read_head(w, &mut c, first).await {
         first = false;
-        w.shared.busy.fetch_add(1, Relaxed);
+        w.stats.request_started();
         let keep = handle(w, &mut c, head_len).await;
-        w.shared.busy.fetch_sub(1, Relaxed);
+        w.stats.request_done();
         if !keep {
             break;
         }
@@ -144,8 +143,7 @@ async fn answer_early(w: &Worker, c: &mut Conn, e: ProxyError) {
     let out = &mut c.bufs.out;
     out.clear();
     e.write_response(out, &new_request_id(), false);
-    w.shared
-        .metrics
+    w.stats
         .count_request(path_index("other"), false, None, e.status());
     let _ = c.client.write_all(out).await;
 }
@@ -397,9 +395,7 @@ async fn answer_unlogged(
     let out = &mut c.bufs.out;
     out.clear();
     e.write_response(out, &rq.id, keep);
-    w.shared
-        .metrics
-        .count_request(rq.path, stream, None, e.status());
+    w.stats.count_request(rq.path, stream, None, e.status());
     c.client.write_all(out).await.is_ok() && keep
 }
 
@@ -420,7 +416,7 @@ async fn reply(
         body
     };
     write_response(out, status, ctype, body, &rq.id, keep);
-    w.shared.metrics.count_request(rq.path, false, None, status);
+    w.stats.count_request(rq.path, false, None, status);
     log_access(w, c, rq, status, false, None);
     let out = &mut c.bufs.out;
     c.client.write_all(out).await.is_ok() && keep
@@ -435,7 +431,6 @@ async fn proxy(
     endpoint: Option<&'static str>,
     user: Option<String>,
 ) -> bool {
-    let shared = &w.shared;
     let cfg = &v.live.config;
 
     // Phase: inspect the body (metered endpoints need a JSON object with a model).
@@ -478,7 +473,7 @@ async fn proxy(
         }
     };
     let backend = v.up.backends[bi].clone();
-    let in_flight = v.up.start(bi);
+    let in_flight = v.up.start(bi, &w.stats);
 
     // Phase: rewrite the request for the backend.
     let rewritten = info
@@ -566,12 +561,12 @@ async fn proxy(
     }
 
     // Phase: meter and emit the record.
-    let m = &shared.metrics;
+    let m = &w.stats;
     if o.as_ref().is_some_and(|o| o.status.is_some()) {
         m.count_request(rq.path, stream, Some(backend.slot), status);
     }
     let total_us = ended.duration_since(rq.arrived).as_micros() as u64;
-    m.latency.observe_us(total_us);
+    m.latency_us(total_us);
     if let Some(o) = &o {
         let mut overhead = sent_at.saturating_duration_since(rq.arrived);
         // A head sent with the whole body has no time of its own: the end stands in.
@@ -582,10 +577,9 @@ async fn proxy(
         if let (Some(r), Some(s)) = (o.head_received, sent) {
             overhead += s.saturating_duration_since(r);
         }
-        m.overhead.observe_us(overhead.as_micros() as u64);
+        m.overhead_us(overhead.as_micros() as u64);
         if stream && let Some(t) = o.first_output {
-            m.ttft
-                .observe_us(t.duration_since(rq.arrived).as_micros() as u64);
+            m.ttft_us(t.duration_since(rq.arrived).as_micros() as u64);
         }
     }
     if let (Some(info), Some(endpoint)) = (info, endpoint) {

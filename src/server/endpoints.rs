@@ -22,7 +22,7 @@ pub fn health(w: &Worker) -> (u16, String) {
                     "name": b.name,
                     "url": &*b.url,
                     "healthy": b.is_healthy(),
-                    "in_flight": b.in_flight(),
+                    "in_flight": w.shared.metrics.in_flight(b.slot),
                     "last_error": b.last_error(),
                 })
             })

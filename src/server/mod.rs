@@ -1,7 +1,8 @@
 //! Workers: one pinned OS thread per core, each with its own monoio runtime (io_uring,
 //! or epoll where io_uring is unavailable), its own SO_REUSEPORT listener and its own
-//! upstream pool. Nothing is shared on the hot path but atomics (metrics, health) and
-//! the record channel.
+//! upstream pool. Nothing on the hot path is written by two workers: each counts in a
+//! metrics shard of its own, batches its usage records, and only reads shared state
+//! (health flags, the config generation) apart from one channel send per batch.
 
 pub mod conn;
 mod endpoints;
@@ -10,7 +11,7 @@ use crate::access_log::AccessLog;
 use crate::auth::Auth;
 use crate::config::{Config, parse_listen};
 use crate::delivery::{self, RecordSink};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WorkerMetrics};
 use crate::tick::{self, TICK};
 use crate::upstream::health::HealthChecker;
 use crate::upstream::{Backend, Upstreams};
@@ -20,7 +21,7 @@ use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{
-    AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+    AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
 };
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -43,10 +44,6 @@ pub struct Shared {
     pub sink: RecordSink,
     pub access_log: AccessLog,
     pub shutdown: Arc<AtomicBool>,
-    /// Requests being handled, all workers together: shutdown waits for it to reach 0
-    /// before closing idle connections, so a request sent on any open connection
-    /// meanwhile is answered 503 rather than reset.
-    pub busy: AtomicUsize,
 }
 
 impl Shared {
@@ -133,6 +130,8 @@ pub struct Worker {
     pub cutting: Cell<bool>,
     /// This worker's usage records, batched for the delivery threads.
     pub records: delivery::WorkerSink,
+    /// What this worker counts for /metrics (its own shard).
+    pub stats: WorkerMetrics,
 }
 
 impl Worker {
@@ -197,7 +196,8 @@ fn raise_fd_limit(max_connections: u64) {
 
 pub fn run(config: Config, config_path: &str) -> Result<(), String> {
     let addr = parse_listen(&config.listen)?;
-    let metrics = Arc::new(Metrics::new());
+    let workers = config.worker_count();
+    let metrics = Arc::new(Metrics::new(workers));
     let backends: Arc<[Arc<Backend>]> = Backend::build(&config, &[], &metrics)?.into();
     let (sink, delivery_threads) = if config.usage_hook.enabled {
         let (sink, handles) = delivery::start(&config.usage_hook, metrics.clone())?;
@@ -217,7 +217,6 @@ pub fn run(config: Config, config_path: &str) -> Result<(), String> {
     };
 
     let access_log = AccessLog::start(&config.access_log, metrics.clone())?;
-    let workers = config.worker_count();
     raise_fd_limit(workers as u64 * config.limits.max_connections as u64);
     let health_cfg = config.health_check.clone();
     let connect_timeout = config.limits.connect_timeout.0;
@@ -233,7 +232,6 @@ pub fn run(config: Config, config_path: &str) -> Result<(), String> {
         sink,
         access_log,
         shutdown: Arc::new(AtomicBool::new(false)),
-        busy: AtomicUsize::new(0),
     });
     watch_signals(shared.clone())?;
 
@@ -388,8 +386,12 @@ fn worker_thread(
             }
         };
         let _ = ready.send(listener.local_addr().map_err(|e| e.to_string()));
+        let Some(stats) = shared.metrics.claim(id) else {
+            let _ = ready.send(Err(format!("worker {id}: no metrics shard of its own")));
+            return;
+        };
         let live = shared.live();
-        let records = shared.sink.worker();
+        let records = shared.sink.worker(stats.clone());
         let w = Rc::new(Worker {
             id,
             view: RefCell::new(Rc::new(View {
@@ -402,6 +404,7 @@ fn worker_thread(
             closing: Cell::new(false),
             cutting: Cell::new(false),
             records,
+            stats,
         });
         let hand_over = w.clone();
         monoio::spawn(async move { hand_over.records.hand_over_loop().await });
@@ -445,7 +448,9 @@ async fn accept_loop(w: &Rc<Worker>, listener: TcpListener) {
     }
     drop(listener);
     let deadline = Instant::now() + w.view().live.config.limits.shutdown_timeout.0;
-    let busy = || w.shared.busy.load(Relaxed);
+    // Requests being handled, all workers together: idle connections stay open (a
+    // request sent on one meanwhile is answered 503 rather than reset) until none is.
+    let busy = || w.shared.metrics.busy();
     while busy() > 0 && Instant::now() < deadline {
         monoio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
@@ -470,18 +475,17 @@ async fn accept_loop(w: &Rc<Worker>, listener: TcpListener) {
 }
 
 fn admit(w: &Rc<Worker>, stream: TcpStream, max: usize) {
-    let metrics = &w.shared.metrics;
     if w.conns.get() >= max {
-        metrics.connections_rejected.fetch_add(1, Relaxed);
+        w.shared.metrics.connections_rejected.fetch_add(1, Relaxed);
         monoio::spawn(conn::reject(stream));
         return;
     }
     w.conns.set(w.conns.get() + 1);
-    metrics.connections_open.fetch_add(1, Relaxed);
+    w.stats.connection_opened();
     let w = w.clone();
     monoio::spawn(async move {
         conn::serve(&w, stream).await;
         w.conns.set(w.conns.get() - 1);
-        w.shared.metrics.connections_open.fetch_sub(1, Relaxed);
+        w.stats.connection_closed();
     });
 }

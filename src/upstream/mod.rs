@@ -5,12 +5,11 @@ pub mod health;
 pub mod pool;
 
 use crate::config::{BackendUrl, Config, Models, UsageMode};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WorkerMetrics};
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::atomic::{
-    AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::Acquire, Ordering::Relaxed,
-    Ordering::Release,
+    AtomicBool, AtomicU32, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
 };
 use std::sync::{Arc, Mutex};
 
@@ -36,7 +35,6 @@ pub struct Backend {
     /// Label slot in `llmproxy_requests_total`.
     pub slot: usize,
     healthy: AtomicBool,
-    in_flight: AtomicI64,
     last_error: Mutex<Option<String>>,
     /// Passed and failed health checks in a row (health-check thread only).
     pub(crate) streak_ok: AtomicU32,
@@ -89,7 +87,6 @@ impl Backend {
                     api_key: b.api_key.clone(),
                     usage_mode: b.usage_mode,
                     healthy: AtomicBool::new(healthy),
-                    in_flight: AtomicI64::new(0),
                     last_error: Mutex::new(None),
                     streak_ok: AtomicU32::new(0),
                     streak_fail: AtomicU32::new(0),
@@ -119,10 +116,6 @@ impl Backend {
 
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Relaxed)
-    }
-
-    pub fn in_flight(&self) -> i64 {
-        self.in_flight.load(Relaxed)
     }
 
     pub fn last_error(&self) -> Option<String> {
@@ -273,26 +266,32 @@ impl Upstreams {
         }
     }
 
-    /// Marks a request in flight on backend `i` until the guard drops.
-    pub fn start(&self, i: usize) -> InFlight<'_> {
+    /// Marks a request in flight on backend `i` until the guard drops: in this
+    /// worker's balancing, and in its metrics shard for the gauge.
+    pub fn start<'a>(&'a self, i: usize, stats: &'a WorkerMetrics) -> InFlight<'a> {
         self.local[i]
             .in_flight
             .set(self.local[i].in_flight.get() + 1);
-        self.backends[i].in_flight.fetch_add(1, Relaxed);
-        InFlight { up: self, index: i }
+        stats.backend_started(self.backends[i].slot);
+        InFlight {
+            up: self,
+            index: i,
+            stats,
+        }
     }
 }
 
 pub struct InFlight<'a> {
     up: &'a Upstreams,
     index: usize,
+    stats: &'a WorkerMetrics,
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let l = &self.up.local[self.index];
         l.in_flight.set(l.in_flight.get().saturating_sub(1));
-        self.up.backends[self.index].in_flight.fetch_sub(1, Relaxed);
+        self.stats.backend_done(self.up.backends[self.index].slot);
     }
 }
 
@@ -322,7 +321,6 @@ mod tests {
                     usage_mode: UsageMode::Final,
                     slot: i + 1,
                     healthy: AtomicBool::new(true),
-                    in_flight: AtomicI64::new(0),
                     last_error: Mutex::new(None),
                     streak_ok: AtomicU32::new(0),
                     streak_fail: AtomicU32::new(0),
@@ -348,8 +346,11 @@ mod tests {
     #[test]
     fn least_loaded_wins() {
         let u = ups(&[(1, &[]), (1, &[])]);
-        let _a = u.start(0);
-        let _b = u.start(0);
+        let m = Arc::new(Metrics::new(1));
+        let stats = m.claim(0).expect("shard");
+        let _a = u.start(0, &stats);
+        let _b = u.start(0, &stats);
+        assert_eq!(m.in_flight(u.backends[0].slot), 2);
         assert_eq!(u.pick(None, 0), Pick::Backend(1));
         assert_eq!(u.pick(None, 0b10), Pick::Backend(0));
         assert_eq!(u.pick(None, 0b11), Pick::Exhausted);
