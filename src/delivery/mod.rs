@@ -228,12 +228,7 @@ impl WorkerSink {
                 .metrics
                 .records_dropped
                 .fetch_add(n as u64, Relaxed);
-            for line in b.lines.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
-                error!(
-                    "usage delivery is not taking records: UNDELIVERED RECORD: {}",
-                    String::from_utf8_lossy(line)
-                );
-            }
+            spool::log_undelivered(&b.lines, "usage delivery is not taking records");
         }
     }
 }
@@ -391,7 +386,14 @@ fn write_spool(
             }
         }
     }
-    writer.close();
+    // Stopped with the disk refusing writes: what the writer holds and what is still
+    // queued is logged in full and counted, not dropped with the channel.
+    let mut lost = writer.close();
+    for b in rx.try_iter() {
+        queued.fetch_sub(b.records, Relaxed);
+        lost += spool::log_undelivered(&b.lines, "usage spool: not written at shutdown");
+    }
+    metrics.records_dropped.fetch_add(lost, Relaxed);
 }
 
 enum Delivery {
@@ -894,6 +896,10 @@ mod tests {
         assert_eq!(metrics.spooled.load(Relaxed), 0);
         closing.store(true, Relaxed);
         t.join().unwrap();
+        // Shut down with the disk still refusing: the two held and the one queued are
+        // logged and counted as dropped, none vanishes with the channel.
+        assert_eq!(metrics.records_dropped.load(Relaxed), 3);
+        assert_eq!(queued.load(Relaxed), 0);
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -284,22 +284,34 @@ impl SpoolWriter {
         Ok(())
     }
 
-    pub fn close(mut self) {
+    /// Commits what is buffered and tells the reader no more comes. Returns how many
+    /// records could not be written: each is logged in full, never lost silently.
+    pub fn close(mut self) -> u64 {
+        let mut lost = 0;
         if let Err(e) = self.commit() {
             error!("usage spool: final commit failed: {e}");
-            // Not silently: each record that could not be written is logged in full.
-            for line in self.buf.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
-                error!(
-                    "usage spool: UNDELIVERED RECORD: {}",
-                    String::from_utf8_lossy(line)
-                );
-            }
+            lost = log_undelivered(&self.buf, "usage spool");
         }
         if let Ok(mut c) = self.shared.committed.lock() {
             c.closed = true;
         }
         self.shared.grown.notify_all();
+        lost
     }
+}
+
+/// Logs each record of `lines` (spool lines) in full as UNDELIVERED RECORD; returns
+/// how many there were.
+pub fn log_undelivered(lines: &[u8], why: &str) -> u64 {
+    let mut n = 0;
+    for line in lines.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
+        error!(
+            "{why}: UNDELIVERED RECORD: {}",
+            String::from_utf8_lossy(line)
+        );
+        n += 1;
+    }
+    n
 }
 
 /// Opens a segment to read it back without updating its access time: under `relatime`
