@@ -9,6 +9,8 @@
 # BIN=path profiles that llmproxy binary (an A/B against another build);
 # COUNT=1 counts io_uring operations, poll arms, syscalls and context switches per
 # request (perf stat tracepoints) instead of sampling;
+# ALLOC=1 counts the worker's heap allocations per request (uprobes on mimalloc's
+# entry points) and shows where they come from;
 # RATE=n drives it with oha at n requests/s instead of wrk flat out (needs oha);
 # BILLING_CPU=n moves the billing threads to core n; WHOLE=1 records every thread rather than the worker; KEEP=file keeps perf.data.
 # Needs perf (Debian: linux-perf) and wrk. Everything listens on 127.0.0.1.
@@ -81,7 +83,16 @@ fi
 sleep 1
 if [ -n "${WHOLE:-}" ]; then who=(-p "$P"); else who=(-t "$worker"); fi
 reqs() { curl -s "http://127.0.0.1:$PROXY/metrics" | awk '/^llmproxy_requests_total/ { n += $2 } END { print n + 0 }'; }
-if [ -n "${COUNT:-}" ]; then
+if [ -n "${ALLOC:-}" ]; then
+    ev=()
+    for f in mi_malloc_aligned mi_zalloc_aligned mi_realloc_aligned; do
+        perf probe -q -x "$BIN" "$f" 2>/dev/null || true
+        ev+=(-e "probe_llmproxy:$f")
+    done
+    r0=$(reqs)
+    perf record -q "${ev[@]}" --call-graph fp "${who[@]}" -o "$W/perf.data" -- sleep "$SECS" 2>/dev/null
+    r1=$(reqs)
+elif [ -n "${COUNT:-}" ]; then
     r0=$(reqs)
     perf stat -x, -o "$W/stat.txt" -e io_uring:io_uring_submit_req,io_uring:io_uring_poll_arm,io_uring:io_uring_task_add,syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,context-switches \
         "${who[@]}" -- sleep "$SECS" 2>/dev/null
@@ -108,6 +119,13 @@ awk -v n="$n" -v hz="$(getconf CLK_TCK)" -v r=$((ra - rb)) -v m=$((ma - mb)) \
 if [ -n "${COUNT:-}" ]; then
     echo "per request, $([ -n "${WHOLE:-}" ] && echo "whole process" || echo "worker thread") ($((r1 - r0)) requests):"
     awk -F, -v n=$((r1 - r0)) '!/^#/ && NF > 2 && n > 0 { printf "  %-40s %8.3f\n", $3, $1 / n }' "$W/stat.txt"
+    exit 0
+fi
+if [ -n "${ALLOC:-}" ]; then
+    calls=$(perf script -i "$W/perf.data" -F event 2>/dev/null | grep -c probe_llmproxy || true)
+    awk -v c="${calls:-0}" -v n=$((r1 - r0)) 'BEGIN { printf "%d requests, %.2f allocations per request; callers:\n", n, c / n }'
+    perf report -i "$W/perf.data" --no-children --sort sym -g caller,0.5,callee,function,percent --percent-limit 1 2>/dev/null |
+        grep -v '^#' | grep -v '^$' | grep -E "llmproxy::|%" | head -60
     exit 0
 fi
 echo "worker thread, top symbols (self):"
