@@ -11,6 +11,8 @@
 # request (perf stat tracepoints) instead of sampling;
 # ALLOC=1 counts the worker's heap allocations per request (uprobes on mimalloc's
 # entry points) and shows where they come from;
+# SCHED=1 records the scheduler on core 0 and prints each thread's wake-up delays
+# (from being woken to running: what a request waits for its worker);
 # RATE=n drives it with oha at n requests/s instead of wrk flat out (needs oha);
 # BILLING_CPU=n moves the billing threads to core n; WHOLE=1 records every thread rather than the worker; KEEP=file keeps perf.data.
 # Needs perf (Debian: linux-perf) and wrk. Everything listens on 127.0.0.1.
@@ -83,7 +85,9 @@ fi
 sleep 1
 if [ -n "${WHOLE:-}" ]; then who=(-p "$P"); else who=(-t "$worker"); fi
 reqs() { curl -s "http://127.0.0.1:$PROXY/metrics" | awk '/^llmproxy_requests_total/ { n += $2 } END { print n + 0 }'; }
-if [ -n "${ALLOC:-}" ]; then
+if [ -n "${SCHED:-}" ]; then
+    perf sched record -q -C 0 -o "$W/perf.data" -- sleep "$SECS" >/dev/null 2>&1
+elif [ -n "${ALLOC:-}" ]; then
     ev=()
     for f in mi_malloc_aligned mi_zalloc_aligned mi_realloc_aligned; do
         perf probe -q -x "$BIN" "$f" 2>/dev/null || true
@@ -119,6 +123,13 @@ awk -v n="$n" -v hz="$(getconf CLK_TCK)" -v r=$((ra - rb)) -v m=$((ma - mb)) \
 if [ -n "${COUNT:-}" ]; then
     echo "per request, $([ -n "${WHOLE:-}" ] && echo "whole process" || echo "worker thread") ($((r1 - r0)) requests):"
     awk -F, -v n=$((r1 - r0)) '!/^#/ && NF > 2 && n > 0 { printf "  %-40s %8.3f\n", $3, $1 / n }' "$W/stat.txt"
+    exit 0
+fi
+if [ -n "${SCHED:-}" ]; then
+    echo "wake-up delays on core 0 (perf sched latency):"
+    perf sched latency -i "$W/perf.data" --sort max 2>/dev/null | grep -E "Task|worker|usage|nginx" | head -8
+    perf sched timehist -i "$W/perf.data" 2>/dev/null | awk '$3 ~ /^worker-0/ { print $5 * 1000 }' | sort -n |
+        awk '{ d[NR] = $1; s += $1; if ($1 > 20) o++ } END { if (NR) printf "worker-0: %d runs, delay from wake-up to running: mean %.1f us, p99 %.0f us, max %.0f us, %.2f %% over 20 us\n", NR, s / NR, d[int(NR * 0.99)], d[NR], 100 * o / NR }'
     exit 0
 fi
 if [ -n "${ALLOC:-}" ]; then
