@@ -115,6 +115,7 @@ else
     n=$(grep -oP '\d+(?= requests in)' "$W/wrk.out")
     grep "Requests/sec" "$W/wrk.out"
 fi
+curl -s "http://127.0.0.1:$PROXY/metrics" | awk '/^llmproxy_proxy_overhead_ms_bucket/ { split($1, q, "\""); b[++n] = q[2]; c[n] = $NF } END { printf "time in the proxy (llmproxy_proxy_overhead_ms), share of requests within:"; for (i = 1; i <= 5 && i <= n; i++) printf " %s ms %.2f%%", b[i], 100 * c[i] / c[n]; printf "\n" }'
 echo "CPU per request by thread (incl. the billing work the run caused):"
 join <(echo "$before") <(echo "$after") | awk -v n="$n" -v hz="$(getconf CLK_TCK)" \
     '{ us = ($4 - $2) / hz * 1e6 / n; if (us > 0.005) printf "  %-14s %6.2f us  %7.4f context switches\n", $1, us, ($5 - $3) / n }'
