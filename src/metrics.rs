@@ -6,10 +6,10 @@
 //! no consistent snapshot. The delivery and log threads' counters (per batch or rare)
 //! are plain shared atomics.
 //!
-//! `llmproxy_requests_total` is an array per backend label, indexed by (path, stream,
-//! status), so counting a request never allocates or locks. Backend labels get a slot
-//! when a backend is configured (at start or on reload); a slot's array is allocated
-//! on its first request.
+//! `llmproxy_requests_total` is a row of counters by status per backend label, path
+//! and stream flag, so counting a request never locks and allocates only the first
+//! time a worker sees that combination (4 KiB a row). Backend labels get a slot when a
+//! backend is configured (at start or on reload).
 
 use crate::upstream::Backend;
 use std::fmt::Write;
@@ -49,7 +49,10 @@ const STATUSES: usize = 500; // 100..=599
 /// Backend label slots, slot 0 being `none` (the proxy answered itself). Reloads that
 /// bring more distinct backend names than this share the last slot's label.
 pub const MAX_BACKEND_SLOTS: usize = 256;
-const PER_SLOT: usize = PATHS.len() * 2 * STATUSES;
+/// Rows per backend label slot: one per (path, stream).
+const ROWS: usize = PATHS.len() * 2;
+/// A slot's rows, each `STATUSES` counters, allocated on first use.
+type Rows = Box<[OnceLock<Box<[Counter]>>]>;
 
 /// A counter one thread writes and any thread reads: `add` and `sub` are a load
 /// and a store, so a second writer would lose counts; only a `WorkerMetrics` (not
@@ -158,9 +161,9 @@ const OVERHEAD_BUCKETS: &[u64] = &[
 struct Shard {
     /// Handed to a worker already.
     claimed: AtomicBool,
-    /// Per backend label slot: counters by (path, stream, status), allocated by the
-    /// worker on the slot's first request.
-    requests: Box<[OnceLock<Box<[Counter]>>]>,
+    /// Per backend label slot: a row of counters by status per (path, stream), each
+    /// allocated by the worker on its first request.
+    requests: Box<[OnceLock<Rows>]>,
     latency: Histogram,
     ttft: Histogram,
     overhead: Histogram,
@@ -241,10 +244,13 @@ impl WorkerMetrics {
     pub fn count_request(&self, path: usize, stream: bool, slot: Option<usize>, status: u16) {
         let b = slot.unwrap_or(0).min(MAX_BACKEND_SLOTS - 1);
         let s = (status.clamp(100, 599) - 100) as usize;
-        let i = (path * 2 + stream as usize) * STATUSES + s;
-        let counters = self.shard().requests[b]
-            .get_or_init(|| (0..PER_SLOT).map(|_| Counter::default()).collect());
-        if let Some(c) = counters.get(i) {
+        let rows =
+            self.shard().requests[b].get_or_init(|| (0..ROWS).map(|_| OnceLock::new()).collect());
+        let Some(row) = rows.get(path * 2 + stream as usize) else {
+            return;
+        };
+        let counters = row.get_or_init(|| (0..STATUSES).map(|_| Counter::default()).collect());
+        if let Some(c) = counters.get(s) {
             c.add(1);
         }
     }
@@ -377,27 +383,28 @@ impl Metrics {
             "# HELP llmproxy_requests_total Requests answered, by path, stream, backend and status.\n# TYPE llmproxy_requests_total counter"
         );
         for slot in 0..MAX_BACKEND_SLOTS {
-            let parts: Vec<&[Counter]> = self
-                .shards
-                .iter()
-                .filter_map(|s| s.requests[slot].get().map(|c| &c[..]))
-                .collect();
-            if parts.is_empty() {
-                continue;
-            }
             let backend = names.get(slot).map_or("other", String::as_str);
-            for i in 0..PER_SLOT {
-                let v: u64 = parts.iter().map(|c| c[i].get()).sum();
-                if v == 0 {
+            for row in 0..ROWS {
+                let parts: Vec<&[Counter]> = self
+                    .shards
+                    .iter()
+                    .filter_map(|s| s.requests[slot].get()?.get(row)?.get().map(|c| &c[..]))
+                    .collect();
+                if parts.is_empty() {
                     continue;
                 }
-                let status = i % STATUSES + 100;
-                let stream = (i / STATUSES) % 2 == 1;
-                let path = PATHS[i / STATUSES / 2];
-                let _ = writeln!(
-                    o,
-                    "llmproxy_requests_total{{path=\"{path}\",stream=\"{stream}\",backend=\"{backend}\",status=\"{status}\"}} {v}"
-                );
+                let (path, stream) = (PATHS[row / 2], row % 2 == 1);
+                for i in 0..STATUSES {
+                    let v: u64 = parts.iter().map(|c| c[i].get()).sum();
+                    if v == 0 {
+                        continue;
+                    }
+                    let status = i + 100;
+                    let _ = writeln!(
+                        o,
+                        "llmproxy_requests_total{{path=\"{path}\",stream=\"{stream}\",backend=\"{backend}\",status=\"{status}\"}} {v}"
+                    );
+                }
             }
         }
         Histogram::render(
