@@ -235,10 +235,6 @@ impl WorkerMetrics {
         &self.metrics.shards[self.shard]
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
     /// Counts one answered request. `slot`: the backend's label slot, `None` when the
     /// proxy answered itself.
     pub fn count_request(&self, path: usize, stream: bool, slot: Option<usize>, status: u16) {
