@@ -3,12 +3,14 @@
 //! the integration tests and the benchmarks.
 //!
 //!     cargo run --example mock_vllm -- --port 8000 [--models a,b] [--tokens 16]
-//!         [--token-delay-ms 0] [--name backend-a]
+//!         [--token-delay-ms 0] [--prefill-ms 0] [--name backend-a]
 //!
 //! Prompt tokens are the whitespace-separated words of the prompt (at least 1);
 //! completion tokens are `max_tokens`, else `--tokens`. Per-request knobs, as headers:
 //!   x-mock-tokens: N             completion tokens
 //!   x-mock-token-delay-ms: N     pause between streamed tokens
+//!   x-mock-prefill-ms: N         pause before the first output (a stream's head goes
+//!                                at once, as vLLM's does; a whole answer waits)
 //!   x-mock-pause-after-first-ms: N  pause after the first content chunk
 //!   x-mock-split: N              write the stream in pieces of N bytes
 //!   x-mock-fail: status-500 | error-event | reset | hang
@@ -37,6 +39,8 @@ struct Mock {
     models: Vec<String>,
     tokens: u64,
     token_delay: u64,
+    /// Pause before the first output, like a real engine's prefill.
+    prefill: u64,
     name: String,
     last: Mutex<Value>,
     prerendered: Option<Prerendered>,
@@ -250,6 +254,9 @@ fn main() {
         token_delay: http::flag("--token-delay-ms")
             .and_then(|t| t.parse().ok())
             .unwrap_or(0),
+        prefill: http::flag("--prefill-ms")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0),
         name: http::flag("--name").unwrap_or_else(|| format!("mock-{port}")),
         last: Mutex::new(Value::Null),
         prerendered: None,
@@ -451,7 +458,9 @@ impl Mock {
         let chat = route == "/v1/chat/completions";
         let usage = |c: u64| json!({"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + c, "completion_tokens": c});
         let text: String = (0..completion).map(|i| format!("tok{i} ")).collect();
+        let prefill = Duration::from_millis(num("x-mock-prefill-ms").unwrap_or(self.prefill));
         if !stream {
+            std::thread::sleep(prefill);
             let choice = if chat {
                 json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
             } else {
@@ -491,7 +500,7 @@ impl Mock {
                 next: 0,
                 total: completion,
                 every: Duration::from_millis(delay),
-                due: std::time::Instant::now(),
+                due: std::time::Instant::now() + prefill,
                 model: serde_json::to_string(&model).unwrap_or_default(),
                 prompt_tokens,
                 include_usage,
@@ -507,6 +516,7 @@ impl Mock {
             "text_completion"
         };
         let mut sse = SseWriter { w, split };
+        std::thread::sleep(prefill);
         let chunk = |choice: Value, c: u64| {
             let mut v = json!({"id": "cmpl-mock", "object": object, "created": 0, "model": model, "choices": [choice]});
             if continuous {

@@ -23,7 +23,7 @@ wait_port() { # host:port name
     echo "$2 did not start; its log:"; cat "$LOGS/$2.log"; exit 1
 }
 
-"$BIN/examples/mock_vllm" --port 8000 --models meta-llama/Llama-3.1-8B-Instruct --token-delay-ms 30 >"$LOGS/mock.log" 2>&1 &
+"$BIN/examples/mock_vllm" --port 8000 --models meta-llama/Llama-3.1-8B-Instruct --token-delay-ms 30 --prefill-ms 120 >"$LOGS/mock.log" 2>&1 &
 pids+=($!)
 "$BIN/examples/webhook_receiver" --port 9000 --log usage_log.jsonl >"$LOGS/receiver.log" 2>&1 &
 pids+=($!)

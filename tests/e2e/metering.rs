@@ -70,6 +70,32 @@ fn stream_gets_exact_record_and_hides_injected_usage_chunk() {
     assert!(rec["timestamp"].as_str().unwrap().ends_with('Z'));
 }
 
+/// The backend's prefill is what `ttft_ms` measures: the first token after 150 ms,
+/// then four more 20 ms apart, gives a ttft of about 150 ms inside a longer duration.
+#[test]
+fn ttft_is_the_backends_time_to_the_first_token() {
+    let s = Stack::start();
+    let r = post_json(
+        s.addr(),
+        "/v1/chat/completions",
+        &[
+            ("x-request-id", "t-ttft"),
+            ("x-mock-prefill-ms", "150"),
+            ("x-mock-token-delay-ms", "20"),
+        ],
+        &chat(true, 5),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let rec = s.record("t-ttft");
+    let ttft = rec["ttft_ms"].as_u64().unwrap();
+    let duration = rec["duration_ms"].as_u64().unwrap();
+    assert!((150..1000).contains(&ttft), "ttft {ttft} ms");
+    assert!(
+        duration >= ttft + 80,
+        "duration {duration} ms, ttft {ttft} ms"
+    );
+}
+
 #[test]
 fn caller_who_asked_for_usage_keeps_the_usage_chunk() {
     let s = Stack::start();
