@@ -58,7 +58,7 @@ type Rows = Box<[OnceLock<Box<[Counter]>>]>;
 /// and a store, so a second writer would lose counts; only a `WorkerMetrics` (not
 /// `Send`, one per shard) writes.
 #[derive(Default)]
-pub struct Counter(AtomicU64);
+struct Counter(AtomicU64);
 
 impl Counter {
     #[inline]
@@ -81,7 +81,7 @@ const MAX_BUCKETS: usize = 20;
 
 /// Bucket counts in microseconds, inside its shard (no pointer to a heap block that
 /// could share a cache line with another worker's).
-pub struct Histogram {
+struct Histogram {
     /// Upper bounds in microseconds.
     bounds: &'static [u64],
     counts: [Counter; MAX_BUCKETS],
