@@ -7,8 +7,8 @@
 #   benches/profile.sh [json|sse] [seconds, default 8]
 # METER=off runs without usage metering's webhook (the relay alone, to compare);
 # BIN=path profiles that llmproxy binary (an A/B against another build);
-# COUNT=1 counts io_uring operations, poll arms, syscalls and context switches per
-# request (perf stat tracepoints) instead of sampling;
+# COUNT=1 counts CPU time, io_uring operations, poll arms, syscalls and context switches
+# per request (perf stat tracepoints) instead of sampling; EVENTS=a,b adds perf events to it;
 # ALLOC=1 counts the worker's heap allocations per request (uprobes on mimalloc's
 # entry points) and shows where they come from;
 # SCHED=1 records the scheduler on core 0 and prints each thread's wake-up delays
@@ -98,7 +98,7 @@ elif [ -n "${ALLOC:-}" ]; then
     r1=$(reqs)
 elif [ -n "${COUNT:-}" ]; then
     r0=$(reqs)
-    perf stat -x, -o "$W/stat.txt" -e io_uring:io_uring_submit_req,io_uring:io_uring_poll_arm,io_uring:io_uring_task_add,syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,context-switches \
+    perf stat -x, -o "$W/stat.txt" -e task-clock,io_uring:io_uring_submit_req,io_uring:io_uring_poll_arm,io_uring:io_uring_task_add,syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom${EVENTS:+,$EVENTS},context-switches \
         "${who[@]}" -- sleep "$SECS" 2>/dev/null
     r1=$(reqs)
 else
@@ -123,7 +123,7 @@ awk -v n="$n" -v hz="$(getconf CLK_TCK)" -v r=$((ra - rb)) -v m=$((ma - mb)) \
     'BEGIN { printf "on core 1: mock %.2f us, webhook receiver %.2f us per request\n", m / hz * 1e6 / n, r / hz * 1e6 / n }'
 if [ -n "${COUNT:-}" ]; then
     echo "per request, $([ -n "${WHOLE:-}" ] && echo "whole process" || echo "worker thread") ($((r1 - r0)) requests):"
-    awk -F, -v n=$((r1 - r0)) '!/^#/ && NF > 2 && n > 0 { printf "  %-40s %8.3f\n", $3, $1 / n }' "$W/stat.txt"
+    awk -F, -v n=$((r1 - r0)) '!/^#/ && NF > 2 && n > 0 { if ($3 == "task-clock") printf "  %-40s %8.3f us (precise, from the scheduler)\n", "CPU time", $1 * 1000 / n; else printf "  %-40s %8.3f\n", $3, $1 / n }' "$W/stat.txt"
     exit 0
 fi
 if [ -n "${SCHED:-}" ]; then
