@@ -46,9 +46,12 @@ pub fn path_index(route: &str) -> usize {
 }
 
 const STATUSES: usize = 500; // 100..=599
-/// Backend label slots, slot 0 being `none` (the proxy answered itself). Reloads that
-/// bring more distinct backend names than this share the last slot's label.
+/// Backend label slots, slot 0 being `none` (the proxy answered itself) and the last
+/// `other`: reloads that bring more distinct backend names than the slots between count
+/// them together under `backend="other"`, never under another backend's name.
 pub const MAX_BACKEND_SLOTS: usize = 256;
+/// The slot of the backends past the named ones.
+const OTHER_SLOT: usize = MAX_BACKEND_SLOTS - 1;
 /// Rows per backend label slot: one per (path, stream).
 const ROWS: usize = PATHS.len() * 2;
 /// A slot's rows, each `STATUSES` counters, allocated on first use.
@@ -238,7 +241,7 @@ impl WorkerMetrics {
     /// Counts one answered request. `slot`: the backend's label slot, `None` when the
     /// proxy answered itself.
     pub fn count_request(&self, path: usize, stream: bool, slot: Option<usize>, status: u16) {
-        let b = slot.unwrap_or(0).min(MAX_BACKEND_SLOTS - 1);
+        let b = slot.unwrap_or(0).min(OTHER_SLOT);
         let s = (status.clamp(100, 599) - 100) as usize;
         let rows =
             self.shard().requests[b].get_or_init(|| (0..ROWS).map(|_| OnceLock::new()).collect());
@@ -290,11 +293,11 @@ impl WorkerMetrics {
 
     /// A request went to the backend with label slot `slot` until `backend_done`.
     pub fn backend_started(&self, slot: usize) {
-        self.shard().in_flight[slot.min(MAX_BACKEND_SLOTS - 1)].add(1);
+        self.shard().in_flight[slot.min(OTHER_SLOT)].add(1);
     }
 
     pub fn backend_done(&self, slot: usize) {
-        self.shard().in_flight[slot.min(MAX_BACKEND_SLOTS - 1)].sub(1);
+        self.shard().in_flight[slot.min(OTHER_SLOT)].sub(1);
     }
 }
 
@@ -346,7 +349,7 @@ impl Metrics {
 
     /// Requests in flight to the backends with label slot `slot`, all workers together.
     pub fn in_flight(&self, slot: usize) -> i64 {
-        self.sum(|s| &s.in_flight[slot.min(MAX_BACKEND_SLOTS - 1)]) as i64
+        self.sum(|s| &s.in_flight[slot.min(OTHER_SLOT)]) as i64
     }
 
     pub fn records_emitted(&self) -> u64 {
@@ -361,9 +364,10 @@ impl Metrics {
         if let Some(i) = names.iter().position(|n| n == name) {
             return i;
         }
-        if names.len() < MAX_BACKEND_SLOTS {
-            names.push(name.to_string());
+        if names.len() == OTHER_SLOT {
+            return OTHER_SLOT;
         }
+        names.push(name.to_string());
         names.len() - 1
     }
 
@@ -551,6 +555,30 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_names_past_the_slots_count_as_other_not_as_another_backend() {
+        let m = Arc::new(Metrics::new(1));
+        let w = m.claim(0).expect("shard 0");
+        let slots: Vec<usize> = (0..300).map(|i| m.slot(&format!("b{i}"))).collect();
+        // Slot 0 is `none`: names take slots 1..=254, and every later one `other`.
+        assert_eq!(slots[253], OTHER_SLOT - 1);
+        assert!(slots[254..].iter().all(|&s| s == OTHER_SLOT));
+        assert_eq!(m.slot("b299"), OTHER_SLOT);
+        assert_eq!(m.slot("b7"), slots[7], "a known name keeps its slot");
+        w.count_request(0, false, Some(slots[253]), 200);
+        w.count_request(0, false, Some(slots[254]), 200);
+        w.count_request(0, false, Some(slots[299]), 200);
+        let text = m.render(&[], 0);
+        let row = |b: &str| {
+            format!(
+                "path=\"/v1/chat/completions\",stream=\"false\",backend=\"{b}\",status=\"200\"}} "
+            )
+        };
+        assert!(text.contains(&format!("{}1\n", row("b253"))), "{text}");
+        assert!(text.contains(&format!("{}2\n", row("other"))), "{text}");
+        assert!(!text.contains("b254") && !text.contains("b299"), "{text}");
+    }
 
     #[test]
     fn request_counter_labels_round_trip() {
