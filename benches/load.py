@@ -277,9 +277,15 @@ try:
             print(f"{'':28} {'ratio':9} {who}/nginx (median of per-round ratios) req/s {ratio_rps:.2f}x, CPU per request {ratio_cpu:.2f}x "
                   f"(worker thread alone {row[who]['relay_us']:.1f} us/req, {ratio_relay:.2f}x)")
             rounds = " ".join(f"{l['cpu_us'] / n['cpu_us']:.2f}" for l, n in pairs if n["cpu_us"])
+            # The p99 added, round by round against the direct run of the same round (a
+            # median of differences, steadier than the difference of medians above).
+            d = results[name]["direct"]
+            added = {t: [x["p99"] - y["p99"] for x, y in zip(results[name][t], d)] for t in (who, "nginx")}
             print(f"{'':28} {'':9} per round: CPU {rounds}x; "
                   f"user-space {row[who]['user_us']:.1f} us/req (nginx {row['nginx']['user_us']:.1f}), "
                   f"kernel {row[who]['cpu_us'] - row[who]['user_us']:.1f} (nginx {row['nginx']['cpu_us'] - row['nginx']['user_us']:.1f})")
+            print(f"{'':28} {'':9} p99 added, median of per-round differences: {med(added[who]):.3f} ms (nginx {med(added['nginx']):.3f}); "
+                  f"rounds {' '.join(f'{a:.3f}' for a in added[who])}")
         print()
     print(f"peak RSS: nginx worker {rss_kib(nginx_worker) / 1024:.1f} MiB, llmproxy {rss_kib(proxy.pid) / 1024:.1f} MiB")
 finally:
