@@ -482,6 +482,14 @@ impl Config {
                 return err(&format!("backends[{i}].weight"), "must be at least 1");
             }
             let name = b.name.clone().unwrap_or(url.authority);
+            if name == "none" || name == "other" {
+                return err(
+                    &format!("backends[{i}].name"),
+                    format!(
+                        "\"{name}\" is reserved: it labels the requests the proxy answered itself (none) or backends past the label slots (other)"
+                    ),
+                );
+            }
             if !names.insert(name.clone()) {
                 return err(
                     &format!("backends[{i}].name"),
@@ -736,6 +744,21 @@ health_check:
             e,
             "usage_hook.timeout: expected a duration like \"1s\", got \"fast\""
         );
+    }
+
+    #[test]
+    fn reserved_backend_names_are_refused() {
+        for name in ["none", "other"] {
+            let y = ORIGINAL_EXAMPLE.replace(
+                "url: \"http://localhost:8081\"",
+                &format!("url: \"http://localhost:8081\"\n    name: {name}"),
+            );
+            let e = Config::from_yaml(&y).unwrap_err().0;
+            assert!(
+                e.starts_with("backends[1].name: \"") && e.contains("reserved"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
