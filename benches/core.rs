@@ -158,6 +158,7 @@ fn heads_and_records(c: &mut Criterion) {
     });
     let rec = UsageRecord {
         request_id: "req_0192f3c4a1b27c3d9e8f0a1b2c3d4e5f".into(),
+        client_request_id: None,
         user_id: "user_alice".into(),
         api_key: "sk-pro...9f2a".into(),
         model: "meta-llama/Llama-3-8b-Instruct".into(),

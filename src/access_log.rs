@@ -19,6 +19,7 @@ const QUEUE: usize = 16 * 1024;
 pub struct AccessEntry {
     pub timestamp: SystemTime,
     pub request_id: String,
+    pub client_request_id: Option<String>,
     pub method: String,
     pub path: String,
     pub status: u16,
@@ -93,6 +94,7 @@ fn write_loop(rx: Receiver<AccessEntry>, out: Box<dyn Write + Send>) {
         let line = serde_json::json!({
             "ts": humantime::format_rfc3339_millis(e.timestamp).to_string(),
             "request_id": e.request_id,
+            "client_request_id": e.client_request_id,
             "method": e.method,
             "path": e.path,
             "status": e.status,

@@ -787,6 +787,7 @@ mod tests {
     fn record(id: usize) -> UsageRecord {
         UsageRecord {
             request_id: format!("req-{id}"),
+            client_request_id: None,
             user_id: "u".into(),
             api_key: String::new(),
             model: "m".into(),

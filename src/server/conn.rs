@@ -188,23 +188,25 @@ fn new_request_id_at(now: SystemTime) -> String {
     out
 }
 
-/// A caller's `X-Request-Id` of 1–128 characters from `[A-Za-z0-9._:-]` is kept.
-fn request_id(head: &RequestHead, now: SystemTime) -> String {
-    match head.headers.get("x-request-id") {
-        Some(v)
-            if !v.is_empty()
-                && v.len() <= 128
-                && v.iter()
-                    .all(|&b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)) =>
-        {
-            String::from_utf8_lossy(v).into_owned()
-        }
-        _ => new_request_id_at(now),
-    }
+/// A caller's `X-Request-Id` of 1–128 characters from `[A-Za-z0-9._:-]`: a trace id,
+/// kept in the record and the access log as `client_request_id`. It is never the
+/// request id: a caller that repeated one would make a deduplicating receiver keep one
+/// record of many (free inference).
+fn client_request_id(head: &RequestHead) -> Option<String> {
+    let v = head.headers.get("x-request-id")?;
+    let valid = !v.is_empty()
+        && v.len() <= 128
+        && v.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+    // Checked above: ASCII only.
+    valid.then(|| String::from_utf8_lossy(v).into_owned())
 }
 
 struct Request {
+    /// The proxy's own id: the billing key (record, Idempotency-Key, X-Request-Id).
     id: String,
+    /// The caller's valid `X-Request-Id`, a trace id only.
+    client_id: Option<String>,
     /// The caller's key as presented (masked wherever it is shown).
     key: Option<String>,
     arrived: Instant,
@@ -219,7 +221,8 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
     let now = tick::wall_time(arrived);
     let rq = Request {
         key: auth::presented_key(&c.head.headers).map(str::to_owned),
-        id: request_id(&c.head, now),
+        id: new_request_id_at(now),
+        client_id: client_request_id(&c.head),
         arrived,
         timestamp: now,
         path: path_index(c.head.route()),
@@ -359,6 +362,7 @@ fn log_access(
     log.log(AccessEntry {
         timestamp: rq.timestamp,
         request_id: rq.id.clone(),
+        client_request_id: rq.client_id.clone(),
         method: c.head.method().to_owned(),
         path: c.head.route().chars().take(256).collect(),
         status,
@@ -611,6 +615,7 @@ async fn proxy(
         };
         let record = UsageRecord {
             request_id: rq.id.clone(),
+            client_request_id: rq.client_id.clone(),
             user_id,
             api_key: format_api_key(
                 rq.key.as_deref().unwrap_or(""),

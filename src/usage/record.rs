@@ -52,7 +52,10 @@ impl UsageSource {
 
 #[derive(Debug, Clone)]
 pub struct UsageRecord {
+    /// The proxy's own id, unique per request: the billing key.
     pub request_id: String,
+    /// The caller's `X-Request-Id`, kept as a trace id (never the key).
+    pub client_request_id: Option<String>,
     pub user_id: String,
     /// Already formatted per `usage_hook.api_key_format`.
     pub api_key: String,
@@ -106,6 +109,11 @@ impl UsageRecord {
         out.extend_from_slice(b",\"ttft_ms\":");
         match self.ttft_ms {
             Some(t) => out.extend_from_slice(itoa_u64(t).as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"client_request_id\":");
+        match &self.client_request_id {
+            Some(id) => push_str(out, id),
             None => out.extend_from_slice(b"null"),
         }
         if !u.details.is_empty() {
@@ -225,6 +233,7 @@ mod tests {
     fn record() -> UsageRecord {
         UsageRecord {
             request_id: "req_1".into(),
+            client_request_id: None,
             user_id: "user_\"alice\"".into(),
             api_key: "sk-pro...9f2a".into(),
             model: "m".into(),

@@ -38,10 +38,18 @@ fn send(addr: &str, n: usize, prefix: &str) -> Vec<String> {
     ids
 }
 
+/// The callers' ids (`client_request_id`) of `records`; the request id of records
+/// written by hand.
 fn ids_of(records: &[serde_json::Value]) -> HashSet<String> {
     records
         .iter()
-        .map(|r| r["request_id"].as_str().unwrap().to_string())
+        .map(|r| {
+            r["client_request_id"]
+                .as_str()
+                .or(r["request_id"].as_str())
+                .unwrap()
+                .to_string()
+        })
         .collect()
 }
 

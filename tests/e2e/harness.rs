@@ -254,7 +254,14 @@ pub fn fetch_records(receiver: &Proc) -> Vec<Value> {
     serde_json::from_slice::<Vec<Value>>(&r.body).unwrap_or_default()
 }
 
-/// Waits (up to 15 s) until the receiver holds the record of `request_id`.
+/// Whether record `r` is the one of `id`: the proxy's own request id, or the caller's
+/// `X-Request-Id` (kept as `client_request_id`).
+pub fn is_record_of(r: &Value, id: &str) -> bool {
+    r["request_id"] == id || r["client_request_id"] == id
+}
+
+/// Waits (up to 15 s) until the receiver holds the record of `request_id` (the proxy's
+/// id or the caller's trace id).
 pub fn wait_record(receiver: &Proc, request_id: &str) -> Value {
     wait_record_or(receiver, request_id, String::new)
 }
@@ -264,7 +271,7 @@ fn wait_record_or(receiver: &Proc, request_id: &str, context: impl Fn() -> Strin
     let end = Instant::now() + Duration::from_secs(15);
     loop {
         let all = fetch_records(receiver);
-        if let Some(r) = all.iter().find(|r| r["request_id"] == request_id) {
+        if let Some(r) = all.iter().find(|r| is_record_of(r, request_id)) {
             return r.clone();
         }
         assert!(

@@ -19,7 +19,9 @@ fn stream_gets_exact_record_and_hides_injected_usage_chunk() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.complete);
-    assert_eq!(r.header("x-request-id"), Some("t-stream-1"));
+    // The proxy's own id, never the caller's (that is a trace id in the record).
+    let id = r.header("x-request-id").unwrap().to_string();
+    assert!(id.starts_with("req_"), "{id}");
     assert!(
         r.header("content-type")
             .unwrap()
@@ -53,9 +55,11 @@ fn stream_gets_exact_record_and_hides_injected_usage_chunk() {
         json!({"include_usage": true}),
         "usage must be requested upstream"
     );
-    assert_eq!(saw["headers"]["x-request-id"], "t-stream-1");
+    assert_eq!(saw["headers"]["x-request-id"], id.as_str());
 
     let rec = s.record("t-stream-1");
+    assert_eq!(rec["request_id"], id.as_str());
+    assert_eq!(rec["client_request_id"], "t-stream-1");
     assert_eq!(rec["prompt_tokens"], 5);
     assert_eq!(rec["completion_tokens"], 5);
     assert_eq!(rec["total_tokens"], 10);
@@ -316,39 +320,51 @@ fn without_auth_user_comes_from_header_or_body_and_key_passes_through() {
 }
 
 #[test]
-fn request_ids_kept_when_valid_and_made_otherwise() {
+fn request_ids_are_always_the_proxys_and_a_caller_id_is_only_a_trace_id() {
     let s = Stack::start();
-    let bad = "has space";
-    let r = post_json(
-        s.addr(),
-        "/v1/chat/completions",
-        &[("x-request-id", bad)],
-        &chat(false, 1),
-    );
-    let id = r.header("x-request-id").unwrap().to_string();
-    assert!(id.starts_with("req_") && id.len() == 36, "{id}");
-    assert_eq!(s.backend_saw()["headers"]["x-request-id"], id.as_str());
-    s.record(&id);
-    let long = "a".repeat(129);
-    let r = post_json(
-        s.addr(),
-        "/v1/chat/completions",
-        &[("x-request-id", &long)],
-        &chat(false, 1),
-    );
-    assert!(r.header("x-request-id").unwrap().starts_with("req_"));
-    let ok = "Abc.1_2:3-4";
-    let r = post_json(
-        s.addr(),
-        "/v1/chat/completions",
-        &[("x-request-id", ok)],
-        &chat(false, 1),
-    );
-    assert_eq!(r.header("x-request-id"), Some(ok));
-    // Generated ids are time-ordered and unique.
+    // Two requests with the same caller id: two records with distinct ids, both
+    // delivered (a deduplicating receiver keeps both).
+    let same = "Abc.1_2:3-4";
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = post_json(
+            s.addr(),
+            "/v1/chat/completions",
+            &[("x-request-id", same)],
+            &chat(false, 1),
+        );
+        assert_eq!(r.status, 200);
+        let id = r.header("x-request-id").unwrap().to_string();
+        assert!(id.starts_with("req_") && id.len() == 36, "{id}");
+        assert_eq!(s.backend_saw()["headers"]["x-request-id"], id.as_str());
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1]);
+    for id in &ids {
+        let rec = s.record(id);
+        assert_eq!(rec["client_request_id"], same);
+    }
+    let keys: Vec<String> = raw_posts(&s.receiver)
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(ids.iter().all(|id| keys.contains(id)), "{keys:?}");
+    // An invalid caller id is not kept at all.
+    for bad in ["has space".to_string(), "a".repeat(129)] {
+        let r = post_json(
+            s.addr(),
+            "/v1/chat/completions",
+            &[("x-request-id", &bad)],
+            &chat(false, 1),
+        );
+        let id = r.header("x-request-id").unwrap().to_string();
+        assert!(id.starts_with("req_") && id.len() == 36, "{id}");
+        assert_eq!(s.record(&id)["client_request_id"], Value::Null);
+    }
+    // Generated ids are time-ordered and unique, errors included.
     let ids: Vec<String> = (0..20)
         .map(|_| {
-            request(s.addr(), "GET", "/nope", &[], b"")
+            request(s.addr(), "GET", "/nope", &[("x-request-id", same)], b"")
                 .header("x-request-id")
                 .unwrap()
                 .to_string()
@@ -358,6 +374,7 @@ fn request_ids_kept_when_valid_and_made_otherwise() {
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted.len(), 20);
+    assert!(sorted.iter().all(|i| i.starts_with("req_")));
 }
 
 #[test]
@@ -387,7 +404,7 @@ fn one_record_per_request_under_200_concurrent_requests() {
     for (id, completion) in expected {
         let r = records
             .iter()
-            .find(|r| r["request_id"] == id.as_str())
+            .find(|r| is_record_of(r, &id))
             .unwrap_or_else(|| panic!("missing {id}"));
         assert_eq!(r["completion_tokens"].as_u64(), Some(completion));
         assert_eq!(r["prompt_tokens"], 5);
@@ -414,10 +431,7 @@ fn keep_alive_and_pipelined_requests_answered_in_order() {
     for i in 1..=3 {
         let resp = read_response(&mut r, false);
         assert_eq!(resp.status, 200);
-        assert_eq!(
-            resp.header("x-request-id"),
-            Some(format!("t-pipe-{i}").as_str())
-        );
+        assert!(resp.header("x-request-id").unwrap().starts_with("req_"));
     }
     for i in 1..=3u64 {
         assert_eq!(

@@ -87,9 +87,12 @@ fn the_backend_with_fewer_streams_in_flight_is_chosen() {
     }
     assert!(long.join().unwrap().complete);
     let records = wait_records(&rx, 11);
-    let long_on =
-        records.iter().find(|r| r["request_id"] == "long").unwrap()["backend_url"].clone();
-    for r in records.iter().filter(|r| r["request_id"] != "long") {
+    let long_on = records
+        .iter()
+        .find(|r| r["client_request_id"] == "long")
+        .unwrap()["backend_url"]
+        .clone();
+    for r in records.iter().filter(|r| r["client_request_id"] != "long") {
         assert_ne!(
             r["backend_url"], long_on,
             "short request sent to the busy backend"
@@ -161,7 +164,7 @@ fn a_dead_backend_stops_getting_traffic_and_comes_back() {
     let back = records
         .iter()
         .filter(|r| {
-            r["request_id"].as_str().unwrap().starts_with("up-")
+            r["client_request_id"].as_str().unwrap().starts_with("up-")
                 && r["backend_url"] == b_url.as_str()
         })
         .count();
@@ -436,7 +439,10 @@ fn access_log_has_one_line_per_request_and_no_full_key() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let l1 = lines.iter().find(|l| l["request_id"] == "al-1").unwrap();
+    let l1 = lines
+        .iter()
+        .find(|l| l["client_request_id"] == "al-1")
+        .unwrap();
     assert_eq!(
         (
             l1["status"].as_u64(),
@@ -455,7 +461,10 @@ fn access_log_has_one_line_per_request_and_no_full_key() {
     assert_eq!(l1["outcome"], "completed");
     assert_eq!(l1["api_key"], "sk-acc...3456");
     assert_eq!(l1["backend"], s.mock.addr.as_str());
-    let l2 = lines.iter().find(|l| l["request_id"] == "al-2").unwrap();
+    let l2 = lines
+        .iter()
+        .find(|l| l["client_request_id"] == "al-2")
+        .unwrap();
     assert_eq!(l2["status"], 401);
     assert!(lines.iter().any(|l| l["path"] == "/health"));
 }
