@@ -428,7 +428,7 @@ fn keep_alive_and_pipelined_requests_answered_in_order() {
     }
     sock.write_all(&all).unwrap();
     let mut r = BufReader::new(sock);
-    for i in 1..=3 {
+    for _ in 1..=3 {
         let resp = read_response(&mut r, false);
         assert_eq!(resp.status, 200);
         assert!(resp.header("x-request-id").unwrap().starts_with("req_"));
