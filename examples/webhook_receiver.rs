@@ -3,7 +3,8 @@
 //! must do under at-least-once delivery), and answers 200.
 //!
 //!     cargo run --example webhook_receiver -- --port 9000 [--log usage_log.jsonl]
-//!         [--raw-log all.jsonl] [--fail-status 500 --fail-count 3] [--quiet] [--no-store]
+//!         [--raw-log all.jsonl] [--fail-status 500 --fail-count 3] [--stall-ms 3000]
+//!         [--quiet] [--no-store]
 //!
 //! `--raw-log` keeps every POST, duplicates included (the tests count them); `--log none`
 //! keeps no log, and `--no-store` keeps no records for `GET /records` (benchmarks).
@@ -12,6 +13,8 @@
 //! shares a core with the load generator in benchmarks); otherwise every record is
 //! parsed as JSON and duplicates are recognised.
 //! `--fail-status S --fail-count N` answers the first N POSTs with status S.
+//! `--stall-ms N`: a receiver that hangs, then recovers: POSTs that arrive within N ms
+//! of the first are answered only once those N ms have passed.
 //! `GET /records` returns the deduplicated records as a JSON array.
 
 #[path = "common/http.rs"]
@@ -117,6 +120,12 @@ fn main() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0),
     });
+    let stall = std::time::Duration::from_millis(
+        http::flag("--stall-ms")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+    );
+    let stall_until = std::sync::OnceLock::new();
     let listener = http::listen("webhook-receiver", &host, port);
     http::serve_batched(listener, move |req, w| {
         if req.method == "GET" && req.path == "/records" {
@@ -136,6 +145,10 @@ fn main() {
         if req.method != "POST" {
             http::respond_into(w, 404, "text/plain", b"not found");
             return Ok(true);
+        }
+        if !stall.is_zero() {
+            let until = *stall_until.get_or_init(|| std::time::Instant::now() + stall);
+            std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
         }
         let Ok(mut s) = state.lock() else {
             http::respond_into(w, 500, "text/plain", b"poisoned");

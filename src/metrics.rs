@@ -210,6 +210,8 @@ pub struct Metrics {
     pub dead_letter: AtomicU64,
     pub connections_rejected: AtomicU64,
     pub spooled: AtomicU64,
+    /// Records workers spooled themselves because the queue was full.
+    pub overflowed: AtomicU64,
     pub redelivered: AtomicU64,
     pub access_log_dropped: AtomicU64,
     /// The spool's own counters, once a spool is open (read at scrape time).
@@ -315,6 +317,7 @@ impl Metrics {
             dead_letter: zero(),
             connections_rejected: zero(),
             spooled: zero(),
+            overflowed: zero(),
             redelivered: zero(),
             access_log_dropped: zero(),
             spool: OnceLock::new(),
@@ -432,7 +435,7 @@ impl Metrics {
         );
         let records = AtomicU64::new(self.records_emitted());
         let open = AtomicU64::new(self.sum(|s| &s.connections_open));
-        let counters: [(&str, &str, &AtomicU64); 12] = [
+        let counters: [(&str, &str, &AtomicU64); 13] = [
             (
                 "llmproxy_access_log_dropped_total",
                 "Access log lines dropped because the log writer fell behind.",
@@ -442,6 +445,11 @@ impl Metrics {
                 "llmproxy_usage_spooled_total",
                 "Usage records written to the durable spool.",
                 &self.spooled,
+            ),
+            (
+                "llmproxy_usage_overflow_total",
+                "Usage records a worker spooled itself because the queue to the spool writer was full (usage_hook.queue_size).",
+                &self.overflowed,
             ),
             (
                 "llmproxy_usage_redelivered_total",

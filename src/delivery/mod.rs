@@ -20,7 +20,7 @@ use crate::metrics::{Metrics, WorkerMetrics};
 use crate::usage::UsageRecord;
 use crate::{error, info, warn};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
-use spool::{Next, Spool, SpoolReader, SpoolWriter};
+use spool::{Next, Overflow, Spool, SpoolReader, SpoolWriter};
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
@@ -38,6 +38,9 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 const HANDOVER: Duration = Duration::from_millis(5);
 /// A worker hands its batch over early once it holds this many bytes.
 const BATCH_BYTES: usize = 256 * 1024;
+/// Most bytes a worker holds while neither the queue nor the spool takes its batch (a
+/// disk that refuses writes); beyond it records are logged in full and counted.
+const MAX_HELD_BYTES: usize = 4 * BATCH_BYTES;
 /// Most batches in the channel; records are bounded by `queue_size` separately.
 const MAX_BATCHES: usize = 4096;
 /// At a worker's end, how long its last batch may wait for room in the queue.
@@ -65,6 +68,8 @@ pub struct RecordSink {
     queued: Arc<AtomicUsize>,
     /// `usage_hook.queue_size`.
     limit: usize,
+    /// With a spool: where a worker writes a batch the queue has no room for.
+    overflow: Option<Arc<Overflow>>,
     metrics: Arc<Metrics>,
     closing: Arc<AtomicBool>,
 }
@@ -92,6 +97,7 @@ impl RecordSink {
             tx: None,
             queued: Arc::new(AtomicUsize::new(0)),
             limit: 0,
+            overflow: None,
             metrics,
             closing: Arc::new(AtomicBool::new(false)),
         }
@@ -115,6 +121,7 @@ impl RecordSink {
             stats,
             batch: RefCell::new(Batch::with_capacity(0)),
             waiting: Cell::new(None),
+            overflow_failing: Cell::new(false),
         }
     }
 }
@@ -127,9 +134,13 @@ impl RecordSink {
 /// what it cost the spool writer (~0.35 us per record); the writer is left with the
 /// page-cache write, and the channel with a batch per `HANDOVER`.
 ///
-/// Never blocks. When the queue holds `queue_size` records, the batch stays with the
-/// worker and is offered again each `HANDOVER`; a record that finds `queue_size`
-/// records held by its worker too is logged in full and counted as dropped.
+/// Never blocks, and with a spool never drops a record: when the queue holds
+/// `queue_size` records, the worker writes its batch to an overflow file in the spool
+/// itself (`spool::Overflow`). Only if the disk refuses that too does it hold the batch
+/// (up to `MAX_HELD_BYTES`, then records are logged in full and counted). Without a
+/// spool, a batch that finds the queue full stays with the worker and is offered
+/// again each `HANDOVER`; a record that finds `queue_size` records held by its worker
+/// too is logged in full and counted as dropped.
 pub struct WorkerSink {
     sink: RecordSink,
     /// The worker's metrics shard (records and tokens are counted there).
@@ -137,6 +148,8 @@ pub struct WorkerSink {
     batch: RefCell<Batch>,
     /// The hand-over task, parked while the batch is empty.
     waiting: Cell<Option<Waker>>,
+    /// The last overflow write failed (logged once until one succeeds).
+    overflow_failing: Cell<bool>,
 }
 
 impl WorkerSink {
@@ -148,7 +161,7 @@ impl WorkerSink {
             return;
         }
         let mut b = self.batch.borrow_mut();
-        if b.records >= self.sink.limit {
+        if self.holds_all_it_may(&b) {
             m.records_dropped.fetch_add(1, Relaxed);
             error!(
                 "usage queue full: record not queued; UNDELIVERED RECORD: {}",
@@ -165,19 +178,62 @@ impl WorkerSink {
             w.wake();
         }
         if b.lines.len() >= BATCH_BYTES {
-            self.hand_over(&mut b);
+            self.flush(&mut b);
+        }
+    }
+
+    /// Whether the batch may take no further record: without a spool, memory is all
+    /// there is and `queue_size` bounds it; with one, only a disk that refuses the
+    /// overflow too makes a worker hold records, up to `MAX_HELD_BYTES`.
+    fn holds_all_it_may(&self, b: &Batch) -> bool {
+        match self.sink.overflow {
+            Some(_) => b.lines.len() >= MAX_HELD_BYTES,
+            None => b.records >= self.sink.limit,
+        }
+    }
+
+    /// Hands the batch over; with a spool and no room in the queue, spools it here.
+    /// The batch is left empty unless neither worked.
+    fn flush(&self, b: &mut Batch) {
+        if self.hand_over(b) {
+            return;
+        }
+        let Some(overflow) = &self.sink.overflow else {
+            return;
+        };
+        match overflow.write(&b.lines) {
+            Ok(()) => {
+                self.sink
+                    .metrics
+                    .overflowed
+                    .fetch_add(b.records as u64, Relaxed);
+                b.lines.clear();
+                b.records = 0;
+                if self.overflow_failing.replace(false) {
+                    info!("usage spool: workers can write overflow files again");
+                }
+            }
+            Err(e) => {
+                if !self.overflow_failing.replace(true) {
+                    error!(
+                        "usage queue full and the spool refuses the overflow ({e}); records are held in memory until one takes them"
+                    );
+                }
+            }
         }
     }
 
     /// Sends the batch to the delivery threads unless the queue is full (then it
-    /// stays, and false is returned).
+    /// stays, and false is returned). A batch always fits an empty queue, so a burst
+    /// gathered in one `HANDOVER` passes whatever `queue_size` is.
     fn hand_over(&self, b: &mut Batch) -> bool {
         let Some(tx) = &self.sink.tx else { return true };
         if b.records == 0 {
             return true;
         }
         let queued = &self.sink.queued;
-        if queued.load(Relaxed) + b.records > self.sink.limit {
+        let before = queued.load(Relaxed);
+        if before > 0 && before + b.records > self.sink.limit {
             return false;
         }
         queued.fetch_add(b.records, Relaxed);
@@ -192,9 +248,9 @@ impl WorkerSink {
         }
     }
 
-    /// The worker's hand-over task: parked while the batch is empty, else hands it
-    /// over `HANDOVER` after it started (or again each `HANDOVER` while the queue
-    /// is full). Runs until the worker's runtime ends; `finish` takes the rest.
+    /// The worker's hand-over task: parked while the batch is empty, else flushes it
+    /// `HANDOVER` after it started (or again each `HANDOVER` while it could not go).
+    /// Runs until the worker's runtime ends; `finish` takes the rest.
     pub async fn hand_over_loop(&self) {
         loop {
             std::future::poll_fn(|cx| {
@@ -207,15 +263,16 @@ impl WorkerSink {
             })
             .await;
             monoio::time::sleep(HANDOVER).await;
-            self.hand_over(&mut self.batch.borrow_mut());
+            self.flush(&mut self.batch.borrow_mut());
         }
     }
 
-    /// At the worker's end: hands over what is left, waiting for room up to
-    /// `FINAL_HANDOVER`; what still cannot go is logged in full and counted.
+    /// At the worker's end: hands over or spools what is left, else waits for room up
+    /// to `FINAL_HANDOVER`; what still cannot go is logged in full and counted.
     pub fn finish(&self) {
         let Some(tx) = &self.sink.tx else { return };
-        let b = std::mem::replace(&mut *self.batch.borrow_mut(), Batch::with_capacity(0));
+        let mut b = std::mem::replace(&mut *self.batch.borrow_mut(), Batch::with_capacity(0));
+        self.flush(&mut b);
         if b.records == 0 {
             return;
         }
@@ -263,6 +320,7 @@ pub fn start(
     let queued = Arc::new(AtomicUsize::new(0));
     let outbox = Outbox::new(cfg, metrics.clone());
     let mut handles = Vec::new();
+    let mut overflow = None;
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
             .name(name.into())
@@ -299,11 +357,13 @@ pub fn start(
             )
         })?;
         let reader = spool.reader();
+        let o = spool.overflow();
+        overflow = Some(o.clone());
         let (stop_w, stop_s) = (closing.clone(), closing.clone());
         let (m, q) = (metrics.clone(), queued.clone());
         handles.push(spawn(
             "usage-spool",
-            Box::new(move || write_spool(rx, writer, &m, &q, &stop_w)),
+            Box::new(move || write_spool(rx, writer, &o, &m, &q, &stop_w)),
         )?);
         let dir = spool.dir.clone();
         let keep = Arc::new(spool); // holds the directory lock while the threads run
@@ -320,6 +380,7 @@ pub fn start(
             tx: Some(tx),
             queued,
             limit: cfg.queue_size,
+            overflow,
             metrics,
             closing,
         },
@@ -333,12 +394,15 @@ pub fn start(
 fn write_spool(
     rx: Receiver<Batch>,
     mut writer: SpoolWriter,
+    overflow: &Overflow,
     metrics: &Metrics,
     queued: &AtomicUsize,
     closing: &AtomicBool,
 ) {
     let mut records = 0u64;
     let mut last_sync = Instant::now();
+    // Overflow files from before this start are taken at the first turn.
+    let mut overflow_due = true;
     loop {
         // A write failed with a full buffer: retry it before taking more, so the queue
         // fills and workers hold their batches (memory stays bounded while the disk
@@ -377,14 +441,23 @@ fn write_spool(
                 metrics
                     .spooled
                     .fetch_add(std::mem::take(&mut records), Relaxed);
+                overflow_due |= overflow.take_written();
+                if overflow_due {
+                    overflow_due = !take_overflow(&mut writer, metrics);
+                }
             }
             Err(e) => {
-                // Kept in memory and retried: the queue fills, then workers hold their
-                // batches, then log and count.
+                // Kept in memory and retried: the queue fills, then workers spool
+                // their batches themselves (or, with the disk refusing them too, hold
+                // them, then log and count).
                 error!("usage spool: write failed, retrying: {e}");
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
+    }
+    // What workers spooled themselves at their end.
+    if writer.pending() == 0 {
+        take_overflow(&mut writer, metrics);
     }
     // Stopped with the disk refusing writes: what the writer holds and what is still
     // queued is logged in full and counted, not dropped with the channel.
@@ -394,6 +467,21 @@ fn write_spool(
         lost += spool::log_undelivered(&b.lines, "usage spool: not written at shutdown");
     }
     metrics.records_dropped.fetch_add(lost, Relaxed);
+}
+
+/// Moves the workers' overflow files into the segment; false if that failed (it is
+/// tried again at the next turn; the files stay on disk meanwhile).
+fn take_overflow(writer: &mut SpoolWriter, metrics: &Metrics) -> bool {
+    match writer.take_overflow() {
+        Ok(n) => {
+            metrics.spooled.fetch_add(n, Relaxed);
+            true
+        }
+        Err(e) => {
+            error!("usage spool: cannot take in the workers' overflow files, retrying: {e}");
+            false
+        }
+    }
 }
 
 enum Delivery {
@@ -826,6 +914,7 @@ mod tests {
             tx: Some(tx),
             queued: Arc::new(AtomicUsize::new(0)),
             limit: 3,
+            overflow: None,
             metrics: metrics.clone(),
             closing: Arc::new(AtomicBool::new(false)),
         };
@@ -859,6 +948,58 @@ mod tests {
     }
 
     #[test]
+    fn with_a_spool_a_full_queue_sends_batches_to_overflow_files_and_none_is_dropped() {
+        let d = std::env::temp_dir().join(format!("llmproxy-overflow-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let spool = Spool::open(&d).unwrap();
+        // queue_size 1, and a channel nobody reads yet: a stalled writer.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let metrics = Arc::new(Metrics::new(1));
+        let sink = RecordSink {
+            tx: Some(tx),
+            queued: Arc::new(AtomicUsize::new(0)),
+            limit: 1,
+            overflow: Some(spool.overflow()),
+            metrics: metrics.clone(),
+            closing: Arc::new(AtomicBool::new(false)),
+        };
+        let w = sink.worker(metrics.claim(0).expect("shard"));
+        // A burst: the first batch fits the empty queue whatever its size, the next
+        // ones go to overflow files.
+        for burst in 0..4 {
+            for i in 0..5 {
+                w.emit(&record(burst * 5 + i));
+            }
+            w.flush(&mut w.batch.borrow_mut());
+            assert_eq!(w.batch.borrow().records, 0);
+        }
+        w.emit(&record(20));
+        drop(w); // its end: the last record goes to overflow too
+        assert_eq!(metrics.records_dropped.load(Relaxed), 0);
+        assert_eq!(metrics.overflowed.load(Relaxed), 16);
+        let queued = rx.try_recv().unwrap();
+        assert_eq!(ids(&queued).len(), 5);
+        // The writer takes the overflow files into its segment, oldest first.
+        let mut writer = spool.writer().unwrap();
+        assert_eq!(writer.take_overflow().unwrap(), 16);
+        let mut reader = spool.reader();
+        let mut got = Vec::new();
+        while let Next::Record(line) = reader.next(Duration::ZERO) {
+            got.push(record_id(&line).into_owned());
+            reader.ack();
+        }
+        let want: Vec<String> = (5..21).map(|i| format!("req-{i}")).collect();
+        assert_eq!(got, want);
+        let left: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("overflow-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
     fn a_spool_that_cannot_write_stops_taking_batches_and_logs_what_it_holds() {
         let d = std::env::temp_dir().join(format!("llmproxy-stuck-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -883,7 +1024,8 @@ mod tests {
         }
         let t = {
             let (q, c, m) = (queued.clone(), closing.clone(), metrics.clone());
-            std::thread::spawn(move || write_spool(rx, writer, &m, &q, &c))
+            let o = spool.overflow();
+            std::thread::spawn(move || write_spool(rx, writer, &o, &m, &q, &c))
         };
         // Two batches fill the writer's buffer; the failed write is retried, and the
         // third batch stays queued for as long as the disk refuses.

@@ -6,7 +6,9 @@
 //!
 //! Files in `spool_dir`: `seg-<seq>.jsonl` (JSON Lines, `jq`-readable), `cursor`
 //! (`<seq> <offset>` of the oldest record not yet delivered), `dead-letter.jsonl`
-//! (permanent refusals) and `lock` (flock'd: one proxy per spool dir).
+//! (permanent refusals), `lock` (flock'd: one proxy per spool dir) and
+//! `overflow-<start>-<n>.jsonl`: batches a worker wrote itself because the queue to the
+//! writer was full (see `Overflow`); the writer moves them into its segment.
 //!
 //! A crash mid-write can only tear the last line of the segment being written; a new
 //! start always opens a new segment, so a torn line is the unterminated end of an old
@@ -87,6 +89,12 @@ impl Spool {
             .map_err(|e| format!("usage_hook.spool_dir: {}: {e}", dir.display()))?;
         let segs = list_segments(dir)
             .map_err(|e| format!("usage_hook.spool_dir: cannot list {}: {e}", dir.display()))?;
+        // Overflow files a crash left before their rename hold complete batches but for
+        // a possibly torn last line, which the writer skips as it takes them in.
+        for name in list_overflow(dir, ".jsonl.tmp") {
+            let from = dir.join(&name);
+            let _ = std::fs::rename(&from, from.with_extension(""));
+        }
         let first_new_seq = segs.last().map_or(1, |s| s + 1);
         // Backlog from before this start: everything from the cursor on.
         let (cseq, coff) = read_cursor(dir);
@@ -108,6 +116,16 @@ impl Spool {
             _lock: lock,
             shared,
             first_new_seq,
+        })
+    }
+
+    /// What workers use to spool a batch themselves when the queue is full.
+    pub fn overflow(&self) -> Arc<Overflow> {
+        Arc::new(Overflow {
+            dir: self.dir.clone(),
+            start: self.first_new_seq,
+            next: AtomicU64::new(0),
+            written: AtomicBool::new(false),
         })
     }
 
@@ -165,6 +183,65 @@ pub fn lock_file(path: &Path) -> Result<File, String> {
     let _ = f.set_len(0);
     let _ = f.write_all(std::process::id().to_string().as_bytes());
     Ok(f)
+}
+
+/// Overflow file names in `dir` ending in `suffix`, oldest first.
+fn list_overflow(dir: &Path, suffix: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with("overflow-") && n.ends_with(suffix))
+                .collect()
+        })
+        .unwrap_or_default();
+    // Fixed-width numbers: the name order is the order they were written in.
+    names.sort_unstable();
+    names
+}
+
+/// A worker whose batch finds the queue to the writer full writes the batch to a file
+/// of its own in the spool dir instead of dropping it: a write to the page cache,
+/// rare (the writer fell `queue_size` records behind), and no lock shared with the
+/// writer. The file appears under its final name only once complete (rename), and the
+/// writer moves it into its segment at its next turn (then it is read and delivered
+/// like any other record). Memory stays bounded whatever the burst: a worker holds
+/// one batch at most.
+pub struct Overflow {
+    dir: PathBuf,
+    /// This start's first segment number: names never collide with files a crashed
+    /// run left behind.
+    start: u64,
+    next: AtomicU64,
+    /// Set after a file was written; the writer clears it when it looks.
+    written: AtomicBool,
+}
+
+impl Overflow {
+    /// Writes `lines` (whole spool lines) to a new overflow file.
+    pub fn write(&self, lines: &[u8]) -> io::Result<()> {
+        let n = self.next.fetch_add(1, Relaxed);
+        let path = self
+            .dir
+            .join(format!("overflow-{:020}-{n:020}.jsonl.tmp", self.start));
+        let result = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(lines))
+            .and_then(|()| std::fs::rename(&path, path.with_extension("")));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        self.written
+            .store(true, std::sync::atomic::Ordering::Release);
+        result
+    }
+
+    /// Whether files were written since the last call.
+    pub fn take_written(&self) -> bool {
+        self.written
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
 }
 
 fn read_cursor(dir: &Path) -> (u64, u64) {
@@ -266,6 +343,41 @@ impl SpoolWriter {
             self.shared.grown.notify_all();
         }
         Ok(())
+    }
+
+    /// Moves every overflow file into the segment: appended, written out and synced,
+    /// then the file is deleted (a crash in between delivers its records twice, which
+    /// the Idempotency-Key lets the receiver drop). A torn last line (a crash while a
+    /// worker wrote it) is skipped with a warning. Returns the records taken in.
+    pub fn take_overflow(&mut self) -> io::Result<u64> {
+        let mut records = 0;
+        for name in list_overflow(&self.dir, ".jsonl") {
+            let path = self.dir.join(&name);
+            let mut data = match std::fs::read(&path) {
+                Ok(d) => d,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let whole = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            if whole < data.len() {
+                warn!(
+                    "usage spool: skipping a torn last line ({} bytes) in {}",
+                    data.len() - whole,
+                    path.display()
+                );
+                data.truncate(whole);
+            }
+            let before = self.buf.len();
+            self.append_lines(&data);
+            if let Err(e) = self.write_out(true) {
+                // The file stays and is taken at a later turn.
+                self.buf.truncate(before);
+                return Err(e);
+            }
+            records += memchr::memchr_iter(b'\n', &data).count() as u64;
+            std::fs::remove_file(&path)?;
+        }
+        Ok(records)
     }
 
     /// Makes every later write fail (EBADF), as a disk that refuses would.

@@ -97,6 +97,34 @@ fn receiver_outage_under_load_loses_nothing() {
 }
 
 #[test]
+fn a_full_queue_with_a_stalled_receiver_loses_no_record_of_a_burst() {
+    // queue_size 1 (a worker's batch of more than one record used to be dropped),
+    // a receiver that hangs for 3 s, and bursts fired at once: every record arrives
+    // once the receiver recovers, none is dropped.
+    let mock = mock(&[]);
+    let port = free_port();
+    let receiver = receiver_on(port, &["--stall-ms", "3000"]);
+    let proxy = proxy_with_config(&config(
+        port,
+        &temp_dir().join("spool"),
+        "  queue_size: 1\n",
+        &mock.addr,
+    ));
+    let mut ids = HashSet::new();
+    for round in 0..3 {
+        ids.extend(send(&proxy.addr, 10, &format!("t-burst{round}")));
+    }
+    let got = wait_records(&receiver, 30);
+    assert_eq!(ids_of(&got), ids, "{}", proxy.output());
+    assert_eq!(metric(&proxy.addr, "llmproxy_usage_dropped_total"), 0.0);
+    assert!(
+        !proxy.output().contains("UNDELIVERED"),
+        "{}",
+        proxy.output()
+    );
+}
+
+#[test]
 fn webhook_errors_are_retried_then_delivered() {
     let mock = mock(&[]);
     let port = free_port();
