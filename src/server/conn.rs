@@ -448,94 +448,99 @@ async fn proxy(
     let stream = info.as_ref().is_some_and(|i| i.stream);
     let model = info.as_ref().map(|i| i.model.as_str());
 
-    // Phase: route. A backend that refuses the connection is marked down and the next
-    // one is tried: nothing was sent, so this is safe.
+    // Phase: route, rewrite and relay. Until a backend answers with a first byte,
+    // nothing reached a GPU: a backend that refuses the connection is marked down and
+    // the request goes back to routing for the next one. A pooled connection that
+    // fails before any response byte (its backend restarted or died) gets one fresh
+    // connection to the same backend; if that is refused too, back to routing.
     let mut tried = 0u64;
-    let (bi, mut up, mut reused) = loop {
-        match v.up.pick(model, tried) {
+    let mut sent_at = rq.arrived; // read only once the request was written
+    let (bi, backend, up, o, in_flight) = 'route: loop {
+        let bi = match v.up.pick(model, tried) {
             Pick::NoModel => {
                 let m = model.unwrap_or_default().to_owned();
                 return answer(w, c, rq, ProxyError::ModelNotFound(m), stream).await;
             }
+            // No backend accepted a connection: nothing was sent, so no record.
             Pick::Exhausted => {
                 return answer(w, c, rq, ProxyError::BackendUnavailable, stream).await;
             }
-            Pick::Backend(i) => {
-                tried |= 1 << i.min(63);
-                if let Some(io) = v.up.pool.take(i) {
-                    break (i, io, true);
+            Pick::Backend(i) => i,
+        };
+        tried |= 1 << bi.min(63);
+        let backend = v.up.backends[bi].clone();
+        let (mut up, mut reused) = match v.up.pool.take(bi) {
+            Some(io) => (io, true),
+            None => match Pool::connect(&backend, cfg.limits.connect_timeout.0).await {
+                Ok(io) => (io, false),
+                Err(ConnectError::Unreachable(e)) => {
+                    mark_down(&backend, e);
+                    continue 'route;
                 }
-                match Pool::connect(&v.up.backends[i], cfg.limits.connect_timeout.0).await {
-                    Ok(io) => break (i, io, false),
+            },
+        };
+        let in_flight = v.up.start(bi, &w.stats);
+
+        // Phase: rewrite the request for this backend.
+        let rewritten = info
+            .as_ref()
+            .and_then(|i| rewrite::rewrite(&c.body, i, backend.usage_mode));
+        let body = rewritten.as_deref().unwrap_or(&c.body);
+        c.up_req.clear();
+        write_upstream_head(
+            &mut c.up_req,
+            &c.head,
+            &backend,
+            &rq.id,
+            body.len(),
+            v.live.auth.enabled,
+            endpoint.is_some(),
+        );
+        c.up_req.extend_from_slice(body);
+
+        // Phase: relay.
+        let spec = Spec {
+            method: c.head.method(),
+            request_id: &rq.id,
+            client_http11: c.head.version == 1,
+            client_keep_alive: c.head.keep_alive && !w.shutting_down(),
+            metered: endpoint.is_some(),
+            hide_usage_only: info
+                .as_ref()
+                .is_some_and(|i| i.stream && !i.caller_wants_usage),
+            strip_chunk_usage: backend.usage_mode == UsageMode::Continuous
+                && info
+                    .as_ref()
+                    .is_some_and(|i| i.stream && !i.caller_wants_continuous),
+            read_timeout: cfg.limits.first_byte_timeout.0,
+            write_stall: cfg.limits.idle_timeout.0,
+            cut: &w.cutting,
+        };
+        loop {
+            let written = up.write_keep(&mut c.up_req).await.is_ok();
+            sent_at = if written { Instant::now() } else { sent_at };
+            let o = if written {
+                Some(response::relay(&mut c.client, &mut up, &spec, &mut c.bufs).await)
+            } else {
+                None
+            };
+            let stale = o.as_ref().is_none_or(|o| o.end == End::NoResponse);
+            if stale && reused {
+                reused = false;
+                match Pool::connect(&backend, cfg.limits.connect_timeout.0).await {
+                    Ok(io) => {
+                        up = io;
+                        continue;
+                    }
                     Err(ConnectError::Unreachable(e)) => {
-                        let b = &v.up.backends[i];
-                        warn!("backend {} unreachable, marked down: {e}", b.name);
-                        b.set_health(false, Some(e));
+                        mark_down(&backend, e);
+                        drop(in_flight);
+                        continue 'route;
                     }
                 }
             }
+            break 'route (bi, backend, up, o, in_flight);
         }
-    };
-    let backend = v.up.backends[bi].clone();
-    let in_flight = v.up.start(bi, &w.stats);
-
-    // Phase: rewrite the request for the backend.
-    let rewritten = info
-        .as_ref()
-        .and_then(|i| rewrite::rewrite(&c.body, i, backend.usage_mode));
-    let body = rewritten.as_deref().unwrap_or(&c.body);
-    c.up_req.clear();
-    write_upstream_head(
-        &mut c.up_req,
-        &c.head,
-        &backend,
-        &rq.id,
-        body.len(),
-        v.live.auth.enabled,
-        endpoint.is_some(),
-    );
-    c.up_req.extend_from_slice(body);
-
-    // Phase: relay. A pooled connection the backend closed in the meantime fails before
-    // any response byte: then the request is sent once more on a fresh connection.
-    let spec = Spec {
-        method: c.head.method(),
-        request_id: &rq.id,
-        client_http11: c.head.version == 1,
-        client_keep_alive: c.head.keep_alive && !w.shutting_down(),
-        metered: endpoint.is_some(),
-        hide_usage_only: info
-            .as_ref()
-            .is_some_and(|i| i.stream && !i.caller_wants_usage),
-        strip_chunk_usage: backend.usage_mode == UsageMode::Continuous
-            && info
-                .as_ref()
-                .is_some_and(|i| i.stream && !i.caller_wants_continuous),
-        read_timeout: cfg.limits.first_byte_timeout.0,
-        write_stall: cfg.limits.idle_timeout.0,
-        cut: &w.cutting,
-    };
-    let mut sent_at = rq.arrived; // read only once the request was written
-    let o = loop {
-        let written = up.write_keep(&mut c.up_req).await.is_ok();
-        sent_at = if written { Instant::now() } else { sent_at };
-        let o = if written {
-            Some(response::relay(&mut c.client, &mut up, &spec, &mut c.bufs).await)
-        } else {
-            None
-        };
-        let stale = o.as_ref().is_none_or(|o| o.end == End::NoResponse);
-        if stale && reused {
-            reused = false;
-            match Pool::connect(&backend, cfg.limits.connect_timeout.0).await {
-                Ok(io) => {
-                    up = io;
-                    continue;
-                }
-                Err(ConnectError::Unreachable(e)) => backend.set_health(false, Some(e)),
-            }
-        }
-        break o;
     };
     let ended = Instant::now();
     drop(in_flight);
@@ -650,6 +655,12 @@ async fn proxy(
         log_access(w, c, rq, status, stream, Some((&backend.name, None)));
     }
     keep
+}
+
+/// A backend that refused a connection: marked down until a health check passes.
+fn mark_down(backend: &crate::upstream::Backend, why: String) {
+    warn!("backend {} unreachable, marked down: {why}", backend.name);
+    backend.set_health(false, Some(why));
 }
 
 fn ms(d: Duration) -> u64 {

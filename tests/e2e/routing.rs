@@ -552,3 +552,78 @@ fn a_backend_restart_between_requests_costs_no_request() {
         "{records:?}"
     );
 }
+
+#[test]
+fn a_killed_backend_sends_its_requests_to_the_healthy_one_and_no_502() {
+    // Two backends, both with pooled connections; one is killed (listener closed). A
+    // request picked for it fails on the dead pooled connection before any response
+    // byte, the fresh connect is refused: nothing reached a backend, so it goes back
+    // to routing and the healthy backend answers it.
+    let a = mock(&[]);
+    let a_port = a.addr.rsplit(':').next().unwrap().to_string();
+    let mut b = mock(&[]);
+    let rx = receiver(&[]);
+    let p = proxy_for(
+        &backends_yaml(&[(&a, 1, &[]), (&b, 1, &[])]),
+        &rx,
+        "health_check:\n  interval: 200ms\n  unhealthy_after: 1\n  healthy_after: 1\n",
+    );
+    let send = |id: String| {
+        post_json(
+            &p.addr,
+            "/v1/chat/completions",
+            &[("x-request-id", &id)],
+            &chat(false, 1),
+        )
+    };
+    for i in 0..4 {
+        assert_eq!(send(format!("warm-{i}")).status, 200);
+    }
+    let by = served_by(&wait_records(&rx, 4));
+    assert_eq!(by.len(), 2, "both backends pooled: {by:?}");
+    b.signal(libc::SIGKILL);
+    b.wait_exit(Duration::from_secs(5));
+    for i in 0..4 {
+        let r = send(format!("after-{i}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let records = wait_records(&rx, 8);
+    let after: Vec<&Value> = records
+        .iter()
+        .filter(|r| {
+            r["client_request_id"]
+                .as_str()
+                .unwrap()
+                .starts_with("after-")
+        })
+        .collect();
+    assert_eq!(after.len(), 4, "{records:?}");
+    assert!(
+        after.iter().all(|r| r["backend_url"] == url(&a).as_str()),
+        "{after:?}"
+    );
+
+    // No backend accepts a connection: 502, and no record (nothing reached a GPU).
+    drop(a);
+    let r = send("nowhere".into());
+    assert_eq!(r.status, 502, "{}", r.text());
+    // Sentinel: a backend comes back, a later request's record arrives; the 502's
+    // record would have been delivered before it.
+    let _a2 = mock(&["--port", &a_port]);
+    let mut sentinel = None;
+    wait_until("a backend back", 10, || {
+        let r = send("sentinel".into());
+        if r.status == 200 {
+            sentinel = r.header("x-request-id").map(str::to_owned);
+        }
+        r.status == 200
+    });
+    let sentinel = sentinel.unwrap();
+    wait_record(&rx, &sentinel);
+    let all = fetch_records(&rx);
+    assert!(
+        !all.iter().any(|r| r["client_request_id"] == "nowhere"),
+        "{all:?}"
+    );
+    assert!(all.iter().all(|r| r["status_code"] == 200), "{all:?}");
+}
