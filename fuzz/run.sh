@@ -18,7 +18,10 @@ cargo fuzz build -O --sanitizer "$SAN" 2>&1 | tail -n 2
 run() {
     # New inputs go to fuzz/work (not tracked); the committed corpus is only read.
     mkdir -p "fuzz/work/$1" "fuzz/corpus/$1"
-    cargo fuzz run -O --sanitizer "$SAN" "$1" "fuzz/work/$1" "fuzz/corpus/$1" -- -max_total_time="$SECS" -rss_limit_mb=2048 -print_final_stats=1 \
+    # A target's dictionary (fuzz/<target>.dict), where it has one.
+    local dict=()
+    [ -f "fuzz/$1.dict" ] && dict=("-dict=fuzz/$1.dict")
+    cargo fuzz run -O --sanitizer "$SAN" "$1" "fuzz/work/$1" "fuzz/corpus/$1" -- -max_total_time="$SECS" -rss_limit_mb=2048 -print_final_stats=1 "${dict[@]}" \
         > "fuzz/$1.log" 2>&1 || { echo "fuzz target $1 FAILED:"; tail -n 40 "fuzz/$1.log"; return 1; }
     echo "$1: $(grep -E 'stat::number_of_executed_units' "fuzz/$1.log" | awk '{print $2}') runs in ${SECS}s, no crash"
 }

@@ -15,6 +15,20 @@ fuzz_target!(|data: &[u8]| {
         if let Framing::Length(_) = req.framing() {
             assert!(has_cl);
         }
+        if has_te {
+            // Accepted only as chunked alone: one coding over every line.
+            assert_eq!(req.framing(), Framing::Chunked);
+            let codings: Vec<&[u8]> = req
+                .headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(b"transfer-encoding"))
+                .flat_map(|(_, v)| v.split(|&b| b == b','))
+                .map(<[u8]>::trim_ascii)
+                .filter(|c| !c.is_empty())
+                .collect();
+            assert_eq!(codings.len(), 1, "several codings accepted");
+            assert!(codings[0].eq_ignore_ascii_case(b"chunked"));
+        }
         let _ = (req.method(), req.path(), req.route(), req.keep_alive);
     }
     let mut resp = ResponseHead::default();

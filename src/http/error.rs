@@ -10,6 +10,8 @@ pub enum ProxyError {
     RequestTooLarge,
     HeadersTooLarge,
     BadRequest(&'static str),
+    /// A request framed in a way the proxy does not implement (transfer codings).
+    NotImplemented(&'static str),
     BackendUnavailable,
     BackendTimeout,
     ShuttingDown,
@@ -26,6 +28,7 @@ impl ProxyError {
             ProxyError::HeaderTimeout => 408,
             ProxyError::RequestTooLarge => 413,
             ProxyError::HeadersTooLarge => 431,
+            ProxyError::NotImplemented(_) => 501,
             ProxyError::BackendUnavailable => 502,
             ProxyError::ShuttingDown | ProxyError::TooManyConnections => 503,
             ProxyError::BackendTimeout => 504,
@@ -41,6 +44,7 @@ impl ProxyError {
             ProxyError::RequestTooLarge => "request_too_large",
             ProxyError::HeadersTooLarge => "headers_too_large",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::NotImplemented(_) => "not_implemented",
             ProxyError::HeaderTimeout => "request_timeout",
             ProxyError::BackendUnavailable => "backend_unavailable",
             ProxyError::BackendTimeout => "backend_timeout",
@@ -70,6 +74,7 @@ impl ProxyError {
                 "Request header block is larger than the configured limit.".into()
             }
             ProxyError::BadRequest(m) => format!("Malformed HTTP request: {m}."),
+            ProxyError::NotImplemented(m) => format!("Not implemented: {m}."),
             ProxyError::HeaderTimeout => "Request head not received in time.".into(),
             ProxyError::BackendUnavailable => "No backend could be reached.".into(),
             ProxyError::BackendTimeout => "The backend did not answer in time.".into(),
@@ -83,6 +88,7 @@ impl ProxyError {
         matches!(
             self,
             ProxyError::BadRequest(_)
+                | ProxyError::NotImplemented(_)
                 | ProxyError::HeadersTooLarge
                 | ProxyError::RequestTooLarge
                 | ProxyError::HeaderTimeout
@@ -121,6 +127,7 @@ pub fn reason(status: u16) -> &'static str {
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        501 => "Not Implemented",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",

@@ -16,6 +16,36 @@ pub enum HeadError {
     TooLarge,
     TooManyHeaders,
     Malformed(&'static str),
+    /// Well-formed, but a transfer coding the proxy cannot decode (RFC 9112 §6.1: 501).
+    Unsupported(&'static str),
+}
+
+/// The transfer codings of a message, over every Transfer-Encoding line in order.
+#[derive(Debug, Clone, Copy, Default)]
+struct Codings {
+    count: u32,
+    chunked: u32,
+    chunked_last: bool,
+}
+
+impl Codings {
+    /// Chunked alone: the only coding the proxy decodes. Chunked more than once is
+    /// forbidden (RFC 9112 §7): a message framed so cannot be trusted.
+    fn framing(self) -> Result<Framing, HeadError> {
+        match self {
+            Codings { chunked: 2.., .. } => {
+                Err(HeadError::Malformed("chunked applied more than once"))
+            }
+            Codings {
+                count: 1,
+                chunked_last: true,
+                ..
+            } => Ok(Framing::Chunked),
+            _ => Err(HeadError::Unsupported(
+                "transfer codings other than chunked are not supported",
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -65,10 +95,9 @@ impl Headers {
     }
 
     /// Content-Length and Transfer-Encoding, validated per RFC 9112 §6.
-    fn framing(&self) -> Result<(Option<u64>, Option<bool>), HeadError> {
+    fn framing(&self) -> Result<(Option<u64>, Option<Codings>), HeadError> {
         let mut length: Option<u64> = None;
-        let mut te_seen = false;
-        let mut te_chunked_last = false;
+        let mut codings = Codings::default();
         for (n, v) in self.iter() {
             if n.eq_ignore_ascii_case(b"content-length") {
                 for part in v.split(|&b| b == b',') {
@@ -95,12 +124,14 @@ impl Headers {
                     if part.is_empty() {
                         continue;
                     }
-                    te_seen = true;
-                    te_chunked_last = part.eq_ignore_ascii_case(b"chunked");
+                    let chunked = part.eq_ignore_ascii_case(b"chunked");
+                    codings.count += 1;
+                    codings.chunked += u32::from(chunked);
+                    codings.chunked_last = chunked;
                 }
             }
         }
-        Ok((length, te_seen.then_some(te_chunked_last)))
+        Ok((length, (codings.count > 0).then_some(codings)))
     }
 }
 
@@ -206,8 +237,12 @@ impl RequestHead {
                     "both Content-Length and Transfer-Encoding",
                 ));
             }
-            (None, Some(true)) if version == 1 => Framing::Chunked,
-            (None, Some(_)) => return Err(HeadError::Malformed("unsupported Transfer-Encoding")),
+            (None, Some(_)) if version == 0 => {
+                return Err(HeadError::Malformed(
+                    "Transfer-Encoding in an HTTP/1.0 request",
+                ));
+            }
+            (None, Some(codings)) => codings.framing()?,
             (Some(n), None) => Framing::Length(n),
             (None, None) => Framing::Empty,
         });
@@ -287,13 +322,18 @@ impl ResponseHead {
         }
         let (length, te) = self.headers.framing()?;
         Ok(match (te, length) {
-            (Some(true), Some(_)) => {
+            // Chunked last and more than once, or under another coding: the body
+            // cannot be relayed as the backend meant it.
+            (Some(c), _) if c.chunked > 1 || (c.chunked_last && c.count > 1) => {
+                return Err(HeadError::Malformed("unsupported Transfer-Encoding"));
+            }
+            (Some(c), Some(_)) if c.chunked_last => {
                 // Both present: chunked wins, and the connection must not be reused.
                 self.keep_alive = false;
                 Framing::Chunked
             }
-            (Some(true), None) => Framing::Chunked,
-            (Some(false), _) => {
+            (Some(c), None) if c.chunked_last => Framing::Chunked,
+            (Some(_), _) => {
                 self.keep_alive = false;
                 Framing::UntilClose
             }
@@ -344,8 +384,8 @@ mod tests {
             b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 5 5\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding:\r\nContent-Length: 5\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: ,\r\n\r\n",
             b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -365,6 +405,29 @@ mod tests {
         assert!(
             parse(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n").is_ok()
         );
+    }
+
+    #[test]
+    fn transfer_codings_other_than_chunked_alone_are_not_implemented() {
+        let cases: &[&[u8]] = &[
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n",
+        ];
+        for c in cases {
+            assert!(
+                matches!(parse(c), Err(HeadError::Unsupported(_))),
+                "{:?}: {:?}",
+                String::from_utf8_lossy(c),
+                parse(c)
+            );
+        }
+        let chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n";
+        let mut h = RequestHead::default();
+        assert!(h.parse(chunked, 1024).unwrap().is_some());
+        assert_eq!(h.framing(), Framing::Chunked);
     }
 
     #[test]
@@ -390,5 +453,10 @@ mod tests {
             .unwrap();
         assert_eq!(r.framing("HEAD"), Ok(Framing::Empty));
         assert_eq!(r.framing("GET"), Ok(Framing::Length(3)));
+        for te in ["chunked, chunked", "gzip, chunked"] {
+            let raw = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {te}\r\n\r\n");
+            r.parse(raw.as_bytes(), 1024).unwrap().unwrap();
+            assert!(matches!(r.framing("GET"), Err(HeadError::Malformed(_))));
+        }
     }
 }

@@ -108,6 +108,7 @@ async fn read_head(w: &Worker, c: &mut Conn, first: bool) -> Option<usize> {
                     Some(ProxyError::HeadersTooLarge)
                 }
                 Err(HeadError::Malformed(m)) => Some(ProxyError::BadRequest(m)),
+                Err(HeadError::Unsupported(m)) => Some(ProxyError::NotImplemented(m)),
             };
             if let Some(e) = err {
                 answer_early(w, c, e).await;

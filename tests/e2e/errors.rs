@@ -60,10 +60,14 @@ fn bad_bodies_and_unknown_models() {
     assert_error(&r, 404, "model_not_found");
     let r = request(s.addr(), "GET", "/not-an-api", &[], b"");
     assert_error(&r, 404, "not_found");
-    // None of these reached the backend, and none produced a record.
+    // None of these reached the backend, and none produced a record: a later
+    // request's record arrives alone.
     assert_eq!(s.backend_saw(), serde_json::Value::Null);
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(fetch_records(&s.receiver).is_empty());
+    let sentinel = post_json(s.addr(), "/v1/chat/completions", &[], &chat(false, 1));
+    let id = sentinel.header("x-request-id").unwrap();
+    s.record(id);
+    let all = fetch_records(&s.receiver);
+    assert_eq!(all.len(), 1, "{all:?}");
 }
 
 #[test]
@@ -75,6 +79,9 @@ fn framing_errors_close_the_connection() {
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
         b"GET / HTTP/1.1\r\nhost : a\r\n\r\n",
         b"NOT HTTP AT ALL\r\n\r\n",
+        // Chunked applied twice (RFC 9112 §7), on one line or two.
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
     ];
     for c in cases {
         let (r, closed) = raw(s.addr(), c);
@@ -84,6 +91,16 @@ fn framing_errors_close_the_connection() {
             "connection must close after {:?}",
             String::from_utf8_lossy(c)
         );
+    }
+    // A coding the proxy cannot decode under chunked: 501 (RFC 9112 §6.1), and close.
+    let unsupported: &[&[u8]] = &[
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    ];
+    for c in unsupported {
+        let (r, closed) = raw(s.addr(), c);
+        assert_error(&r, 501, "not_implemented");
+        assert!(closed, "{:?}", String::from_utf8_lossy(c));
     }
     assert_eq!(s.backend_saw(), serde_json::Value::Null);
     // The proxy is fine afterwards.
