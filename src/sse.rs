@@ -21,6 +21,10 @@ pub struct SseEvent<'a> {
     pub start: u64,
     pub end: u64,
     pub truncated: bool,
+    /// The blank line that ended the event was a CR at the end of the bytes fed: an LF
+    /// at `end`, if the next read starts with one, still belongs to this event's line
+    /// end (the scanner skips it). A relay that cuts the event must cut that LF too.
+    pub lf_may_follow: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,6 +281,7 @@ impl SseScanner {
                 start: self.event_start.unwrap_or(end),
                 end,
                 truncated: self.truncated,
+                lf_may_follow: self.skip_lf,
             });
         }
         self.pending = None;

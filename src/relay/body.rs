@@ -62,6 +62,9 @@ pub struct BodyRelay {
     hold_next: Vec<u8>,
     edits: Vec<Edit>,
     edit_buf: Vec<u8>,
+    /// A cut event ended on a CR at the end of the last span: an LF at this offset
+    /// belongs to its line end and is cut too.
+    cut_lf_at: Option<u64>,
 }
 
 impl Default for BodyRelay {
@@ -77,6 +80,7 @@ impl Default for BodyRelay {
             hold_next: Vec::new(),
             edits: Vec::new(),
             edit_buf: Vec::new(),
+            cut_lf_at: None,
         }
     }
 }
@@ -91,6 +95,7 @@ impl BodyRelay {
         self.meter.reset();
         self.first_output = None;
         self.hold.clear();
+        self.cut_lf_at = None;
     }
 
     /// Relays one span of decoded body bytes into `out`.
@@ -125,11 +130,25 @@ impl BodyRelay {
         let hold_base = span_base - self.hold.len() as u64;
         self.edits.clear();
         self.edit_buf.clear();
-        let (meter, first, edits, buf) = (
+        if self.cut_lf_at.take() == Some(span_base) && span.first() == Some(&b'\n') {
+            self.edits.push(Edit {
+                start: span_base,
+                end: span_base + 1,
+                with: 0..0,
+            });
+        }
+        let src = Source {
+            hold: &self.hold,
+            hold_base,
+            span,
+            span_base,
+        };
+        let (meter, first, edits, buf, cut_lf_at) = (
             &mut self.meter,
             &mut self.first_output,
             &mut self.edits,
             &mut self.edit_buf,
+            &mut self.cut_lf_at,
         );
         self.scanner.feed(span, |ev| {
             let kind = meter.observe(ev.data);
@@ -143,6 +162,9 @@ impl BodyRelay {
                         end: ev.end,
                         with: 0..0,
                     });
+                    if ev.lf_may_follow {
+                        *cut_lf_at = Some(ev.end);
+                    }
                 }
             } else if strip && meter.last_had_usage && member_span(ev.data, b"usage").is_some() {
                 let from = buf.len();
@@ -153,7 +175,9 @@ impl BodyRelay {
                 while let Some(r) = member_span(&buf[json..], b"usage") {
                     buf.drain(json + r.start..json + r.end);
                 }
-                buf.extend_from_slice(b"\n\n");
+                // The event's own line ends (CRLF, LF or CR), as the backend sent them;
+                // an LF still to come passes through on its own, as it would have.
+                src.copy_line_ends(buf, ev.start, ev.end);
                 edits.push(Edit {
                     start: ev.start,
                     end: ev.end,
@@ -162,12 +186,6 @@ impl BodyRelay {
             }
         });
         let span_end = span_base + span.len() as u64;
-        let src = Source {
-            hold: &self.hold,
-            hold_base,
-            span,
-            span_base,
-        };
         let mut cursor = hold_base;
         for edit in &self.edits {
             if edit.start < cursor {
@@ -262,6 +280,22 @@ impl Source<'_> {
         }
     }
 
+    /// Appends the line ends that close the event at `a..b`: the run of CR and LF bytes
+    /// at its end (at most the four of CRLF CRLF).
+    fn copy_line_ends(&self, to: &mut Vec<u8>, a: u64, b: u64) {
+        let (h, s) = self.parts(a.max(b.saturating_sub(4)), b);
+        let mut tail = [0u8; 4];
+        let n = h.len() + s.len();
+        tail[..h.len()].copy_from_slice(h);
+        tail[h.len()..n].copy_from_slice(s);
+        let run = tail[..n]
+            .iter()
+            .rev()
+            .take_while(|&&c| c == b'\r' || c == b'\n')
+            .count();
+        to.extend_from_slice(&tail[n - run..n]);
+    }
+
     fn copy(&self, to: &mut Vec<u8>, a: u64, b: u64) {
         if b > a {
             let (h, s) = self.parts(a, b);
@@ -316,6 +350,44 @@ mod tests {
         }
     }
 
+    const STRIPPED: &str = r#"{"choices":[{"index":0,"delta":{"content":"x"}}]}"#;
+
+    /// What the caller must receive for `stream(eol)` in `mode`: the backend's bytes
+    /// with the usage-only event gone (hide) and the usage taken out of output chunks
+    /// (strip), every line end as the backend sent it.
+    fn expected(eol: &str, hide: bool, strip: bool) -> String {
+        [CHUNK, CHUNK, USAGE_ONLY, "[DONE]"]
+            .iter()
+            .filter(|d| !(hide && **d == USAGE_ONLY))
+            .map(|d| {
+                let d = if strip && *d == CHUNK { STRIPPED } else { d };
+                format!("data: {d}{eol}{eol}")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn edits_keep_every_other_byte_for_lf_crlf_and_cr_streams_at_every_split() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let input = stream(eol);
+            for (hide, strip) in [(true, false), (false, true), (true, true)] {
+                let mode = Mode::Sse {
+                    hide_usage_only: hide,
+                    strip_chunk_usage: strip,
+                };
+                let want = expected(eol, hide, strip);
+                for cut in 0..=input.len() {
+                    let (out, _) = run(input.as_bytes(), mode, &[cut]);
+                    assert_eq!(
+                        String::from_utf8(out).unwrap(),
+                        want,
+                        "eol {eol:?} hide {hide} strip {strip} cut {cut}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn strips_chunk_usage_and_keeps_the_final_one_when_asked() {
         let input = stream("\r\n");
@@ -323,16 +395,12 @@ mod tests {
             hide_usage_only: false,
             strip_chunk_usage: true,
         };
-        let stripped = r#"{"choices":[{"index":0,"delta":{"content":"x"}}]}"#;
         let want = format!(
-            "data: {stripped}\n\ndata: {stripped}\n\ndata: {USAGE_ONLY}\r\n\r\ndata: [DONE]\r\n\r\n"
+            "data: {STRIPPED}\r\n\r\ndata: {STRIPPED}\r\n\r\ndata: {USAGE_ONLY}\r\n\r\ndata: [DONE]\r\n\r\n"
         );
         for cut in 0..=input.len() {
             let (out, _) = run(input.as_bytes(), mode, &[cut]);
-            // A read split between the CR and LF of a rewritten event's blank line lets
-            // the LF through on its own: an empty line, which dispatches nothing.
-            let out = String::from_utf8(out).unwrap().replace("\n\n\n", "\n\n");
-            assert_eq!(out, want, "cut {cut}");
+            assert_eq!(String::from_utf8(out).unwrap(), want, "cut {cut}");
         }
     }
 
@@ -352,6 +420,34 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn edits_at_any_splits_give_the_expected_bytes(
+            eol in prop_oneof![Just("\n"), Just("\r\n"), Just("\r")],
+            hide in any::<bool>(),
+            strip in any::<bool>(),
+            cuts in proptest::collection::vec(0usize..1200, 0..8),
+            chunked in any::<bool>(),
+        ) {
+            let input = stream(eol);
+            let mut r = BodyRelay::default();
+            r.start(Mode::Sse { hide_usage_only: hide, strip_chunk_usage: strip }, chunked);
+            let mut out = Vec::new();
+            for piece in crate::testing::pieces(input.as_bytes(), &cuts) {
+                r.on_span(piece, &mut out);
+            }
+            r.finish(&mut out);
+            let got = if chunked {
+                let mut dec = crate::http::body::BodyDecoder::new(crate::http::body::Framing::Chunked);
+                let mut body = Vec::new();
+                dec.decode(&out, |s| body.extend_from_slice(s)).unwrap();
+                prop_assert!(dec.is_done());
+                body
+            } else {
+                out
+            };
+            prop_assert_eq!(String::from_utf8(got).unwrap(), expected(eol, hide, strip));
+        }
+
         #[test]
         fn hiding_never_loses_other_bytes(
             events in proptest::collection::vec(prop_oneof![Just(CHUNK), Just(USAGE_ONLY), Just("[DONE]"), Just(": ping")], 0..8),
