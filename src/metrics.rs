@@ -32,6 +32,24 @@ pub const PATHS: [&str; 8] = [
     "other",
 ];
 
+/// A label value escaped per the Prometheus text format: backslash, double quote and
+/// newline (a backend named with any of them must not break the whole page).
+fn label_value(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return std::borrow::Cow::Borrowed(v);
+    }
+    let mut out = String::with_capacity(v.len() + 4);
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 pub fn path_index(route: &str) -> usize {
     match route {
         "/v1/chat/completions" => 0,
@@ -386,7 +404,7 @@ impl Metrics {
             "# HELP llmproxy_requests_total Requests answered, by path, stream, backend and status.\n# TYPE llmproxy_requests_total counter"
         );
         for slot in 0..MAX_BACKEND_SLOTS {
-            let backend = names.get(slot).map_or("other", String::as_str);
+            let backend = label_value(names.get(slot).map_or("other", String::as_str));
             for row in 0..ROWS {
                 let parts: Vec<&[Counter]> = self
                     .shards
@@ -434,6 +452,16 @@ impl Metrics {
                 .map_or(0, |s| s.backlog_bytes.load(Relaxed)),
         );
         let records = AtomicU64::new(self.records_emitted());
+        // The alert an operator sets first: "billing is N seconds behind".
+        let oldest_ms = self.spool_oldest_ms.load(Relaxed);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let oldest_age = if oldest_ms == 0 {
+            0.0
+        } else {
+            now_ms.saturating_sub(oldest_ms) as f64 / 1000.0
+        };
         let open = AtomicU64::new(self.sum(|s| &s.connections_open));
         let counters: [(&str, &str, &AtomicU64); 13] = [
             (
@@ -516,6 +544,10 @@ impl Metrics {
         }
         let _ = writeln!(
             o,
+            "# HELP llmproxy_usage_spool_oldest_age_seconds Age of the oldest usage record not yet delivered (0 when none waits).\n# TYPE llmproxy_usage_spool_oldest_age_seconds gauge\nllmproxy_usage_spool_oldest_age_seconds {oldest_age:.3}"
+        );
+        let _ = writeln!(
+            o,
             "# HELP llmproxy_usage_tokens_total Tokens billed, from usage records.\n# TYPE llmproxy_usage_tokens_total counter"
         );
         let _ = writeln!(
@@ -540,7 +572,7 @@ impl Metrics {
             let _ = writeln!(
                 o,
                 "llmproxy_backend_up{{backend=\"{}\"}} {}",
-                b.name,
+                label_value(&b.name),
                 b.is_healthy() as u8
             );
         }
@@ -552,7 +584,7 @@ impl Metrics {
             let _ = writeln!(
                 o,
                 "llmproxy_backend_in_flight{{backend=\"{}\"}} {}",
-                b.name,
+                label_value(&b.name),
                 self.in_flight(b.slot)
             );
         }
@@ -601,6 +633,45 @@ mod tests {
         assert!(text.contains("llmproxy_requests_total{path=\"/v1/chat/completions\",stream=\"true\",backend=\"b\",status=\"200\"} 1"), "{text}");
         assert!(text.contains("llmproxy_requests_total{path=\"other\",stream=\"false\",backend=\"none\",status=\"401\"} 2"));
         assert!(text.contains("llmproxy_webhook_success_total 0"));
+    }
+
+    #[test]
+    fn backend_names_are_escaped_in_label_values() {
+        let m = Arc::new(Metrics::new(1));
+        let w = m.claim(0).expect("shard 0");
+        let slot = m.slot("gpu \"a\"\\1\nx");
+        w.count_request(0, false, Some(slot), 200);
+        let text = m.render(&[], 0);
+        assert!(
+            text.contains("backend=\"gpu \\\"a\\\"\\\\1\\nx\",status=\"200\"} 1\n"),
+            "{text}"
+        );
+        // Every sample is one line of `name{labels} value`.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("llmproxy_"), "{line:?}");
+        }
+        assert_eq!(label_value("plain"), "plain");
+    }
+
+    #[test]
+    fn the_oldest_spooled_record_has_an_age() {
+        let m = Arc::new(Metrics::new(1));
+        let gauge = |m: &Metrics| -> f64 {
+            m.render(&[], 0)
+                .lines()
+                .find_map(|l| l.strip_prefix("llmproxy_usage_spool_oldest_age_seconds "))
+                .and_then(|v| v.parse().ok())
+                .expect("gauge present")
+        };
+        assert_eq!(gauge(&m), 0.0);
+        let ten_s_ago = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+            - 10_000;
+        m.spool_oldest_ms.store(ten_s_ago, Relaxed);
+        let age = gauge(&m);
+        assert!((10.0..11.0).contains(&age), "{age}");
     }
 
     #[test]

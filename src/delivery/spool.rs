@@ -67,10 +67,6 @@ pub struct Shared {
     pub grown: Condvar,
     /// Bytes spooled and not yet delivered (or dead-lettered).
     pub backlog_bytes: AtomicU64,
-    /// Arrival time (unix ms) of the oldest record not yet delivered; 0 when none.
-    pub oldest_ms: AtomicU64,
-    /// Set when delivery is failing (records wait in the spool).
-    pub stalled: AtomicBool,
 }
 
 /// An opened, locked spool directory.

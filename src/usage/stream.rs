@@ -160,10 +160,6 @@ impl StreamMeter {
         self.usage.details.clear();
     }
 
-    pub fn has_usage(&self) -> bool {
-        self.has_usage
-    }
-
     /// The usage to bill and where it came from. `ended_cleanly`: the response reached
     /// its end as the backend framed it.
     pub fn finish(&self, ended_cleanly: bool) -> (Usage, UsageSource) {

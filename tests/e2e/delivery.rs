@@ -67,6 +67,10 @@ fn receiver_outage_under_load_loses_nothing() {
     wait_until("a failed delivery", 10, || {
         metric(&proxy.addr, "llmproxy_webhook_failure_total") >= 1.0
     });
+    // Billing is behind, and the gauge says by how much.
+    wait_until("the oldest record ages", 10, || {
+        metric(&proxy.addr, "llmproxy_usage_spool_oldest_age_seconds") >= 0.5
+    });
     // The receiver comes back; the spool drains oldest first.
     let receiver = receiver_on(port, &[]);
     let got = wait_records(&receiver, 120);
@@ -75,6 +79,9 @@ fn receiver_outage_under_load_loses_nothing() {
     assert_eq!(raw.len(), 120, "no record was sent twice");
     wait_until("backlog drained", 10, || {
         metric(&proxy.addr, "llmproxy_usage_spool_bytes") == 0.0
+    });
+    wait_until("nothing waits", 10, || {
+        metric(&proxy.addr, "llmproxy_usage_spool_oldest_age_seconds") == 0.0
     });
     assert_eq!(metric(&proxy.addr, "llmproxy_webhook_success_total"), 120.0);
     assert_eq!(

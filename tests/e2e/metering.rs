@@ -534,6 +534,30 @@ fn caller_hanging_up_mid_stream_still_gets_a_record() {
 }
 
 #[test]
+fn every_metric_the_readme_lists_is_served() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let section = readme
+        .split("\n## Metrics")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("a Metrics section");
+    let listed: std::collections::BTreeSet<&str> = section
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("llmproxy_"))
+        .collect();
+    assert!(listed.len() >= 15, "{listed:?}");
+    let s = Stack::start();
+    let m = request(s.addr(), "GET", "/metrics", &[], b"").text();
+    for name in listed {
+        assert!(
+            m.contains(&format!("# TYPE {name} ")),
+            "README lists {name}, /metrics does not serve it:\n{m}"
+        );
+    }
+}
+
+#[test]
 fn models_health_and_metrics() {
     let s = Stack::start();
     let r = request(s.addr(), "GET", "/v1/models", &[], b"");
