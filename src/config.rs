@@ -541,6 +541,9 @@ impl Config {
         Ok(())
     }
 
+    /// `workers`, or for 0 one per CPU the process may use: its affinity set (taskset,
+    /// a container's cpuset), and no more than a cgroup CPU quota allows (what
+    /// `available_parallelism` reads).
     pub fn worker_count(&self) -> usize {
         if self.workers > 0 {
             self.workers

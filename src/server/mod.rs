@@ -251,15 +251,22 @@ pub fn run(config: Config, config_path: &str) -> Result<(), String> {
             .map_err(|e| format!("cannot start the health checker: {e}"))?
     };
 
+    // The CPUs this process may run on (taskset, a container's cpuset, isolcpus
+    // layouts), read on this thread before any worker pins itself: worker i goes to
+    // the i-th of them, never outside the set the operator allowed.
+    let cpus = core_affinity::get_core_ids().unwrap_or_default();
+    let cpu_of = |id: usize| (!cpus.is_empty()).then(|| cpus[id % cpus.len()]);
+
     // Worker 0 binds first, so `listen: "host:0"` gives every worker the same port.
     let mut handles = Vec::with_capacity(workers);
     let mut bound = addr;
     for id in 0..workers {
         let (tx, rx) = std::sync::mpsc::channel();
         let s = shared.clone();
+        let cpu = cpu_of(id);
         let h = std::thread::Builder::new()
             .name(format!("worker-{id}"))
-            .spawn(move || worker_thread(id, s, bound, tx))
+            .spawn(move || worker_thread(id, cpu, s, bound, tx))
             .map_err(|e| format!("cannot start worker {id}: {e}"))?;
         handles.push(h);
         match rx.recv() {
@@ -276,7 +283,13 @@ pub fn run(config: Config, config_path: &str) -> Result<(), String> {
     } else {
         "epoll (io_uring unavailable)"
     };
-    info!("llmproxy listening on {bound} ({workers} workers, {driver})");
+    let pinned: Vec<String> = (0..workers)
+        .filter_map(|id| cpu_of(id).map(|c| c.id.to_string()))
+        .collect();
+    info!(
+        "llmproxy listening on {bound} ({workers} workers on CPUs {}, {driver})",
+        pinned.join(",")
+    );
 
     for h in handles {
         if h.join().is_err() {
@@ -329,29 +342,23 @@ fn watch_signals(shared: Arc<Shared>) -> Result<(), String> {
     Ok(())
 }
 
-fn pin_to_core(id: usize) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(id % cores, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            warn!(
-                "worker {id}: cannot pin to core {}: {}",
-                id % cores,
-                std::io::Error::last_os_error()
-            );
-        }
+/// Pins the calling worker thread to `cpu`, one of the CPUs the process may use.
+fn pin_to(id: usize, cpu: Option<core_affinity::CoreId>) {
+    if let Some(cpu) = cpu
+        && !core_affinity::set_for_current(cpu)
+    {
+        warn!("worker {id}: cannot pin to CPU {}", cpu.id);
     }
 }
 
 fn worker_thread(
     id: usize,
+    cpu: Option<core_affinity::CoreId>,
     shared: Arc<Shared>,
     addr: SocketAddr,
     ready: std::sync::mpsc::Sender<Result<SocketAddr, String>>,
 ) {
-    pin_to_core(id);
+    pin_to(id, cpu);
     // Cooperative task running: completions for this ring are handled when the worker
     // next enters the kernel (it does, constantly) instead of by interrupting it with
     // an IPI; a single issuer lets the kernel skip locking. Kernels without these

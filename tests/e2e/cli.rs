@@ -72,3 +72,77 @@ fn version() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("llmproxy "));
 }
+
+/// The CPUs `pid`'s threads named `worker-*` may run on, from /proc.
+fn worker_cpus(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        if !comm.starts_with("worker-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        out.push(cpus);
+    }
+    out
+}
+
+#[test]
+fn workers_stay_inside_the_cpus_the_process_may_use() {
+    // The last CPU this test may use: under `taskset -c N`, `workers: 0` starts one
+    // worker, pinned to N (not to CPU 0, outside the set the operator allowed).
+    let allowed = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:").map(str::to_owned))
+        .unwrap();
+    let last = allowed
+        .trim()
+        .rsplit([',', '-'])
+        .next()
+        .unwrap()
+        .to_string();
+    let dir = temp_dir();
+    let path = dir.join("config.yaml");
+    std::fs::write(
+        &path,
+        "listen: \"127.0.0.1:0\"\nworkers: 0\nbackends:\n  - url: \"http://127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", &last])
+        .arg(proxy_bin())
+        .arg("--config")
+        .arg(&path)
+        .current_dir(&dir);
+    let p = spawn(cmd);
+    assert!(p.output().contains("(1 workers on CPUs "), "{}", p.output());
+    wait_until("the worker thread", 5, || {
+        !worker_cpus(p.child.id()).is_empty()
+    });
+    assert_eq!(worker_cpus(p.child.id()), [last.clone()]);
+    // Two workers asked for on one allowed CPU: both on it.
+    std::fs::write(
+        &path,
+        "listen: \"127.0.0.1:0\"\nworkers: 2\nbackends:\n  - url: \"http://127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", &last])
+        .arg(proxy_bin())
+        .arg("--config")
+        .arg(&path)
+        .current_dir(&dir);
+    let p = spawn(cmd);
+    wait_until("two worker threads", 5, || {
+        worker_cpus(p.child.id()).len() == 2
+    });
+    assert_eq!(worker_cpus(p.child.id()), [last.clone(), last]);
+}

@@ -88,10 +88,15 @@ pub fn spawn(mut cmd: Command) -> Proc {
         let tx = tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
-                }
+                let addr = line
+                    .split("listening on ")
+                    .nth(1)
+                    .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string());
+                // Kept before the address is reported: the caller may read it at once.
                 lines.lock().unwrap().push(line);
+                if let Some(addr) = addr {
+                    let _ = tx.send(addr);
+                }
             }
         });
     }
