@@ -127,7 +127,7 @@ fn workers_stay_inside_the_cpus_the_process_may_use() {
     wait_until("the worker thread", 5, || {
         !worker_cpus(p.child.id()).is_empty()
     });
-    assert_eq!(worker_cpus(p.child.id()), [last.clone()]);
+    assert_eq!(worker_cpus(p.child.id()), std::slice::from_ref(&last));
     // Two workers asked for on one allowed CPU: both on it.
     std::fs::write(
         &path,
