@@ -50,22 +50,57 @@ impl Proc {
     }
 }
 
+/// An example binary (mock vLLM, webhook receiver), built on first use with the test's
+/// own profile, so a plain `cargo test` works on a fresh clone (scripts/test.sh builds
+/// them beforehand; then this is a no-op check).
 pub fn example(name: &str) -> PathBuf {
-    // tests run from target/<profile>/deps; examples are built to target/<profile>/examples.
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    // Tests run from target/<profile>/deps; examples go to target/<profile>/examples.
     let exe = std::env::current_exe().unwrap();
-    let dir = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let built = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "--examples"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => {}
+            Some(profile) => {
+                cmd.args([
+                    "--profile",
+                    if profile == "release" {
+                        "release"
+                    } else {
+                        profile
+                    },
+                ]);
+            }
+        }
+        match cmd.status() {
+            Ok(s) if s.success() => Ok(()),
+            other => Err(format!("`cargo build --examples` failed: {other:?}")),
+        }
+    });
+    let path = profile_dir.join("examples").join(name);
     assert!(
-        dir.exists(),
-        "{} missing: run scripts/test.sh, or `cargo build --examples` before `cargo test`",
-        dir.display()
+        path.exists(),
+        "{} missing ({built:?}): run scripts/test.sh, or `cargo build --examples`",
+        path.display()
     );
-    dir
+    path
+}
+
+/// The Python with the openai SDK and prometheus_client: LLMPROXY_TEST_PYTHON, else the
+/// repository's `.venv` (scripts/test.sh makes it), else `python3`.
+pub fn python() -> String {
+    std::env::var("LLMPROXY_TEST_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+        if std::path::Path::new(venv).exists() {
+            venv.into()
+        } else {
+            "python3".into()
+        }
+    })
 }
 
 pub fn proxy_bin() -> PathBuf {

@@ -219,7 +219,14 @@ fn rand_suffix() -> u128 {
 
 #[test]
 fn metrics_parse_as_prometheus_text_and_match_traffic() {
-    let python = std::env::var("LLMPROXY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let python = python();
+    let probe = std::process::Command::new(&python)
+        .args(["-c", "import prometheus_client"])
+        .output();
+    assert!(
+        probe.as_ref().is_ok_and(|o| o.status.success()),
+        "prometheus_client is not importable with {python}: run scripts/test.sh (it makes .venv), or `pip install prometheus_client` and set LLMPROXY_TEST_PYTHON"
+    );
     let s = Stack::start();
     for i in 0..6 {
         post_json(

@@ -9,7 +9,7 @@ use std::process::Command;
 
 #[test]
 fn openai_sdk_does_not_notice_the_proxy() {
-    let python = std::env::var("LLMPROXY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let python = python();
     let probe = Command::new(&python).args(["-c", "import openai"]).output();
     assert!(
         probe.as_ref().is_ok_and(|o| o.status.success()),
