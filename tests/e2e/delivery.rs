@@ -168,11 +168,13 @@ fn kill_9_then_restart_delivers_what_was_spooled() {
     wait_until("spool drained", 10, || {
         metric(&second.addr, "llmproxy_usage_spool_bytes") == 0.0
     });
-    // A restart again delivers nothing twice: the cursor moved past every record.
+    // A restart again delivers nothing twice: the cursor moved past every record. A
+    // sentinel request through the third process is delivered after any re-delivery.
     drop(second);
     let third = proxy_with_config(&config(port, &spool, "", &mock.addr));
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(raw_posts(&receiver).len(), 30);
+    send(&third.addr, 1, "t-crash-sentinel");
+    wait_record(&receiver, "t-crash-sentinel-0");
+    assert_eq!(raw_posts(&receiver).len(), 31);
     drop(third);
 }
 
@@ -220,16 +222,18 @@ fn torn_last_line_is_skipped_and_the_rest_delivered() {
     )
     .unwrap();
     let proxy = proxy_with_config(&config(port, &spool, "", &mock.addr));
-    let got = wait_records(&receiver, 2);
-    std::thread::sleep(Duration::from_millis(300));
+    // Sentinel: a new request's record comes after everything in the old segment.
+    send(&proxy.addr, 1, "t-torn-sentinel");
+    wait_record(&receiver, "t-torn-sentinel-0");
+    let got = fetch_records(&receiver);
     assert_eq!(
-        ids_of(&fetch_records(&receiver)),
-        ["t-torn-1", "t-torn-2"]
+        ids_of(&got),
+        ["t-torn-1", "t-torn-2", "t-torn-sentinel-0"]
             .iter()
             .map(|s| s.to_string())
             .collect()
     );
-    assert_eq!(got.len(), 2);
+    assert_eq!(got.len(), 3);
     assert!(proxy.output().contains("torn"), "{}", proxy.output());
 }
 

@@ -225,6 +225,7 @@ fn more_malformed_requests_are_refused_and_never_forwarded() {
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: a\rx: b\r\n\r\n",
         b"POST /v1/chat/completions HTTP/1.1\r\nbad header: a\r\n\r\n",
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n10000000000000000\r\n",
+        // A coding the proxy does not implement: 501 (RFC 9112 §6.1).
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\ntransfer-encoding: identity\r\n\r\n",
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\ncontent-length: 01\r\n\r\n{",
     ];
@@ -234,8 +235,13 @@ fn more_malformed_requests_are_refused_and_never_forwarded() {
         let _ = sock.shutdown(std::net::Shutdown::Write);
         let (got, _, closed) = read_until_closed(&mut sock, Duration::from_secs(5));
         let text = String::from_utf8_lossy(&got);
+        let want = if c.windows(8).any(|w| w == b"identity") {
+            "HTTP/1.1 501"
+        } else {
+            "HTTP/1.1 400"
+        };
         assert!(
-            text.starts_with("HTTP/1.1 400"),
+            text.starts_with(want),
             "{:?} -> {text}",
             String::from_utf8_lossy(c)
         );
