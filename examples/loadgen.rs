@@ -1,5 +1,6 @@
 //! A small load generator for drills: N keep-alive connections POSTing chat
-//! completions (half streamed) for a while, each with its own X-Request-Id, writing
+//! completions (half streamed) for a while, each with its own X-Request-Id (kept in
+//! the record as client_request_id), writing
 //! the ids that got a complete 200 to a file so a drill can check every one of them
 //! reached billing. Connection failures (a proxy restart) are retried, not counted.
 //!

@@ -55,7 +55,8 @@ python3 - "$W" <<'PY'
 import json, sys
 w = sys.argv[1]
 sent = set(l.strip() for l in open(f"{w}/ids.txt") if l.strip())
-raw = [json.loads(l)["request_id"] for l in open(f"{w}/raw.jsonl")]
+# The loadgen sends its own X-Request-Id: the records keep it as client_request_id.
+raw = [json.loads(l)["client_request_id"] for l in open(f"{w}/raw.jsonl")]
 got = set(raw)
 missing = sent - got
 print(f"==> requests answered 200: {len(sent)}; records received: {len(got)} unique, {len(raw) - len(got)} duplicate POSTs; missing: {len(missing)}")
