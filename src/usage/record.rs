@@ -285,13 +285,16 @@ mod tests {
         assert_eq!(v["prompt_tokens_details"]["cached_tokens"], 8);
         assert_eq!(v["ttft_ms"], 41);
         assert_eq!(v["outcome"], "completed");
-        assert_eq!(v.as_object().unwrap().len(), 17);
+        assert!(v["client_request_id"].is_null());
+        assert_eq!(v.as_object().unwrap().len(), 18);
         let mut r = record();
         r.ttft_ms = None;
         r.usage.details.clear();
+        r.client_request_id = Some("trace-\"1\"".into());
         let v: serde_json::Value = serde_json::from_slice(&r.to_json()).unwrap();
         assert!(v["ttft_ms"].is_null());
-        assert_eq!(v.as_object().unwrap().len(), 16);
+        assert_eq!(v["client_request_id"], "trace-\"1\"");
+        assert_eq!(v.as_object().unwrap().len(), 17);
     }
 
     #[test]
