@@ -162,14 +162,15 @@ fn heads_and_records(c: &mut Criterion) {
         user_id: "user_alice".into(),
         api_key: "sk-pro...9f2a".into(),
         model: "meta-llama/Llama-3-8b-Instruct".into(),
-        usage: Usage {
-            prompt_tokens: 15,
-            completion_tokens: 42,
-            total_tokens: 57,
-            details: r#""prompt_tokens_details":{"cached_tokens":8}"#.into(),
+        usage: {
+            let mut u = Usage::default();
+            u.parse_into(
+                br#"{"prompt_tokens":15,"completion_tokens":42,"total_tokens":57,"prompt_tokens_details":{"cached_tokens":8}}"#,
+            );
+            u
         },
         is_stream: true,
-        endpoint: "/v1/chat/completions",
+        endpoint: "/v1/chat/completions".into(),
         timestamp: std::time::SystemTime::now(),
         backend_url: "http://vllm:8000".into(),
         status_code: 200,

@@ -286,7 +286,7 @@ fn words(v: &Value) -> u64 {
     match v {
         Value::String(s) => s.split_whitespace().count() as u64,
         Value::Array(a) => a.iter().map(words).sum(),
-        Value::Object(o) => o.get("content").map_or(0, words),
+        Value::Object(o) => o.get("content").or_else(|| o.get("text")).map_or(0, words),
         _ => 0,
     }
 }
@@ -384,6 +384,36 @@ impl Mock {
             }
             ("POST", "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings") => {
                 self.generate(req, route, w)
+            }
+            ("POST", "/v1/responses" | "/v1/messages") => self.typed_stream_api(req, route, w),
+            (
+                "POST",
+                "/rerank" | "/v1/rerank" | "/v2/rerank" | "/score" | "/v1/score" | "/pooling"
+                | "/classify" | "/v2/embed",
+            ) => self.pooling(req, route, w),
+            ("POST", "/v1/audio/transcriptions" | "/v1/audio/translations") => self.audio(req, w),
+            ("POST", "/v1/messages/count_tokens" | "/tokenize") => {
+                let body: Value = serde_json::from_slice(&req.body).unwrap_or_default();
+                let n = words(&body["messages"]) + words(&body["prompt"]);
+                let resp = if route == "/tokenize" {
+                    json!({"count": n, "max_model_len": 4096, "tokens": (0..n).collect::<Vec<u64>>()})
+                } else {
+                    json!({"input_tokens": n})
+                };
+                http::respond(w, 200, "application/json", resp.to_string().as_bytes())
+            }
+            ("POST", "/detokenize") => {
+                http::respond(w, 200, "application/json", br#"{"prompt":"tok0 tok1"}"#)
+            }
+            ("GET", r) if r.starts_with("/v1/responses/") => {
+                let id = &r["/v1/responses/".len()..];
+                let resp = json!({"id": id, "object": "response", "created_at": 0, "model": self.models[0], "status": "completed", "output": [], "usage": null});
+                http::respond(w, 200, "application/json", resp.to_string().as_bytes())
+            }
+            ("POST", r) if r.starts_with("/v1/responses/") && r.ends_with("/cancel") => {
+                let id = &r["/v1/responses/".len()..r.len() - "/cancel".len()];
+                let resp = json!({"id": id, "object": "response", "created_at": 0, "model": self.models[0], "status": "cancelled", "output": [], "usage": null});
+                http::respond(w, 200, "application/json", resp.to_string().as_bytes())
             }
             _ => http::respond(w, 404, "application/json", &error_json(404, "not found")),
         }
@@ -569,6 +599,306 @@ impl Mock {
     }
 }
 
+impl Mock {
+    /// The JSON body of a request, or the 400 already answered.
+    fn json_body(&self, req: &http::Request, w: &mut TcpStream) -> Option<Value> {
+        match serde_json::from_slice::<Value>(&req.body) {
+            Ok(v) if self.models.iter().any(|m| v["model"] == m.as_str()) => Some(v),
+            Ok(v) => {
+                let msg = format!("The model `{}` does not exist.", v["model"]);
+                let _ = http::respond(w, 404, "application/json", &error_json(404, &msg));
+                None
+            }
+            Err(e) => {
+                let _ = http::respond(w, 400, "application/json", &error_json(400, &e.to_string()));
+                None
+            }
+        }
+    }
+
+    /// vLLM's pooling-family APIs: rerank (`{prompt_tokens, total_tokens}`), score,
+    /// pooling, classify (`UsageInfo`), and Cohere's `/v2/embed` (`meta.billed_units`).
+    fn pooling(
+        &self,
+        req: &http::Request,
+        route: &str,
+        w: &mut TcpStream,
+    ) -> std::io::Result<bool> {
+        let Some(body) = self.json_body(req, w) else {
+            return Ok(true);
+        };
+        let model = body["model"].clone();
+        let n = (words(&body["query"])
+            + words(&body["documents"])
+            + words(&body["text_1"])
+            + words(&body["text_2"])
+            + words(&body["input"])
+            + words(&body["texts"]))
+        .max(1);
+        let resp = match route {
+            "/rerank" | "/v1/rerank" | "/v2/rerank" => json!({
+                "id": "rerank-mock", "model": model,
+                "usage": {"prompt_tokens": n, "total_tokens": n},
+                "results": [{"index": 0, "document": {"text": "d"}, "relevance_score": 0.9}]
+            }),
+            "/score" | "/v1/score" => json!({
+                "id": "score-mock", "object": "list", "created": 0, "model": model,
+                "data": [{"index": 0, "object": "score", "score": 0.5}],
+                "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0, "prompt_tokens_details": null}
+            }),
+            "/v2/embed" => json!({
+                "id": "embd-mock", "embeddings": {"float": [[0.1, 0.2]]}, "texts": [],
+                "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": n}}
+            }),
+            _ => json!({
+                "id": "pool-mock", "object": "list", "created": 0, "model": model,
+                "data": [{"index": 0, "object": "pooling", "data": [0.1, 0.2]}],
+                "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0, "prompt_tokens_details": null}
+            }),
+        };
+        http::respond(w, 200, "application/json", resp.to_string().as_bytes())
+    }
+
+    /// OpenAI Responses and Anthropic Messages, in vLLM's shapes: named events
+    /// (`event:` lines); Responses has no `[DONE]`, Messages ends with one; Messages
+    /// reports input in `message_start` and the cumulative usage in `message_delta`.
+    fn typed_stream_api(
+        &self,
+        req: &http::Request,
+        route: &str,
+        w: &mut TcpStream,
+    ) -> std::io::Result<bool> {
+        let Some(body) = self.json_body(req, w) else {
+            return Ok(true);
+        };
+        let model = body["model"].as_str().unwrap_or_default().to_string();
+        let num = |h: &str| req.header(h).and_then(|v| v.parse::<u64>().ok());
+        let responses = route == "/v1/responses";
+        let prompt = if responses {
+            words(&body["input"]) + words(&body["instructions"])
+        } else {
+            words(&body["messages"]) + words(&body["system"])
+        }
+        .max(1);
+        let completion = num("x-mock-tokens")
+            .or(body["max_output_tokens"].as_u64())
+            .or(body["max_tokens"].as_u64())
+            .unwrap_or(self.tokens);
+        let text: String = (0..completion).map(|i| format!("tok{i} ")).collect();
+        let responses_usage = |c: u64| json!({"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": c, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + c});
+        let response = |status: &str, c: u64, text: &str, usage: Value| {
+            json!({
+                "id": "resp_mock", "object": "response", "created_at": 0, "model": model,
+                "status": status, "parallel_tool_calls": true, "tool_choice": "auto", "tools": [],
+                "output": [{"type": "message", "id": "msg_mock", "role": "assistant", "status": status,
+                            "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                "usage": usage, "max_output_tokens": c,
+            })
+        };
+        let message = |text: &str, usage: Value| {
+            json!({
+                "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "max_tokens", "stop_sequence": null, "usage": usage,
+            })
+        };
+        if body["stream"].as_bool() != Some(true) {
+            let resp = if responses {
+                response("completed", completion, &text, responses_usage(completion))
+            } else {
+                message(
+                    &text,
+                    json!({"input_tokens": prompt, "output_tokens": completion, "cache_read_input_tokens": 0}),
+                )
+            };
+            return http::respond(w, 200, "application/json", resp.to_string().as_bytes());
+        }
+        let delay = num("x-mock-token-delay-ms").unwrap_or(self.token_delay);
+        let fail = req.header("x-mock-fail").unwrap_or("");
+        w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n")?;
+        let mut sse = SseWriter {
+            w,
+            split: num("x-mock-split").unwrap_or(0) as usize,
+        };
+        let mut seq = 0u64;
+        let mut named = |sse: &mut SseWriter<'_>, kind: &str, mut v: Value| {
+            v["type"] = json!(kind);
+            if responses {
+                v["sequence_number"] = json!(seq);
+                seq += 1;
+            }
+            sse.named(kind, &v.to_string())
+        };
+        if responses {
+            named(
+                &mut sse,
+                "response.created",
+                json!({"response": response("in_progress", completion, "", Value::Null)}),
+            )?;
+            named(
+                &mut sse,
+                "response.in_progress",
+                json!({"response": response("in_progress", completion, "", Value::Null)}),
+            )?;
+            named(
+                &mut sse,
+                "response.output_item.added",
+                json!({"output_index": 0, "item": {"type": "message", "id": "msg_mock", "role": "assistant", "status": "in_progress", "content": []}}),
+            )?;
+            named(
+                &mut sse,
+                "response.content_part.added",
+                json!({"output_index": 0, "content_index": 0, "item_id": "msg_mock", "part": {"type": "output_text", "text": "", "annotations": []}}),
+            )?;
+        } else {
+            named(
+                &mut sse,
+                "message_start",
+                json!({"message": message("", json!({"input_tokens": prompt, "output_tokens": 0}))}),
+            )?;
+            named(
+                &mut sse,
+                "content_block_start",
+                json!({"index": 0, "content_block": {"type": "text", "text": ""}}),
+            )?;
+        }
+        for i in 0..completion {
+            if fail == "reset" && i == 2 {
+                let _ = sse.w.flush();
+                let _ = sse.w.shutdown(std::net::Shutdown::Both);
+                return Ok(false);
+            }
+            let tok = format!("tok{i} ");
+            if responses {
+                named(
+                    &mut sse,
+                    "response.output_text.delta",
+                    json!({"output_index": 0, "content_index": 0, "item_id": "msg_mock", "delta": tok, "logprobs": []}),
+                )?;
+            } else {
+                named(
+                    &mut sse,
+                    "content_block_delta",
+                    json!({"index": 0, "delta": {"type": "text_delta", "text": tok}}),
+                )?;
+            }
+            if delay > 0 {
+                std::thread::sleep(Duration::from_millis(delay));
+            }
+        }
+        if responses {
+            named(
+                &mut sse,
+                "response.output_text.done",
+                json!({"output_index": 0, "content_index": 0, "item_id": "msg_mock", "text": text, "logprobs": []}),
+            )?;
+            named(
+                &mut sse,
+                "response.completed",
+                json!({"response": response("completed", completion, &text, responses_usage(completion))}),
+            )?;
+        } else {
+            named(&mut sse, "content_block_stop", json!({"index": 0}))?;
+            named(
+                &mut sse,
+                "message_delta",
+                json!({"delta": {"stop_reason": "max_tokens"}, "usage": {"input_tokens": prompt, "output_tokens": completion}}),
+            )?;
+            named(&mut sse, "message_stop", json!({}))?;
+            sse.event("[DONE]")?;
+        }
+        sse.w.write_all(b"0\r\n\r\n")?;
+        Ok(true)
+    }
+
+    /// Transcriptions and translations: a multipart form (model, file, stream and the
+    /// flattened stream options). Not streamed: `{"text", "usage": {"type":
+    /// "duration", "seconds"}}` (one second per 16,000 bytes of audio, at least 1);
+    /// streamed: chat-like chunks, the usage chunk only with `stream_include_usage`.
+    fn audio(&self, req: &http::Request, w: &mut TcpStream) -> std::io::Result<bool> {
+        let form = match form_fields(req) {
+            Ok(f) => f,
+            Err(e) => return http::respond(w, 400, "application/json", &error_json(400, e)),
+        };
+        let field = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let model = field("model")
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default();
+        if !self.models.contains(&model) {
+            return http::respond(
+                w,
+                404,
+                "application/json",
+                &error_json(404, &format!("The model `{model}` does not exist.")),
+            );
+        }
+        let audio_len = field("file").map_or(0, |f| f.len() as u64);
+        let yes = |k: &str| field(k).is_some_and(|v| v.eq_ignore_ascii_case(b"true"));
+        let completion = req
+            .header("x-mock-tokens")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(self.tokens);
+        let text: String = (0..completion).map(|i| format!("tok{i} ")).collect();
+        if !yes("stream") {
+            let resp = json!({"text": text, "usage": {"type": "duration", "seconds": (audio_len / 16_000).max(1)}});
+            return http::respond(w, 200, "application/json", resp.to_string().as_bytes());
+        }
+        let prompt = (audio_len / 1_000).max(1);
+        w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n")?;
+        let mut sse = SseWriter { w, split: 0 };
+        let continuous = yes("stream_continuous_usage_stats");
+        let usage = |c: u64| json!({"prompt_tokens": prompt, "total_tokens": prompt + c, "completion_tokens": c});
+        for i in 0..completion {
+            let mut v = json!({"id": "trsc-mock", "object": "transcription.chunk", "created": 0, "model": model, "choices": [{"delta": {"content": format!("tok{i} ")}, "finish_reason": null, "stop_reason": null}]});
+            if continuous {
+                v["usage"] = usage(i + 1);
+            }
+            sse.event(&v.to_string())?;
+        }
+        if yes("stream_include_usage") {
+            let v = json!({"id": "trsc-mock", "object": "transcription.chunk", "created": 0, "model": model, "choices": [], "usage": usage(completion)});
+            sse.event(&v.to_string())?;
+        }
+        sse.event("[DONE]")?;
+        sse.w.write_all(b"0\r\n\r\n")?;
+        Ok(true)
+    }
+}
+
+/// The parts of a `multipart/form-data` body: (name, content), by a plain split on
+/// the delimiter (the proxy's own scanner is not used: the mock checks it).
+fn form_fields(req: &http::Request) -> Result<Vec<(String, Vec<u8>)>, &'static str> {
+    let ctype = req.header("content-type").unwrap_or("");
+    let boundary = ctype
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("boundary="))
+        .map(|b| b.trim_matches('"').to_string())
+        .ok_or("no multipart boundary")?;
+    let delimiter = format!("--{boundary}");
+    let body = &req.body;
+    let mut parts = Vec::new();
+    let mut at = memchr::memmem::find(body, delimiter.as_bytes()).ok_or("no first boundary")?;
+    loop {
+        let rest = &body[at + delimiter.len()..];
+        if rest.starts_with(b"--") {
+            return Ok(parts);
+        }
+        let rest = rest.strip_prefix(b"\r\n").ok_or("bad delimiter line")?;
+        let head_end = memchr::memmem::find(rest, b"\r\n\r\n").ok_or("no part head end")?;
+        let head = String::from_utf8_lossy(&rest[..head_end]).into_owned();
+        let name = head
+            .split(';')
+            .find_map(|p| p.trim().strip_prefix("name="))
+            .map(|n| n.trim_matches('"').to_string())
+            .ok_or("part without a name")?;
+        let content = &rest[head_end + 4..];
+        let next = format!("\r\n{delimiter}");
+        let end = memchr::memmem::find(content, next.as_bytes()).ok_or("part without an end")?;
+        parts.push((name, content[..end].to_vec()));
+        at = (content.as_ptr() as usize - body.as_ptr() as usize) + end + 2;
+    }
+}
+
 /// A chat stream the pacer feeds: role chunk, `total` tokens one per `every`, the
 /// last chunk, the usage chunk if asked, `[DONE]`, and the end of the chunked body.
 struct Paced {
@@ -702,7 +1032,15 @@ struct SseWriter<'a> {
 
 impl SseWriter<'_> {
     fn event(&mut self, data: &str) -> std::io::Result<()> {
-        let ev = format!("data: {data}\n\n");
+        self.raw(&format!("data: {data}\n\n"))
+    }
+
+    /// `event: NAME` and `data: ...` (Responses, Anthropic Messages).
+    fn named(&mut self, event: &str, data: &str) -> std::io::Result<()> {
+        self.raw(&format!("event: {event}\ndata: {data}\n\n"))
+    }
+
+    fn raw(&mut self, ev: &str) -> std::io::Result<()> {
         let bytes = ev.as_bytes();
         let step = if self.split == 0 {
             bytes.len()

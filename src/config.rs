@@ -308,6 +308,14 @@ pub struct Limits {
     pub shutdown_timeout: Dur,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Request bodies of the audio routes (multipart uploads: files of 25 MB are
+    /// common), which are streamed to the backend rather than held.
+    #[serde(default = "default_max_audio_body")]
+    pub max_audio_body: ByteSize,
+}
+
+fn default_max_audio_body() -> ByteSize {
+    ByteSize(64 << 20)
 }
 
 fn default_max_body() -> ByteSize {
@@ -346,6 +354,7 @@ impl Default for Limits {
             first_byte_timeout: default_first_byte_timeout(),
             shutdown_timeout: default_shutdown_timeout(),
             max_connections: default_max_connections(),
+            max_audio_body: default_max_audio_body(),
         }
     }
 }
@@ -369,6 +378,31 @@ pub struct Config {
     /// `stdout`, `off`, or a file path.
     #[serde(default = "default_access_log")]
     pub access_log: String,
+    #[serde(default)]
+    pub routes: RoutesConfig,
+}
+
+/// `routes`: what the operator adds to the route table (`src/routes.rs`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesConfig {
+    /// Forward `/v1/responses` with `background: true` (its record then says
+    /// `usage_source: none`: the proxy sees only the first answer).
+    #[serde(default)]
+    pub allow_background: bool,
+    /// Further paths to forward, any method; each request still gets a record.
+    #[serde(default)]
+    pub extra: Vec<ExtraRoute>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraRoute {
+    pub path: String,
+    /// Read `model` from a JSON body and the top-level `usage` of the answer;
+    /// otherwise the record has zero usage (`usage_source: none`).
+    #[serde(default)]
+    pub metered: bool,
 }
 
 fn default_access_log() -> String {
@@ -497,6 +531,28 @@ impl Config {
                         "\"{name}\" is used by two backends; names label metrics and must be unique"
                     ),
                 );
+            }
+        }
+        let mut extra = std::collections::HashSet::new();
+        for (i, e) in self.routes.extra.iter().enumerate() {
+            let key = format!("routes.extra[{i}].path");
+            if !e.path.starts_with('/')
+                || e.path.contains(['?', '#', ' ', '\t'])
+                || e.path.len() > 256
+            {
+                return err(
+                    &key,
+                    format!("expected a path like \"/v1/foo\", got \"{}\"", e.path),
+                );
+            }
+            if crate::routes::is_fixed(&e.path) {
+                return err(
+                    &key,
+                    format!("\"{}\" is in the route table already", e.path),
+                );
+            }
+            if !extra.insert(e.path.as_str()) {
+                return err(&key, format!("\"{}\" is listed twice", e.path));
             }
         }
         let hook = &self.usage_hook;

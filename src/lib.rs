@@ -13,6 +13,7 @@ pub mod io;
 pub mod log;
 pub mod metrics;
 pub mod relay;
+pub mod routes;
 pub mod scan;
 pub mod server;
 pub mod sse;

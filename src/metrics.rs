@@ -19,19 +19,6 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
-/// Path label values: the API's own paths, everything else folded so label
-/// cardinality stays bounded whatever callers send.
-pub const PATHS: [&str; 8] = [
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/models",
-    "/v1/other",
-    "/health",
-    "/metrics",
-    "other",
-];
-
 /// A label value escaped per the Prometheus text format: backslash, double quote and
 /// newline (a backend named with any of them must not break the whole page).
 fn label_value(v: &str) -> std::borrow::Cow<'_, str> {
@@ -50,19 +37,6 @@ fn label_value(v: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
-pub fn path_index(route: &str) -> usize {
-    match route {
-        "/v1/chat/completions" => 0,
-        "/v1/completions" => 1,
-        "/v1/embeddings" => 2,
-        "/v1/models" => 3,
-        "/health" => 5,
-        "/metrics" => 6,
-        r if r.starts_with("/v1/") => 4,
-        _ => 7,
-    }
-}
-
 const STATUSES: usize = 500; // 100..=599
 /// Backend label slots, slot 0 being `none` (the proxy answered itself) and the last
 /// `other`: reloads that bring more distinct backend names than the slots between count
@@ -71,7 +45,12 @@ pub const MAX_BACKEND_SLOTS: usize = 256;
 /// The slot of the backends past the named ones.
 const OTHER_SLOT: usize = MAX_BACKEND_SLOTS - 1;
 /// Rows per backend label slot: one per (path, stream).
-const ROWS: usize = PATHS.len() * 2;
+/// Path label values come from the route table (`routes::LABELS`): each path of
+/// the table, the patterns, `extra` and `other`, so their number is bounded whatever
+/// callers send.
+fn rows() -> usize {
+    crate::routes::LABELS.len() * 2
+}
 /// A slot's rows, each `STATUSES` counters, allocated on first use.
 type Rows = Box<[OnceLock<Box<[Counter]>>]>;
 
@@ -264,7 +243,7 @@ impl WorkerMetrics {
         let b = slot.unwrap_or(0).min(OTHER_SLOT);
         let s = (status.clamp(100, 599) - 100) as usize;
         let rows =
-            self.shard().requests[b].get_or_init(|| (0..ROWS).map(|_| OnceLock::new()).collect());
+            self.shard().requests[b].get_or_init(|| (0..rows()).map(|_| OnceLock::new()).collect());
         let Some(row) = rows.get(path * 2 + stream as usize) else {
             return;
         };
@@ -405,7 +384,7 @@ impl Metrics {
         );
         for slot in 0..MAX_BACKEND_SLOTS {
             let backend = label_value(names.get(slot).map_or("other", String::as_str));
-            for row in 0..ROWS {
+            for row in 0..rows() {
                 let parts: Vec<&[Counter]> = self
                     .shards
                     .iter()
@@ -414,7 +393,7 @@ impl Metrics {
                 if parts.is_empty() {
                     continue;
                 }
-                let (path, stream) = (PATHS[row / 2], row % 2 == 1);
+                let (path, stream) = (crate::routes::LABELS[row / 2], row % 2 == 1);
                 for i in 0..STATUSES {
                     let v: u64 = parts.iter().map(|c| c[i].get()).sum();
                     if v == 0 {
@@ -627,8 +606,9 @@ mod tests {
         let (_a, b) = (m.slot("a"), m.slot("b"));
         assert_eq!(m.slot("b"), b);
         w.count_request(0, true, Some(b), 200);
-        w.count_request(7, false, None, 401);
-        w.count_request(7, false, None, 401);
+        let other = crate::routes::other_label();
+        w.count_request(other, false, None, 401);
+        w.count_request(other, false, None, 401);
         let text = m.render(&[], 0);
         assert!(text.contains("llmproxy_requests_total{path=\"/v1/chat/completions\",stream=\"true\",backend=\"b\",status=\"200\"} 1"), "{text}");
         assert!(text.contains("llmproxy_requests_total{path=\"other\",stream=\"false\",backend=\"none\",status=\"401\"} 2"));

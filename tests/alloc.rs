@@ -55,7 +55,12 @@ fn upstream_stream() -> Vec<u8> {
 }
 
 fn relay_once(r: &mut BodyRelay, mode: Mode, upstream: &[u8], out: &mut Vec<u8>) {
-    r.start(mode, true);
+    r.start(
+        mode,
+        true,
+        llmproxy::routes::StreamShape::Chat,
+        llmproxy::routes::UsageAt::Usage,
+    );
     let mut dec = BodyDecoder::new(Framing::Chunked);
     // Reads of an odd size, so events and chunk heads straddle them.
     for read in upstream.chunks(777) {

@@ -881,7 +881,7 @@ mod tests {
             model: "m".into(),
             usage: Default::default(),
             is_stream: false,
-            endpoint: "/v1/chat/completions",
+            endpoint: "/v1/chat/completions".into(),
             timestamp: SystemTime::now(),
             backend_url: Arc::from("http://b"),
             status_code: 200,

@@ -1,5 +1,7 @@
-//! Every error the proxy answers itself, and the one place that turns it into an
-//! OpenAI-shaped JSON response with `X-Request-Id`.
+//! Every error the proxy answers itself, and the one place that turns it into a JSON
+//! response with `X-Request-Id`: OpenAI's shape, or Anthropic's on its routes.
+
+use crate::routes::ErrorShape;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProxyError {
@@ -97,11 +99,42 @@ impl ProxyError {
         )
     }
 
-    /// Appends the full HTTP response for this error to `out`.
+    /// Anthropic's error type for this error (what its SDK maps to an exception).
+    fn anthropic_kind(&self) -> &'static str {
+        match self.status() {
+            401 => "authentication_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 => "overloaded_error",
+            504 => "timeout_error",
+            400..=499 => "invalid_request_error",
+            _ => "api_error",
+        }
+    }
+
+    /// Appends the full HTTP response for this error to `out`, OpenAI-shaped.
     pub fn write_response(&self, out: &mut Vec<u8>, request_id: &str, keep_alive: bool) {
-        let body = serde_json::json!({
-            "error": {"message": self.message(), "type": self.kind(), "code": self.code()}
-        });
+        self.write_response_shaped(out, request_id, keep_alive, ErrorShape::OpenAi);
+    }
+
+    /// Appends the full HTTP response for this error to `out`, in the route's shape.
+    pub fn write_response_shaped(
+        &self,
+        out: &mut Vec<u8>,
+        request_id: &str,
+        keep_alive: bool,
+        shape: ErrorShape,
+    ) {
+        let body = match shape {
+            ErrorShape::OpenAi => serde_json::json!({
+                "error": {"message": self.message(), "type": self.kind(), "code": self.code()}
+            }),
+            ErrorShape::Anthropic => serde_json::json!({
+                "type": "error",
+                "error": {"type": self.anthropic_kind(), "message": self.message()}
+            }),
+        };
         let body = body.to_string();
         write_response(
             out,

@@ -1,6 +1,7 @@
-//! HTTP/1.1 on httparse: request and response heads, body framing, and the proxy's own
-//! OpenAI-shaped error responses.
+//! HTTP/1.1 on httparse: request and response heads, body framing, multipart form
+//! fields, and the proxy's own error responses.
 
 pub mod body;
 pub mod error;
 pub mod head;
+pub mod multipart;

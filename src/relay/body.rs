@@ -11,6 +11,7 @@
 //! does not allocate.
 
 use crate::http::body::{LAST_CHUNK, encode_chunk, push_hex};
+use crate::routes::{StreamShape, UsageAt};
 use crate::sse::SseScanner;
 use crate::usage::json::{UsageFinder, member_span};
 use crate::usage::{EventKind, StreamMeter};
@@ -52,6 +53,7 @@ struct Edit {
 
 pub struct BodyRelay {
     mode: Mode,
+    usage_at: UsageAt,
     chunked: bool,
     scanner: SseScanner,
     finder: UsageFinder,
@@ -71,6 +73,7 @@ impl Default for BodyRelay {
     fn default() -> Self {
         BodyRelay {
             mode: Mode::Raw,
+            usage_at: UsageAt::Usage,
             chunked: false,
             scanner: SseScanner::new(),
             finder: UsageFinder::new(),
@@ -86,13 +89,18 @@ impl Default for BodyRelay {
 }
 
 impl BodyRelay {
-    /// Starts a new response body, keeping every buffer's capacity.
-    pub fn start(&mut self, mode: Mode, chunked: bool) {
+    /// Starts a new response body, keeping every buffer's capacity. `shape` and
+    /// `usage_at` say where the route's responses report usage.
+    pub fn start(&mut self, mode: Mode, chunked: bool, shape: StreamShape, usage_at: UsageAt) {
         self.mode = mode;
+        self.usage_at = usage_at;
         self.chunked = chunked;
         self.scanner.reset();
-        self.finder.reset();
-        self.meter.reset();
+        self.finder.reset_for(match usage_at {
+            UsageAt::Usage => b"usage",
+            UsageAt::CohereMeta => b"meta",
+        });
+        self.meter.reset(shape);
         self.first_output = None;
         self.hold.clear();
         self.cut_lf_at = None;
@@ -227,7 +235,10 @@ impl BodyRelay {
         if self.mode == Mode::Json
             && let Some(raw) = self.finder.usage()
         {
-            self.meter.observe_usage(raw);
+            match self.usage_at {
+                UsageAt::Usage => self.meter.observe_usage(raw),
+                UsageAt::CohereMeta => self.meter.observe_cohere_meta(raw),
+            }
         }
     }
 }
@@ -323,7 +334,7 @@ mod tests {
 
     fn run(input: &[u8], mode: Mode, cuts: &[usize]) -> (Vec<u8>, StreamMeter) {
         let mut r = BodyRelay::default();
-        r.start(mode, false);
+        r.start(mode, false, StreamShape::Chat, UsageAt::Usage);
         let mut out = Vec::new();
         for piece in crate::testing::pieces(input, cuts) {
             r.on_span(piece, &mut out);
@@ -430,7 +441,7 @@ mod tests {
         ) {
             let input = stream(eol);
             let mut r = BodyRelay::default();
-            r.start(Mode::Sse { hide_usage_only: hide, strip_chunk_usage: strip }, chunked);
+            r.start(Mode::Sse { hide_usage_only: hide, strip_chunk_usage: strip }, chunked, StreamShape::Chat, UsageAt::Usage);
             let mut out = Vec::new();
             for piece in crate::testing::pieces(input.as_bytes(), &cuts) {
                 r.on_span(piece, &mut out);
@@ -457,7 +468,7 @@ mod tests {
             let input: String = events.iter().map(|d| if d.starts_with(':') { format!("{d}\n\n") } else { format!("data: {d}\n\n") }).collect();
             let want: String = events.iter().filter(|d| **d != USAGE_ONLY).map(|d| if d.starts_with(':') { format!("{d}\n\n") } else { format!("data: {d}\n\n") }).collect();
             let mut r = BodyRelay::default();
-            r.start(Mode::Sse { hide_usage_only: true, strip_chunk_usage: false }, chunked);
+            r.start(Mode::Sse { hide_usage_only: true, strip_chunk_usage: false }, chunked, StreamShape::Chat, UsageAt::Usage);
             let mut out = Vec::new();
             for piece in crate::testing::pieces(input.as_bytes(), &cuts) {
                 r.on_span(piece, &mut out);

@@ -29,6 +29,9 @@ pub struct Spec<'a> {
     pub client_keep_alive: bool,
     /// Read usage from the response.
     pub metered: bool,
+    /// Where this route's responses report usage (streamed, and not).
+    pub shape: crate::routes::StreamShape,
+    pub usage_at: crate::routes::UsageAt,
     /// Cut the usage-only chunk (the caller did not ask for usage).
     pub hide_usage_only: bool,
     /// Take `usage` out of every chunk that carries output (continuous usage was
@@ -213,7 +216,7 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
     o.status = Some(head.status);
     let upstream_keep = head.keep_alive;
     let body = &mut bufs.body;
-    body.start(mode, chunked);
+    body.start(mode, chunked, spec.shape, spec.usage_at);
 
     // Phase 3: the body, forwarded read by read.
     let mut decoder = BodyDecoder::new(framing);

@@ -13,6 +13,8 @@ use std::ops::Range;
 pub struct RequestInfo {
     pub model: String,
     pub stream: bool,
+    /// `background: true` (Responses API).
+    pub background: bool,
     /// The body's `user` field, when it is a string.
     pub user: Option<String>,
     /// The caller itself asked for `stream_options.include_usage`.
@@ -34,6 +36,8 @@ struct Probe<'a> {
     user: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "raw_even_null")]
     stream_options: Option<&'a RawValue>,
+    #[serde(default)]
+    background: Option<bool>,
 }
 
 /// Keeps `"stream_options": null` as a raw value so it can be replaced in place.
@@ -59,6 +63,8 @@ struct Found {
     stream: Option<bool>,
     user: Option<Range<usize>>,
     stream_options: Option<Range<usize>>,
+    /// Responses API: `background` (a response the proxy would not see finish).
+    background: Option<bool>,
 }
 
 /// Reads what the proxy needs from a request body. `Err` carries the message for a
@@ -101,12 +107,35 @@ pub fn inspect(body: &[u8], require_model: bool) -> Result<RequestInfo, String> 
     Ok(RequestInfo {
         model,
         stream: found.stream.unwrap_or(false),
+        background: found.background.unwrap_or(false),
         user,
         caller_wants_usage: flag("include_usage"),
         caller_wants_continuous: flag("continuous_usage_stats"),
         options_span: found.stream_options,
         options,
     })
+}
+
+impl RequestInfo {
+    /// What a multipart form says (audio): the model, `stream`, and vLLM's flattened
+    /// stream options (`stream_include_usage`, `stream_continuous_usage_stats`).
+    pub fn from_form(f: crate::http::multipart::Fields) -> Result<RequestInfo, String> {
+        use crate::http::multipart::Fields;
+        let model = match f.model {
+            Some(m) if !m.trim().is_empty() => m,
+            _ => return Err("'model' is required (a form field).".into()),
+        };
+        Ok(RequestInfo {
+            model,
+            stream: Fields::flag(&f.stream),
+            background: false,
+            user: f.user,
+            caller_wants_usage: Fields::flag(&f.stream_include_usage),
+            caller_wants_continuous: Fields::flag(&f.stream_continuous_usage_stats),
+            options_span: None,
+            options: None,
+        })
+    }
 }
 
 /// For the fuzzer: panics if the scan takes a body that serde reads differently (or
@@ -137,6 +166,7 @@ fn serde_found(text: &str) -> Result<Found, String> {
         stream: probe.stream,
         user: span(probe.user),
         stream_options: span(probe.stream_options),
+        background: probe.background,
     })
 }
 
@@ -160,6 +190,7 @@ mod scan {
         let mut s = Scan { b, i: 0 };
         let mut f = Found::default();
         let mut stream_seen = false;
+        let mut background_seen = false;
         let mut seen = [false; 3];
         s.ws();
         s.object(0, |key, v| {
@@ -186,6 +217,17 @@ mod scan {
                     Some(())
                 }
                 b"\"stream\"" => None,
+                b"\"background\"" if !background_seen => {
+                    background_seen = true;
+                    f.background = match &b[v] {
+                        b"true" => Some(true),
+                        b"false" => Some(false),
+                        b"null" => None,
+                        _ => return None,
+                    };
+                    Some(())
+                }
+                b"\"background\"" => None,
                 // A member name with an escape may be one of those: serde decides.
                 k if k.contains(&b'\\') => None,
                 _ => Some(()),

@@ -9,10 +9,11 @@ use crate::config::UsageMode;
 use crate::http::body::{BodyDecoder, Framing};
 use crate::http::error::{ProxyError, itoa_u64, write_response};
 use crate::http::head::{HeadError, RequestHead, is_hop_by_hop};
+use crate::http::multipart::{self, MultipartScanner};
 use crate::io::{Io, Wait};
-use crate::metrics::path_index;
 use crate::relay::response::{self, Buffers, End, Spec};
 use crate::relay::rewrite::{self, RequestInfo};
+use crate::routes::{self, Action, Body, ErrorShape, Metering, Route, StreamShape, UsageAt};
 use crate::tick;
 use crate::upstream::Pick;
 use crate::upstream::pool::{ConnectError, Pool};
@@ -31,31 +32,6 @@ struct Conn {
     /// The request as sent upstream (kept for one retry on a stale pooled connection).
     up_req: Vec<u8>,
     bufs: Buffers,
-}
-
-/// Where a request goes, decided from its head alone.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Target {
-    Health,
-    Metrics,
-    Models,
-    /// Proxied and metered, with the endpoint named in the record.
-    Metered(&'static str),
-    Proxied,
-    NotFound,
-}
-
-fn target(method: &str, route: &str) -> Target {
-    match (method, route) {
-        ("GET" | "HEAD", "/health") => Target::Health,
-        ("GET", "/metrics") => Target::Metrics,
-        ("GET", "/v1/models") => Target::Models,
-        ("POST", "/v1/chat/completions") => Target::Metered("/v1/chat/completions"),
-        ("POST", "/v1/completions") => Target::Metered("/v1/completions"),
-        ("POST", "/v1/embeddings") => Target::Metered("/v1/embeddings"),
-        (_, r) if r.starts_with("/v1/") => Target::Proxied,
-        _ => Target::NotFound,
-    }
 }
 
 pub async fn serve(w: &Worker, stream: TcpStream) {
@@ -145,7 +121,7 @@ async fn answer_early(w: &Worker, c: &mut Conn, e: ProxyError) {
     out.clear();
     e.write_response(out, &new_request_id(), false);
     w.stats
-        .count_request(path_index("other"), false, None, e.status());
+        .count_request(routes::other_label(), false, None, e.status());
     let _ = c.client.write_all(out).await;
 }
 
@@ -212,7 +188,10 @@ struct Request {
     key: Option<String>,
     arrived: Instant,
     timestamp: SystemTime,
+    /// The metrics `path` label (`routes::LABELS`).
     path: usize,
+    /// The shape of the proxy's own errors on this route.
+    errors: ErrorShape,
 }
 
 /// Handles one request whose head is parsed. Returns whether to keep the connection.
@@ -220,21 +199,31 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
     // One clock read: the wall-clock timestamp is derived from it (see `tick`).
     let arrived = Instant::now();
     let now = tick::wall_time(arrived);
+    let v = w.view();
+    // Phase: route. The table says what this path is; nothing outside it is forwarded.
+    let route = routes::route(c.head.method(), c.head.route(), &v.live.config.routes);
     let rq = Request {
         key: auth::presented_key(&c.head.headers).map(str::to_owned),
         id: new_request_id_at(now),
         client_id: client_request_id(&c.head),
         arrived,
         timestamp: now,
-        path: path_index(c.head.route()),
+        path: route.label,
+        errors: route.errors,
     };
     c.client.consume(head_len);
-    let tgt = target(c.head.method(), c.head.route());
-    let v = w.view();
 
     // Phase: the request body, whole and bounded (requests are small; reading it lets a
     // malformed or oversized body be refused before anything reaches a backend).
-    match read_body(&v, c).await {
+    let limits = &v.live.config.limits;
+    let max_body = match route.action {
+        Action::Metered(Metering {
+            body: Body::Multipart,
+            ..
+        }) => limits.max_audio_body.0,
+        _ => limits.max_request_body.0,
+    };
+    match read_body(&v, c, max_body).await {
         Ok(()) => {}
         Err(Some(e)) => return answer(w, c, &rq, e, false).await,
         Err(None) => return false,
@@ -242,17 +231,17 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
     if w.shutting_down() {
         return answer(w, c, &rq, ProxyError::ShuttingDown, false).await;
     }
-    match tgt {
-        Target::Health => {
+    match route.action {
+        Action::Health => {
             let (status, body) = endpoints::health(w);
             reply(w, c, &rq, status, "application/json", body.as_bytes()).await
         }
-        Target::Metrics => {
+        Action::Metrics => {
             let body = endpoints::metrics(w);
             reply(w, c, &rq, 200, "text/plain; version=0.0.4", body.as_bytes()).await
         }
-        Target::NotFound => answer(w, c, &rq, ProxyError::NotFound, false).await,
-        Target::Models | Target::Metered(_) | Target::Proxied => {
+        Action::NotFound => answer(w, c, &rq, ProxyError::NotFound, false).await,
+        Action::Models | Action::Metered(_) | Action::Recorded => {
             // Phase: authenticate.
             let auth = &v.live.auth;
             let user = if auth.enabled {
@@ -263,7 +252,7 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
             } else {
                 None
             };
-            if tgt == Target::Models {
+            if route.action == Action::Models {
                 let forward = if auth.enabled {
                     None
                 } else {
@@ -274,21 +263,17 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
                     Err(e) => answer(w, c, &rq, e, false).await,
                 };
             }
-            let endpoint = match tgt {
-                Target::Metered(e) => Some(e),
-                _ => None,
-            };
-            proxy(w, &v, c, &rq, endpoint, user).await
+            proxy(w, &v, c, &rq, &route, user).await
         }
     }
 }
 
-/// Reads the request body into `c.body`. `Err(None)`: the caller went away.
-async fn read_body(v: &View, c: &mut Conn) -> Result<(), Option<ProxyError>> {
+/// Reads the request body (at most `max` bytes) into `c.body`. `Err(None)`: the
+/// caller went away.
+async fn read_body(v: &View, c: &mut Conn, max: u64) -> Result<(), Option<ProxyError>> {
     c.body.clear();
 
     let limits = &v.live.config.limits;
-    let max = limits.max_request_body.0;
     let framing = c.head.framing();
     match framing {
         Framing::Empty | Framing::Length(0) => return Ok(()),
@@ -399,7 +384,7 @@ async fn answer_unlogged(
     let keep = c.head.keep_alive && !e.must_close() && !w.shutting_down();
     let out = &mut c.bufs.out;
     out.clear();
-    e.write_response(out, &rq.id, keep);
+    e.write_response_shaped(out, &rq.id, keep, rq.errors);
     w.stats.count_request(rq.path, stream, None, e.status());
     c.client.write_all(out).await.is_ok() && keep
 }
@@ -433,21 +418,58 @@ async fn proxy(
     v: &View,
     c: &mut Conn,
     rq: &Request,
-    endpoint: Option<&'static str>,
+    route: &Route,
     user: Option<String>,
 ) -> bool {
     let cfg = &v.live.config;
 
-    // Phase: inspect the body (metered endpoints need a JSON object with a model).
-    let info: Option<RequestInfo> = match endpoint {
-        Some(_) => match rewrite::inspect(&c.body, true) {
+    // Phase: inspect the body. A metered route needs its model (JSON `model`, or the
+    // form field of a multipart upload); a recorded one reads it when it is there.
+    let metering = match route.action {
+        Action::Metered(m) => Some(m),
+        _ => None,
+    };
+    let mut form: Option<(Vec<u8>, multipart::Fields)> = None;
+    let info: Option<RequestInfo> = match metering {
+        Some(Metering {
+            body: Body::Json,
+            refuse_background,
+            ..
+        }) => match rewrite::inspect(&c.body, true) {
+            Ok(i) if i.background && refuse_background && !cfg.routes.allow_background => {
+                let m = "'background: true' is not supported by this proxy: it could not meter a response it does not see finish (an operator can allow it with routes.allow_background).";
+                return answer(w, c, rq, ProxyError::InvalidRequest(m.into()), false).await;
+            }
             Ok(i) => Some(i),
             Err(m) => return answer(w, c, rq, ProxyError::InvalidRequest(m), false).await,
         },
-        None => None,
+        Some(Metering {
+            body: Body::Multipart,
+            ..
+        }) => match read_form(&c.head, &c.body) {
+            Ok((boundary, fields)) => match RequestInfo::from_form(fields.clone()) {
+                Ok(i) => {
+                    form = Some((boundary, fields));
+                    Some(i)
+                }
+                Err(m) => return answer(w, c, rq, ProxyError::InvalidRequest(m), false).await,
+            },
+            Err(m) => return answer(w, c, rq, ProxyError::InvalidRequest(m.into()), false).await,
+        },
+        // Forwarded with a record: the model when the body names one (routing by it).
+        None => rewrite::inspect(&c.body, false)
+            .ok()
+            .filter(|i| !c.body.is_empty() && (!i.model.is_empty() || !i.stream)),
     };
     let stream = info.as_ref().is_some_and(|i| i.stream);
-    let model = info.as_ref().map(|i| i.model.as_str());
+    let model = info
+        .as_ref()
+        .map(|i| i.model.as_str())
+        .filter(|m| !m.is_empty());
+    // The stream carries no usage unless asked for (chat, completions, audio).
+    let inject = metering.is_some_and(|m| m.inject_usage) && stream;
+    // Background responses run on after the first answer: nothing to read from it.
+    let unmeterable = info.as_ref().is_some_and(|i| i.background);
 
     // Phase: route, rewrite and relay. Until a backend answers with a first byte,
     // nothing reached a GPU: a backend that refuses the connection is marked down and
@@ -483,9 +505,13 @@ async fn proxy(
         let in_flight = v.up.start(bi, &w.stats);
 
         // Phase: rewrite the request for this backend.
-        let rewritten = info
-            .as_ref()
-            .and_then(|i| rewrite::rewrite(&c.body, i, backend.usage_mode));
+        let rewritten = match (&info, &form) {
+            (Some(i), None) if inject => rewrite::rewrite(&c.body, i, backend.usage_mode),
+            (Some(_), Some((boundary, fields))) if inject => {
+                rewrite_form(&c.body, boundary, fields, backend.usage_mode)
+            }
+            _ => None,
+        };
         let body = rewritten.as_deref().unwrap_or(&c.body);
         c.up_req.clear();
         write_upstream_head(
@@ -495,7 +521,7 @@ async fn proxy(
             &rq.id,
             body.len(),
             v.live.auth.enabled,
-            endpoint.is_some(),
+            metering.is_some(),
         );
         c.up_req.extend_from_slice(body);
 
@@ -505,14 +531,13 @@ async fn proxy(
             request_id: &rq.id,
             client_http11: c.head.version == 1,
             client_keep_alive: c.head.keep_alive && !w.shutting_down(),
-            metered: endpoint.is_some(),
-            hide_usage_only: info
-                .as_ref()
-                .is_some_and(|i| i.stream && !i.caller_wants_usage),
-            strip_chunk_usage: backend.usage_mode == UsageMode::Continuous
-                && info
-                    .as_ref()
-                    .is_some_and(|i| i.stream && !i.caller_wants_continuous),
+            metered: metering.is_some() && !unmeterable,
+            shape: metering.map_or(StreamShape::Chat, |m| m.stream),
+            usage_at: metering.map_or(UsageAt::Usage, |m| m.usage_at),
+            hide_usage_only: inject && info.as_ref().is_some_and(|i| !i.caller_wants_usage),
+            strip_chunk_usage: inject
+                && backend.usage_mode == UsageMode::Continuous
+                && info.as_ref().is_some_and(|i| !i.caller_wants_continuous),
             read_timeout: cfg.limits.first_byte_timeout.0,
             write_stall: cfg.limits.idle_timeout.0,
             cut: &w.cutting,
@@ -592,10 +617,12 @@ async fn proxy(
             m.ttft_us(t.duration_since(rq.arrived).as_micros() as u64);
         }
     }
-    if let (Some(info), Some(endpoint)) = (info, endpoint) {
+    // Every forwarded request gets its record: metered routes with the backend's
+    // usage, recorded ones with none.
+    {
         let (meter_ok, first_output, usage) = match &o {
-            Some(o) => (!o.saw_error, o.first_output, o.usage.clone()),
-            None => (
+            Some(o) if metering.is_some() => (!o.saw_error, o.first_output, o.usage.clone()),
+            _ => (
                 true,
                 None,
                 (Default::default(), crate::usage::UsageSource::None),
@@ -616,9 +643,10 @@ async fn proxy(
                 .headers
                 .get_str("x-user-id")
                 .map(str::to_owned)
-                .or(info.user)
+                .or(info.as_ref().and_then(|i| i.user.clone()))
                 .unwrap_or_default(),
         };
+        let (model, is_stream) = info.map_or((String::new(), false), |i| (i.model, i.stream));
         let record = UsageRecord {
             request_id: rq.id.clone(),
             client_request_id: rq.client_id.clone(),
@@ -627,17 +655,17 @@ async fn proxy(
                 rq.key.as_deref().unwrap_or(""),
                 cfg.usage_hook.api_key_format,
             ),
-            model: info.model,
+            model,
             usage: usage.0,
-            is_stream: info.stream,
-            endpoint,
+            is_stream,
+            endpoint: route.endpoint.clone(),
             timestamp: rq.timestamp,
             backend_url: backend.url.clone(),
             status_code: status,
             outcome,
             usage_source: usage.1,
             duration_ms: ms(ended.duration_since(rq.arrived)),
-            ttft_ms: if info.stream {
+            ttft_ms: if is_stream {
                 first_output.map(|t| ms(t.duration_since(rq.arrived)))
             } else {
                 None
@@ -652,10 +680,57 @@ async fn proxy(
             Some((&backend.name, Some(&record))),
         );
         w.records.emit(&record);
-    } else {
-        log_access(w, c, rq, status, stream, Some((&backend.name, None)));
     }
     keep
+}
+
+/// The boundary and form fields of a multipart body (the audio routes).
+fn read_form(
+    head: &RequestHead,
+    body: &[u8],
+) -> Result<(Vec<u8>, multipart::Fields), &'static str> {
+    let ctype = head.headers.get("content-type").unwrap_or(b"");
+    let boundary = multipart::boundary(ctype).map_err(|e| e.message())?;
+    let mut scanner = MultipartScanner::new(&boundary);
+    scanner.feed(body);
+    let fields = scanner.finish().map_err(|e| e.message())?;
+    Ok((boundary, fields))
+}
+
+/// A streamed transcription asks for the final usage in vLLM's flattened form field
+/// (`stream_include_usage`, and `stream_continuous_usage_stats` in continuous mode),
+/// put as a first part. A field the caller sent itself is left as it is (its choice
+/// then stands, and a stream without usage is billed by estimate, labelled so), as is
+/// a body with a preamble (the part could not go first).
+fn rewrite_form(
+    body: &[u8],
+    boundary: &[u8],
+    fields: &multipart::Fields,
+    mode: UsageMode,
+) -> Option<Vec<u8>> {
+    if !body.starts_with(b"--") || !body[2..].starts_with(boundary) {
+        return None;
+    }
+    let mut parts = Vec::new();
+    if fields.stream_include_usage.is_none() {
+        parts.extend(multipart::field_part(
+            boundary,
+            "stream_include_usage",
+            "true",
+        ));
+    }
+    if mode == UsageMode::Continuous && fields.stream_continuous_usage_stats.is_none() {
+        parts.extend(multipart::field_part(
+            boundary,
+            "stream_continuous_usage_stats",
+            "true",
+        ));
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    parts.extend_from_slice(body);
+    Some(parts)
 }
 
 /// A backend that refused a connection: marked down until a health check passes.

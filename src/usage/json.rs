@@ -10,6 +10,8 @@ const KEY_CAP: usize = 8;
 
 #[derive(Debug, Default)]
 pub struct UsageFinder {
+    /// The top-level member looked for: `usage`, or Cohere's `meta`.
+    target: &'static [u8],
     depth: u32,
     root_is_object: bool,
     in_str: bool,
@@ -31,19 +33,29 @@ pub struct UsageFinder {
 
 impl UsageFinder {
     pub fn new() -> Self {
-        Self::default()
+        UsageFinder {
+            target: b"usage",
+            ..Self::default()
+        }
     }
 
     /// Starts a new body, keeping the capture buffer's capacity.
     pub fn reset(&mut self) {
+        self.reset_for(b"usage");
+    }
+
+    /// Starts a new body whose top-level member `target` is captured.
+    pub fn reset_for(&mut self, target: &'static [u8]) {
+        debug_assert!(target.len() <= KEY_CAP);
         let mut capture = std::mem::take(&mut self.capture);
         let mut found = std::mem::take(&mut self.found);
         capture.clear();
         found.clear();
         *self = UsageFinder {
+            target,
             capture,
             found,
-            ..UsageFinder::new()
+            ..UsageFinder::default()
         };
     }
 
@@ -109,7 +121,9 @@ impl UsageFinder {
                 b',' if self.depth == 1 => self.expect_key = true,
                 b':' if self.depth == 1 && self.after_key => {
                     self.after_key = false;
-                    if &self.key[..self.key_len.min(KEY_CAP)] == b"usage" && self.key_len == 5 {
+                    if self.key_len == self.target.len()
+                        && &self.key[..self.key_len.min(KEY_CAP)] == self.target
+                    {
                         self.capturing = true;
                         self.capture.clear();
                         from = i + 1;

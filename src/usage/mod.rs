@@ -9,19 +9,43 @@ pub mod stream;
 pub use record::{Outcome, UsageRecord, UsageSource, format_api_key};
 pub use stream::{EventKind, StreamMeter};
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt;
 
-/// Token counts exactly as the backend reported them.
+/// Token counts exactly as the backend reported them. The input count is
+/// `prompt_tokens` (OpenAI) or `input_tokens` (Responses, Anthropic, Cohere), the
+/// output count `completion_tokens` or `output_tokens`; `total_tokens` is copied when
+/// given, else the sum.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
-    /// The `*_tokens_details` members, verbatim: `"prompt_tokens_details":{...},...`.
+    /// The `*_tokens_details` members, verbatim: `"prompt_tokens_details":{...},...`
+    /// (kept at the record's top level, as the original did).
     pub details: String,
+    /// Every other non-null member, verbatim: `"cache_read_input_tokens":8,...` (the
+    /// record's `usage_details`), so a biller can price what the proxy does not know.
+    pub extra: String,
+    /// Which counts the backend gave (`PROMPT`, `COMPLETION`, `TOTAL`): a later usage
+    /// overwrites an earlier one only in those (Anthropic's `message_delta`).
+    present: u8,
+}
+
+const PROMPT: u8 = 1;
+const COMPLETION: u8 = 2;
+const TOTAL: u8 = 4;
+
+/// What a usage member's name is: one of the three counts, or anything else.
+fn count_of(key: &[u8]) -> Option<u8> {
+    match key {
+        b"prompt_tokens" | b"input_tokens" => Some(PROMPT),
+        b"completion_tokens" | b"output_tokens" => Some(COMPLETION),
+        b"total_tokens" => Some(TOTAL),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +89,7 @@ impl Usage {
             return None;
         }
         self.details.clear();
+        self.extra.clear();
         let (mut prompt, mut completion, mut total) = (None, None, None);
         let mut i = 1;
         if b.get(i) == Some(&b'}') {
@@ -105,21 +130,20 @@ impl Usage {
                     }
                     _ => return None,
                 };
-                match key {
-                    b"prompt_tokens" => prompt = value,
-                    b"completion_tokens" => completion = value,
-                    b"total_tokens" => total = value,
-                    k if k.ends_with(b"_tokens_details") && value.is_some() => {
-                        if !self.details.is_empty() {
-                            self.details.push(',');
-                        }
+                match count_of(key) {
+                    Some(PROMPT) => prompt = value,
+                    Some(COMPLETION) => completion = value,
+                    Some(_) => total = value,
+                    None if value.is_some() => {
                         // Checked above: printable ASCII, so valid UTF-8.
-                        self.details.push('"');
-                        self.details.push_str(std::str::from_utf8(k).ok()?);
-                        self.details.push_str("\":");
-                        self.details.push_str(std::str::from_utf8(&b[vs..i]).ok()?);
+                        let k = std::str::from_utf8(key).ok()?;
+                        let v = std::str::from_utf8(&b[vs..i]).ok()?;
+                        push_member(&mut self.extra, k, v);
+                        if k.ends_with("_tokens_details") {
+                            push_member(&mut self.details, k, v);
+                        }
                     }
-                    _ => {}
+                    None => {}
                 }
                 match b.get(i) {
                     Some(b',') => i += 1,
@@ -134,11 +158,54 @@ impl Usage {
         if i != b.len() {
             return None;
         }
+        self.set_counts(prompt, completion, total);
+        Some(())
+    }
+
+    /// Back to no usage at all, keeping the buffers' capacity.
+    pub fn clear(&mut self) {
+        self.prompt_tokens = 0;
+        self.completion_tokens = 0;
+        self.total_tokens = 0;
+        self.details.clear();
+        self.extra.clear();
+        self.present = 0;
+    }
+
+    fn set_counts(&mut self, prompt: Option<u64>, completion: Option<u64>, total: Option<u64>) {
+        let bit = |given: bool, b: u8| if given { b } else { 0 };
+        self.present = bit(prompt.is_some(), PROMPT)
+            | bit(completion.is_some(), COMPLETION)
+            | bit(total.is_some(), TOTAL);
         self.prompt_tokens = prompt.unwrap_or(0);
         self.completion_tokens = completion.unwrap_or(0);
+        // Copied when present; only a backend that omits it gets the sum.
         self.total_tokens =
             total.unwrap_or(self.prompt_tokens.saturating_add(self.completion_tokens));
-        Some(())
+    }
+
+    /// Takes `later`'s counts where it gave them, keeping the others (a running usage
+    /// that reports only the output so far keeps the input reported before), and its
+    /// other members when it has any. A total is copied when given, else the sum.
+    pub fn merge(&mut self, later: &Usage) {
+        if later.present & PROMPT != 0 {
+            self.prompt_tokens = later.prompt_tokens;
+        }
+        if later.present & COMPLETION != 0 {
+            self.completion_tokens = later.completion_tokens;
+        }
+        if later.present & TOTAL != 0 {
+            self.total_tokens = later.total_tokens;
+        } else if later.present != 0 {
+            self.total_tokens = self.prompt_tokens.saturating_add(self.completion_tokens);
+        }
+        self.present |= later.present;
+        if !later.details.is_empty() {
+            self.details.clone_from(&later.details);
+        }
+        if !later.extra.is_empty() {
+            self.extra.clone_from(&later.extra);
+        }
     }
 
     fn classify(&self) -> Parsed {
@@ -148,6 +215,27 @@ impl Usage {
             Parsed::Valid
         }
     }
+}
+
+/// Appends `"key":value` (a plain key) to a member list.
+fn push_member(list: &mut String, key: &str, value: &str) {
+    if !list.is_empty() {
+        list.push(',');
+    }
+    list.push('"');
+    list.push_str(key);
+    list.push_str("\":");
+    list.push_str(value);
+}
+
+/// Appends `name:value` (a key already quoted as JSON) to a member list.
+fn push_raw_member(list: &mut String, name: &str, value: &str) {
+    if !list.is_empty() {
+        list.push(',');
+    }
+    list.push_str(name);
+    list.push(':');
+    list.push_str(value);
 }
 
 /// A map key that borrows when it can.
@@ -188,34 +276,29 @@ impl<'de> Visitor<'de> for UsageVisitor<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
         let u = self.0;
         u.details.clear();
+        u.extra.clear();
         let (mut prompt, mut completion, mut total) = (None, None, None);
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
-            match key.as_ref() {
-                "prompt_tokens" => prompt = map.next_value::<Option<u64>>()?,
-                "completion_tokens" => completion = map.next_value::<Option<u64>>()?,
-                "total_tokens" => total = map.next_value::<Option<u64>>()?,
-                k if k.ends_with("_tokens_details") => {
+            match count_of(key.as_bytes()) {
+                Some(PROMPT) => prompt = map.next_value::<Option<u64>>()?,
+                Some(COMPLETION) => completion = map.next_value::<Option<u64>>()?,
+                Some(_) => total = map.next_value::<Option<u64>>()?,
+                None => {
                     let raw: &'de RawValue = map.next_value()?;
                     if raw.get() != "null" {
-                        if !u.details.is_empty() {
-                            u.details.push(',');
+                        // The name as JSON again (a name with an escape keeps its
+                        // meaning, if not its spelling).
+                        let name =
+                            serde_json::to_string(key.as_ref()).map_err(de::Error::custom)?;
+                        push_raw_member(&mut u.extra, &name, raw.get());
+                        if key.ends_with("_tokens_details") {
+                            push_raw_member(&mut u.details, &name, raw.get());
                         }
-                        // Keys ending in _tokens_details need no escaping.
-                        u.details.push('"');
-                        u.details.push_str(k);
-                        u.details.push_str("\":");
-                        u.details.push_str(raw.get());
                     }
-                }
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
                 }
             }
         }
-        u.prompt_tokens = prompt.unwrap_or(0);
-        u.completion_tokens = completion.unwrap_or(0);
-        // Copied when present; only a backend that omits it gets the sum.
-        u.total_tokens = total.unwrap_or(u.prompt_tokens.saturating_add(u.completion_tokens));
+        u.set_counts(prompt, completion, total);
         Ok(true)
     }
 }
@@ -253,15 +336,72 @@ mod tests {
         );
         assert_eq!(p, Parsed::Valid);
         assert_eq!(u.details, "");
+        assert_eq!(u.extra, r#""reasoning_tokens":0"#);
         assert_eq!(u.total_tokens, 7);
     }
 
-    fn fields(u: &Usage) -> (u64, u64, u64, &str) {
+    #[test]
+    fn responses_anthropic_and_cohere_names_map_onto_the_counts() {
+        // OpenAI Responses (vLLM's ResponseUsage).
+        let (p, u) = parse(
+            r#"{"input_tokens":12,"input_tokens_details":{"cached_tokens":4},"output_tokens":30,"output_tokens_details":{"reasoning_tokens":9},"total_tokens":42}"#,
+        );
+        assert_eq!(p, Parsed::Valid);
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            (12, 30, 42)
+        );
+        assert_eq!(
+            u.extra,
+            r#""input_tokens_details":{"cached_tokens":4},"output_tokens_details":{"reasoning_tokens":9}"#
+        );
+        // Anthropic: no total (the sum), cache counts passed through.
+        let (_, u) = parse(
+            r#"{"input_tokens":7,"output_tokens":3,"cache_creation_input_tokens":null,"cache_read_input_tokens":5}"#,
+        );
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            (7, 3, 10)
+        );
+        assert_eq!(u.extra, r#""cache_read_input_tokens":5"#);
+        // Audio seconds: no token count at all, the seconds passed through.
+        let (p, u) = parse(r#"{"type":"duration","seconds":61}"#);
+        assert_eq!(p, Parsed::Zero);
+        assert_eq!(u.extra, r#""type":"duration","seconds":61"#);
+    }
+
+    #[test]
+    fn a_later_usage_overwrites_field_by_field() {
+        let (_, mut u) = parse(r#"{"input_tokens":9,"output_tokens":1}"#);
+        let (_, later) = parse(r#"{"output_tokens":25}"#);
+        u.merge(&later);
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            (9, 25, 34)
+        );
+        // vLLM repeats input_tokens in message_delta: the same numbers.
+        let (_, later) = parse(r#"{"input_tokens":9,"output_tokens":30}"#);
+        u.merge(&later);
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            (9, 30, 39)
+        );
+        // A complete usage replaces everything, its total copied.
+        let (_, later) = parse(r#"{"prompt_tokens":5,"completion_tokens":6,"total_tokens":99}"#);
+        u.merge(&later);
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            (5, 6, 99)
+        );
+    }
+
+    fn fields(u: &Usage) -> (u64, u64, u64, &str, &str) {
         (
             u.prompt_tokens,
             u.completion_tokens,
             u.total_tokens,
             &u.details,
+            &u.extra,
         )
     }
 
@@ -305,7 +445,7 @@ mod tests {
         let mut u = Usage::default();
         let raw = br#"{"completion_tokens":64,"prompt_tokens":5,"total_tokens":69,"prompt_tokens_details":null}"#;
         assert_eq!(u.parse_flat(raw), Some(()));
-        assert_eq!(fields(&u), (5, 64, 69, ""));
+        assert_eq!(fields(&u), (5, 64, 69, "", ""));
         assert_eq!(u.parse_flat(br#"{"prompt_tokens": 5}"#), None);
     }
 

@@ -62,7 +62,8 @@ pub struct UsageRecord {
     pub model: String,
     pub usage: Usage,
     pub is_stream: bool,
-    pub endpoint: &'static str,
+    /// The route's path (its pattern for paths with an id).
+    pub endpoint: std::borrow::Cow<'static, str>,
     pub timestamp: SystemTime,
     pub backend_url: Arc<str>,
     pub status_code: u16,
@@ -93,7 +94,7 @@ impl UsageRecord {
         out.extend_from_slice(b",\"is_stream\":");
         out.extend_from_slice(if self.is_stream { b"true" } else { b"false" });
         out.extend_from_slice(b",\"endpoint\":");
-        push_str(out, self.endpoint);
+        push_str(out, &self.endpoint);
         out.extend_from_slice(b",\"timestamp\":\"");
         push_rfc3339_millis(out, self.timestamp);
         out.extend_from_slice(b"\",\"backend_url\":");
@@ -119,6 +120,11 @@ impl UsageRecord {
         if !u.details.is_empty() {
             out.push(b',');
             out.extend_from_slice(u.details.as_bytes());
+        }
+        if !u.extra.is_empty() {
+            out.extend_from_slice(b",\"usage_details\":{");
+            out.extend_from_slice(u.extra.as_bytes());
+            out.push(b'}');
         }
         out.push(b'}');
     }
@@ -242,9 +248,11 @@ mod tests {
                 completion_tokens: 42,
                 total_tokens: 57,
                 details: r#""prompt_tokens_details":{"cached_tokens":8}"#.into(),
+                extra: r#""prompt_tokens_details":{"cached_tokens":8}"#.into(),
+                ..Usage::default()
             },
             is_stream: true,
-            endpoint: "/v1/chat/completions",
+            endpoint: "/v1/chat/completions".into(),
             timestamp: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_768_386_600_123),
             backend_url: Arc::from("http://vllm:8000"),
             status_code: 200,
@@ -286,10 +294,15 @@ mod tests {
         assert_eq!(v["ttft_ms"], 41);
         assert_eq!(v["outcome"], "completed");
         assert!(v["client_request_id"].is_null());
-        assert_eq!(v.as_object().unwrap().len(), 18);
+        assert_eq!(
+            v["usage_details"]["prompt_tokens_details"]["cached_tokens"],
+            8
+        );
+        assert_eq!(v.as_object().unwrap().len(), 19);
         let mut r = record();
         r.ttft_ms = None;
         r.usage.details.clear();
+        r.usage.extra.clear();
         r.client_request_id = Some("trace-\"1\"".into());
         let v: serde_json::Value = serde_json::from_slice(&r.to_json()).unwrap();
         assert!(v["ttft_ms"].is_null());

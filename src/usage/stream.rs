@@ -1,13 +1,19 @@
-//! Reads usage and output from the events of a streamed completion.
+//! Reads usage and output from the events of a streamed response.
 //!
-//! Each event's JSON is probed with borrowed, allocation-free visitors: how many
-//! choices it has, whether any carries generated output, whether any finished, and its
-//! `usage`. The last valid usage wins (running totals are never summed); all-zero
-//! placeholders are ignored.
+//! Chat and text completions: each event's JSON is probed with borrowed,
+//! allocation-free visitors: how many choices it has, whether any carries generated
+//! output, whether any finished, and its `usage`. Responses and Anthropic Messages
+//! streams name their events (`type`); those are read with serde (`typed`). Either
+//! way a later valid usage overwrites an earlier one field by field (running totals
+//! are never summed); all-zero placeholders are ignored.
 
 use super::probe::{Choices, probe};
 use super::{Parsed, Usage, UsageSource};
+use crate::routes::StreamShape;
 use crate::scan::find_any;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
@@ -21,6 +27,7 @@ pub enum EventKind {
 
 #[derive(Debug, Default)]
 pub struct StreamMeter {
+    shape: StreamShape,
     usage: Usage,
     scratch: Usage,
     has_usage: bool,
@@ -87,6 +94,9 @@ impl StreamMeter {
             self.saw_done = true;
             return EventKind::Other;
         }
+        if self.shape != StreamShape::Chat {
+            return self.observe_typed(data);
+        }
         if let Some(choices) = self.template.matches(data) {
             self.output_deltas += choices.with_output;
             return if choices.with_output > 0 {
@@ -120,7 +130,7 @@ impl StreamMeter {
         if let Some(raw) = probe.usage
             && self.scratch.parse_into(raw) == Parsed::Valid
         {
-            std::mem::swap(&mut self.usage, &mut self.scratch);
+            self.usage.merge(&self.scratch);
             self.has_usage = true;
             self.usage_final = choices.count == 0 || choices.finished;
         }
@@ -134,37 +144,116 @@ impl StreamMeter {
         }
     }
 
-    /// Feeds a usage read from somewhere else (a non-streamed body).
+    /// An event of a Responses or Messages stream (see `StreamShape`).
+    fn observe_typed(&mut self, data: &[u8]) -> EventKind {
+        let Ok(ev) = serde_json::from_slice::<TypedEvent<'_>>(data) else {
+            self.unparsed += 1;
+            return EventKind::Other;
+        };
+        let kind = ev.kind.as_deref().unwrap_or("");
+        let (usage, is_final) = match (self.shape, kind) {
+            (
+                StreamShape::Responses,
+                "response.completed" | "response.incomplete" | "response.failed",
+            ) => (ev.response.and_then(|r| r.usage), true),
+            (StreamShape::Messages, "message_start") => (ev.message.and_then(|m| m.usage), false),
+            (StreamShape::Messages, "message_delta") => (ev.usage, true),
+            _ => (None, false),
+        };
+        if kind == "error"
+            || kind == "response.failed"
+            || ev.error.is_some_and(|e| e.get() != "null")
+        {
+            self.saw_error = true;
+        }
+        if let Some(raw) = usage.filter(|u| u.get() != "null") {
+            self.last_had_usage = true;
+            if self.scratch.parse_into(raw.get().as_bytes()) == Parsed::Valid {
+                self.usage.merge(&self.scratch);
+                self.has_usage = true;
+                self.usage_final = is_final;
+            }
+        }
+        let output = match (self.shape, kind, ev.delta) {
+            // `response.output_text.delta`, `.reasoning_text.delta`,
+            // `.function_call_arguments.delta`, `.refusal.delta`: a string.
+            (StreamShape::Responses, k, Some(d)) if k.ends_with(".delta") => {
+                d.get().starts_with('"') && d.get() != "\"\""
+            }
+            (StreamShape::Messages, "content_block_delta", Some(d)) => {
+                serde_json::from_str::<MessagesDelta<'_>>(d.get()).is_ok_and(|d| {
+                    [d.text, d.thinking, d.partial_json]
+                        .iter()
+                        .any(|t| t.as_ref().is_some_and(|t| !t.is_empty()))
+                })
+            }
+            _ => false,
+        };
+        if output {
+            self.output_deltas += 1;
+            EventKind::Output
+        } else {
+            EventKind::Other
+        }
+    }
+
+    /// Feeds a usage read from somewhere else (a non-streamed body). A usage with no
+    /// token count at all (audio seconds) is still the backend's report.
     pub fn observe_usage(&mut self, raw: &[u8]) {
-        if self.scratch.parse_into(raw) == Parsed::Valid {
-            std::mem::swap(&mut self.usage, &mut self.scratch);
+        if matches!(self.scratch.parse_into(raw), Parsed::Valid | Parsed::Zero) {
+            self.usage.merge(&self.scratch);
             self.has_usage = true;
             self.usage_final = true;
         }
     }
 
-    /// Starts a new stream, keeping buffer capacity.
-    pub fn reset(&mut self) {
-        let (usage, scratch, mut template) = (
+    /// Reads a usage from Cohere's `meta` member (`billed_units`) of a non-streamed body.
+    pub fn observe_cohere_meta(&mut self, meta: &[u8]) {
+        #[derive(Deserialize)]
+        struct Meta<'a> {
+            #[serde(default, borrow)]
+            billed_units: Option<&'a RawValue>,
+        }
+        if let Ok(Meta {
+            billed_units: Some(units),
+        }) = serde_json::from_slice::<Meta<'_>>(meta)
+        {
+            self.observe_usage(units.get().as_bytes());
+        }
+    }
+
+    /// Starts a new response of `shape`, keeping buffer capacity.
+    pub fn reset(&mut self, shape: StreamShape) {
+        let (mut usage, scratch, mut template) = (
             std::mem::take(&mut self.usage),
             std::mem::take(&mut self.scratch),
             std::mem::take(&mut self.template),
         );
         template.valid = false;
+        usage.clear();
         *self = StreamMeter {
+            shape,
             usage,
             scratch,
             template,
             ..StreamMeter::default()
         };
-        self.usage.details.clear();
     }
 
     /// The usage to bill and where it came from. `ended_cleanly`: the response reached
     /// its end as the backend framed it.
     pub fn finish(&self, ended_cleanly: bool) -> (Usage, UsageSource) {
-        if self.has_usage {
-            let source = if self.usage_final || ended_cleanly {
+        let complete = self.usage_final || ended_cleanly;
+        if self.has_usage && !complete && self.output_deltas > self.usage.completion_tokens {
+            // A running usage that lags the output forwarded (Anthropic's
+            // `message_start` reports the input and no output): the input is the
+            // backend's, the output counted from the deltas, and the record says so.
+            let mut usage = self.usage.clone();
+            usage.completion_tokens = self.output_deltas;
+            usage.total_tokens = usage.prompt_tokens.saturating_add(self.output_deltas);
+            (usage, UsageSource::Estimated)
+        } else if self.has_usage {
+            let source = if complete {
                 UsageSource::Backend
             } else {
                 UsageSource::Partial
@@ -177,7 +266,7 @@ impl StreamMeter {
                     prompt_tokens: 0,
                     completion_tokens: n,
                     total_tokens: n,
-                    details: String::new(),
+                    ..Usage::default()
                 },
                 UsageSource::Estimated,
             )
@@ -185,6 +274,42 @@ impl StreamMeter {
             (Usage::default(), UsageSource::None)
         }
     }
+}
+
+/// What the meter reads of a Responses or Messages event.
+#[derive(Deserialize)]
+struct TypedEvent<'a> {
+    #[serde(default, borrow, rename = "type")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    usage: Option<&'a RawValue>,
+    /// Responses: the response object of `response.completed` and the like.
+    #[serde(default, borrow)]
+    response: Option<WithUsage<'a>>,
+    /// Messages: the message of `message_start`.
+    #[serde(default, borrow)]
+    message: Option<WithUsage<'a>>,
+    #[serde(default, borrow)]
+    delta: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct WithUsage<'a> {
+    #[serde(default, borrow)]
+    usage: Option<&'a RawValue>,
+}
+
+/// A `content_block_delta`'s delta: text, thinking, or a tool call's JSON.
+#[derive(Deserialize)]
+struct MessagesDelta<'a> {
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    thinking: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    partial_json: Option<Cow<'a, str>>,
 }
 
 #[cfg(test)]
@@ -384,17 +509,10 @@ pub(crate) mod tests {
             r#"{"choices":[{"index":0,"text":"y","finish_reason":"length"}],"usage":{"prompt_tokens":2,"completion_tokens":2,"total_tokens":4}}"#,
         ]);
         assert_eq!(kinds, vec![EventKind::Output, EventKind::Output]);
+        let (u, source) = m.finish(false);
         assert_eq!(
-            m.finish(false),
-            (
-                Usage {
-                    prompt_tokens: 2,
-                    completion_tokens: 2,
-                    total_tokens: 4,
-                    details: String::new()
-                },
-                UsageSource::Backend
-            )
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens, source),
+            (2, 2, 4, UsageSource::Backend)
         );
     }
 

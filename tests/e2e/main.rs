@@ -8,5 +8,6 @@ mod errors;
 mod harness;
 mod hostile;
 mod metering;
+mod routes;
 mod routing;
 mod sdk;
