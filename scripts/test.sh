@@ -5,17 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The openai SDK (tests/sdk_client.py drives it) and prometheus_client (its parser
-# checks /metrics), in a private virtualenv.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, prometheus_client" 2>/dev/null; then
-    echo "==> setting up .venv with the openai SDK"
+# The openai and anthropic SDKs (tests/sdk_client.py and tests/sdk_anthropic.py drive
+# them) and prometheus_client (its parser checks /metrics), in a private virtualenv.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, anthropic, prometheus_client" 2>/dev/null; then
+    echo "==> setting up .venv with the openai and anthropic SDKs"
     if ! python3 -m venv .venv 2>/dev/null; then
         if command -v apt-get >/dev/null; then
             apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
         fi
         python3 -m venv .venv
     fi
-    .venv/bin/pip install --quiet --disable-pip-version-check "openai>=1.40" prometheus_client
+    .venv/bin/pip install --quiet --disable-pip-version-check "openai>=1.40" "anthropic>=0.40" prometheus_client
 fi
 export LLMPROXY_TEST_PYTHON="$PWD/.venv/bin/python"
 

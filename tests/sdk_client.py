@@ -40,6 +40,19 @@ assert "".join(c.choices[0].text for c in chunks if c.choices) == "tok0 tok1 tok
 e = client.embeddings.create(model=model, input=["alpha beta gamma"], extra_headers=rid("embedding"))
 assert len(e.data[0].embedding) == 8 and e.usage.prompt_tokens == 3, e.usage
 
+r = client.responses.create(model=model, input="one two three", max_output_tokens=3, extra_headers=rid("responses"))
+assert r.output_text == "tok0 tok1 tok2 ", r
+assert r.usage.input_tokens == 3 and r.usage.output_tokens == 3, r.usage
+
+events = list(client.responses.create(model=model, input="one two three", max_output_tokens=4, stream=True, extra_headers=rid("responses-stream")))
+deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+assert deltas == "tok0 tok1 tok2 tok3 ", deltas
+done = [e for e in events if e.type == "response.completed"]
+assert done and done[0].response.usage.output_tokens == 4, events[-1]
+
+t = client.audio.transcriptions.create(model=model, file=("a.wav", b"\x00" * 32000, "audio/wav"), extra_headers=rid("transcription"))
+assert t.text.startswith("tok0"), t
+
 models = client.models.list()
 assert [m.id for m in models.data] == [model], models
 
