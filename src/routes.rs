@@ -348,6 +348,26 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_route_table_lists_every_path() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("## Endpoints: the route table")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README has the route table");
+        for (method, path, _) in TABLE {
+            let row = section
+                .lines()
+                .find(|l| l.starts_with("| ") && l.contains(&format!("`{path}`")))
+                .unwrap_or_else(|| panic!("README's route table lacks {path}"));
+            assert!(row.contains(method), "{method} {path}: {row}");
+        }
+        for pattern in [RESPONSE_BY_ID, RESPONSE_CANCEL, "routes.extra"] {
+            assert!(section.contains(pattern), "README's route table lacks {pattern}");
+        }
+    }
+
+    #[test]
     fn labels_are_unique_and_bounded() {
         let mut seen = std::collections::HashSet::new();
         assert!(LABELS.iter().all(|l| seen.insert(*l)));
