@@ -13,7 +13,7 @@ SECS=${1:-600}
 SAN=${FUZZ_SANITIZER:-address}
 export RUSTC_BOOTSTRAP=1
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-targets=(request_head chunked sse usage rewrite)
+targets=(request_head chunked sse usage rewrite multipart)
 cargo fuzz build -O --sanitizer "$SAN" 2>&1 | tail -n 2
 run() {
     # New inputs go to fuzz/work (not tracked); the committed corpus is only read.

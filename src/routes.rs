@@ -363,7 +363,10 @@ mod tests {
             assert!(row.contains(method), "{method} {path}: {row}");
         }
         for pattern in [RESPONSE_BY_ID, RESPONSE_CANCEL, "routes.extra"] {
-            assert!(section.contains(pattern), "README's route table lacks {pattern}");
+            assert!(
+                section.contains(pattern),
+                "README's route table lacks {pattern}"
+            );
         }
     }
 

@@ -1,19 +1,42 @@
-//! Usage extraction: the usage parser, the per-event probe, the stream meter, the
-//! JSON usage finder (same result at any split) and the continuous-mode member strip
-//! (what remains is still valid JSON without the member): never a panic.
+//! Usage extraction: the usage parser (and field-by-field merging), the per-event
+//! probe, the stream meter for each stream shape (chat, Responses, Anthropic
+//! Messages), the JSON usage finder for `usage` and Cohere's `meta` (same result at any
+//! split) and the continuous-mode member strip (what remains is still valid JSON
+//! without the member): never a panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use llmproxy::usage::json::{UsageFinder, member_span};
 use llmproxy::usage::probe::probe;
+use llmproxy::routes::StreamShape;
 use llmproxy::usage::{StreamMeter, Usage};
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Usage::default();
     let _ = u.parse_into(data);
+    let mut merged = Usage::default();
+    let _ = merged.parse_into(br#"{"input_tokens":3,"output_tokens":1}"#);
+    let given = u.prompt_tokens;
+    let parsed = merged.clone();
+    merged.merge(&u);
+    // Counts the later usage did not give are kept.
+    if !data.windows(13).any(|w| w == b"prompt_tokens") && !data.windows(12).any(|w| w == b"input_tokens") {
+        assert_eq!(merged.prompt_tokens, parsed.prompt_tokens, "{given}");
+    }
     let _ = probe(data);
-    let mut m = StreamMeter::new();
-    let _ = m.observe(data);
-    let _ = m.finish(false);
+    for shape in [StreamShape::Chat, StreamShape::Responses, StreamShape::Messages] {
+        let mut m = StreamMeter::new();
+        m.reset(shape);
+        let _ = m.observe(data);
+        let _ = m.observe(data);
+        let (usage, source) = m.finish(false);
+        // An estimate bills exactly the output deltas forwarded.
+        if source == llmproxy::usage::UsageSource::Estimated {
+            assert_eq!(usage.completion_tokens, m.output_deltas);
+        }
+        let mut meta = StreamMeter::new();
+        meta.observe_cohere_meta(data);
+        let _ = meta.finish(true);
+    }
 
     // Two events in a row: the meter may recognise the second by the first's shape;
     // it must classify and count it exactly as a fresh probe does.
@@ -26,13 +49,17 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(seq.observe(b), fresh.observe(b));
     assert_eq!(seq.output_deltas - before, fresh.output_deltas);
 
-    let mut whole = UsageFinder::new();
-    whole.feed(data);
-    let cut = data.first().map_or(0, |&b| b as usize).min(data.len());
-    let mut split = UsageFinder::new();
-    split.feed(&data[..cut]);
-    split.feed(&data[cut..]);
-    assert_eq!(whole.usage(), split.usage());
+    for target in [&b"usage"[..], b"meta"] {
+        let mut whole = UsageFinder::new();
+        whole.reset_for(target);
+        whole.feed(data);
+        let cut = data.first().map_or(0, |&b| b as usize).min(data.len());
+        let mut split = UsageFinder::new();
+        split.reset_for(target);
+        split.feed(&data[..cut]);
+        split.feed(&data[cut..]);
+        assert_eq!(whole.usage(), split.usage());
+    }
 
     if let Some(r) = member_span(data, b"usage") {
         assert!(r.start <= r.end && r.end <= data.len());

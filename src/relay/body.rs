@@ -319,6 +319,7 @@ impl Source<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::usage::UsageSource;
     use proptest::prelude::*;
 
     const CHUNK: &str = r#"{"choices":[{"index":0,"delta":{"content":"x"}}],"usage":{"prompt_tokens":3,"total_tokens":4,"completion_tokens":1}}"#;
@@ -412,6 +413,85 @@ mod tests {
         for cut in 0..=input.len() {
             let (out, _) = run(input.as_bytes(), mode, &[cut]);
             assert_eq!(String::from_utf8(out).unwrap(), want, "cut {cut}");
+        }
+    }
+
+    /// A Responses stream and an Anthropic Messages stream as vLLM writes them.
+    fn typed_streams() -> [(StreamShape, String, (u64, u64, u64)); 2] {
+        let responses = [
+            (
+                "response.created",
+                r#"{"type":"response.created","response":{"id":"r","usage":null}}"#,
+            ),
+            (
+                "response.output_text.delta",
+                r#"{"type":"response.output_text.delta","delta":"tok0 "}"#,
+            ),
+            (
+                "response.output_text.delta",
+                r#"{"type":"response.output_text.delta","delta":"tok1 "}"#,
+            ),
+            (
+                "response.completed",
+                r#"{"type":"response.completed","response":{"id":"r","usage":{"input_tokens":3,"input_tokens_details":{"cached_tokens":1},"output_tokens":2,"total_tokens":5}}}"#,
+            ),
+        ];
+        let messages = [
+            (
+                "message_start",
+                r#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":4,"output_tokens":0}}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"tok0 "}}"#,
+            ),
+            (
+                "message_delta",
+                r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}"#,
+            ),
+            ("message_stop", r#"{"type":"message_stop"}"#),
+        ];
+        let render = |events: &[(&str, &str)], done: bool| {
+            let mut s: String = events
+                .iter()
+                .map(|(e, d)| format!("event: {e}\ndata: {d}\n\n"))
+                .collect();
+            if done {
+                s.push_str("data: [DONE]\n\n");
+            }
+            s
+        };
+        [
+            (StreamShape::Responses, render(&responses, false), (3, 2, 5)),
+            (StreamShape::Messages, render(&messages, true), (4, 7, 11)),
+        ]
+    }
+
+    #[test]
+    fn typed_streams_pass_unchanged_and_are_metered_at_every_split() {
+        let mode = Mode::Sse {
+            hide_usage_only: false,
+            strip_chunk_usage: false,
+        };
+        for (shape, input, want) in typed_streams() {
+            for cut in 0..=input.len() {
+                let mut r = BodyRelay::default();
+                r.start(mode, false, shape, UsageAt::Usage);
+                let mut out = Vec::new();
+                for piece in crate::testing::pieces(input.as_bytes(), &[cut]) {
+                    r.on_span(piece, &mut out);
+                }
+                r.finish(&mut out);
+                assert_eq!(out, input.as_bytes(), "{shape:?} cut {cut}");
+                let (u, source) = r.meter.finish(true);
+                assert_eq!(
+                    (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+                    want,
+                    "{shape:?} cut {cut}"
+                );
+                assert_eq!(source, UsageSource::Backend);
+                assert!(r.first_output.is_some());
+            }
         }
     }
 

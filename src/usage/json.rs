@@ -398,6 +398,23 @@ mod tests {
     }
 
     #[test]
+    fn finds_coheres_meta_at_every_split() {
+        let body = br#"{"embeddings":{"float":[[0.1,0.2]]},"id":"e","meta":{"api_version":{"version":"2"},"billed_units":{"input_tokens":7}},"texts":["a \"meta\": b"],"usage":{"prompt_tokens":1}}"#;
+        let want = &br#"{"api_version":{"version":"2"},"billed_units":{"input_tokens":7}}"#[..];
+        for cut in 0..=body.len() {
+            let mut f = UsageFinder::new();
+            f.reset_for(b"meta");
+            f.feed(&body[..cut]);
+            f.feed(&body[cut..]);
+            assert_eq!(f.usage(), Some(want), "cut {cut}");
+            let mut m = crate::usage::StreamMeter::new();
+            m.observe_cohere_meta(want);
+            let (u, _) = m.finish(true);
+            assert_eq!((u.prompt_tokens, u.total_tokens), (7, 7));
+        }
+    }
+
+    #[test]
     fn skip_plain_stops_at_structure() {
         for (s, n) in [
             ("0.1,2.5e-3,", 11),
