@@ -12,6 +12,9 @@ pub enum ProxyError {
     RequestTooLarge,
     HeadersTooLarge,
     BadRequest(&'static str),
+    /// A multipart upload whose `model` field comes after more than the body the proxy
+    /// holds (the rest of the body is unread: the connection closes).
+    FormFieldsTooLate,
     /// A request framed in a way the proxy does not implement (transfer codings).
     NotImplemented(&'static str),
     BackendUnavailable,
@@ -25,7 +28,9 @@ impl ProxyError {
     pub fn status(&self) -> u16 {
         match self {
             ProxyError::InvalidApiKey => 401,
-            ProxyError::InvalidRequest(_) | ProxyError::BadRequest(_) => 400,
+            ProxyError::InvalidRequest(_)
+            | ProxyError::BadRequest(_)
+            | ProxyError::FormFieldsTooLate => 400,
             ProxyError::ModelNotFound(_) | ProxyError::NotFound => 404,
             ProxyError::HeaderTimeout => 408,
             ProxyError::RequestTooLarge => 413,
@@ -40,7 +45,7 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::InvalidApiKey => "invalid_api_key",
-            ProxyError::InvalidRequest(_) => "invalid_request",
+            ProxyError::InvalidRequest(_) | ProxyError::FormFieldsTooLate => "invalid_request",
             ProxyError::ModelNotFound(_) => "model_not_found",
             ProxyError::NotFound => "not_found",
             ProxyError::RequestTooLarge => "request_too_large",
@@ -67,6 +72,7 @@ impl ProxyError {
         match self {
             ProxyError::InvalidApiKey => "Missing or invalid API key.".into(),
             ProxyError::InvalidRequest(m) => m.clone(),
+            ProxyError::FormFieldsTooLate => "The form field 'model' must come before the file (or the whole upload be within limits.max_request_body).".into(),
             ProxyError::ModelNotFound(m) => format!("No backend serves the model '{m}'."),
             ProxyError::NotFound => "Unknown path.".into(),
             ProxyError::RequestTooLarge => {
@@ -90,6 +96,7 @@ impl ProxyError {
         matches!(
             self,
             ProxyError::BadRequest(_)
+                | ProxyError::FormFieldsTooLate
                 | ProxyError::NotImplemented(_)
                 | ProxyError::HeadersTooLarge
                 | ProxyError::RequestTooLarge

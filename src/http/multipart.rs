@@ -150,10 +150,23 @@ impl MultipartScanner {
         self.state == State::Done
     }
 
-    /// Every field before the first part that is not a wanted field has been read,
-    /// or the body ended: `model` is known now if it comes before the file.
+    /// Inside a part the scanner skips (the file), or at the end: every field before
+    /// it has been read (`model` is known now if it comes before the file, as clients
+    /// send it), so the rest of the body may stream on unread.
+    pub fn past_fields(&self) -> bool {
+        matches!(self.state, State::Content(None) | State::Done)
+    }
+
     pub fn error(&self) -> Option<MultipartError> {
         self.error
+    }
+
+    /// The fields read so far, for a body whose rest streams on unread.
+    pub fn fields_so_far(&self) -> Result<Fields, MultipartError> {
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(self.fields.clone()),
+        }
     }
 
     /// The fields once the body ended (`finish` checks it was complete).
@@ -491,6 +504,28 @@ mod tests {
         assert!(boundary(b"multipart/form-data; boundary=").is_err());
         let long = format!("multipart/form-data; boundary={}", "a".repeat(71));
         assert!(boundary(long.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn the_fields_before_the_file_are_known_once_it_starts() {
+        let b = body(&[
+            ("model", None, b"m"),
+            ("stream", None, b"true"),
+            ("file", Some("a.wav"), &[1u8; 5000]),
+        ]);
+        let file_at = memchr::memmem::find(&b, b"filename").unwrap() + 60;
+        let mut s = MultipartScanner::new(B.as_bytes());
+        s.feed(&b[..file_at]);
+        assert!(s.past_fields());
+        let f = s.fields_so_far().unwrap();
+        assert_eq!(
+            (f.model.as_deref(), f.stream.as_deref()),
+            (Some("m"), Some("true"))
+        );
+        // Not before: the model's own part is a wanted field.
+        let mut s = MultipartScanner::new(B.as_bytes());
+        s.feed(&b[..60]);
+        assert!(!s.past_fields());
     }
 
     #[test]

@@ -86,19 +86,26 @@ pub struct Outcome {
     pub client_reusable: bool,
 }
 
+impl Outcome {
+    /// A relay that ended as `end` before any response byte was read.
+    pub fn ended(end: End) -> Outcome {
+        Outcome {
+            end,
+            status: None,
+            is_sse: false,
+            usage: (Usage::default(), UsageSource::None),
+            saw_error: false,
+            first_output: None,
+            head_received: None,
+            head_sent: None,
+            upstream_reusable: false,
+            client_reusable: false,
+        }
+    }
+}
+
 pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buffers) -> Outcome {
-    let mut o = Outcome {
-        end: End::NoResponse,
-        status: None,
-        is_sse: false,
-        usage: (Usage::default(), UsageSource::None),
-        saw_error: false,
-        first_output: None,
-        head_received: None,
-        head_sent: None,
-        upstream_reusable: false,
-        client_reusable: false,
-    };
+    let mut o = Outcome::ended(End::NoResponse);
     let client_fd = client.stream.as_raw_fd();
     let mut watch_client = true;
     let cut_hit = std::cell::Cell::new(false);

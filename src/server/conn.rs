@@ -223,11 +223,29 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
         }) => limits.max_audio_body.0,
         _ => limits.max_request_body.0,
     };
-    match read_body(&v, c, max_body).await {
-        Ok(()) => {}
+    // A multipart upload (audio) is read only up to its file part: the form fields
+    // before it say where it goes, and the file streams on to the backend unread.
+    let streams_upload = matches!(
+        route.action,
+        Action::Metered(Metering {
+            body: Body::Multipart,
+            ..
+        })
+    ) && matches!(c.head.framing(), Framing::Length(n) if n <= max_body)
+        && c.head
+            .headers
+            .get("content-type")
+            .is_some_and(|t| multipart::boundary(t).is_ok());
+    let read = if streams_upload {
+        read_upload_head(&v, c).await.map(Some)
+    } else {
+        read_body(&v, c, max_body).await.map(|()| None)
+    };
+    let upload = match read {
+        Ok(u) => u,
         Err(Some(e)) => return answer(w, c, &rq, e, false).await,
         Err(None) => return false,
-    }
+    };
     if w.shutting_down() {
         return answer(w, c, &rq, ProxyError::ShuttingDown, false).await;
     }
@@ -263,9 +281,109 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
                     Err(e) => answer(w, c, &rq, e, false).await,
                 };
             }
-            proxy(w, &v, c, &rq, &route, user).await
+            proxy(w, &v, c, &rq, &route, user, upload).await
         }
     }
+}
+
+/// A multipart upload read up to its file part.
+struct Upload {
+    boundary: Vec<u8>,
+    /// The form fields before the file (all of them when the body came whole).
+    fields: Result<multipart::Fields, &'static str>,
+    /// Body bytes still to come from the caller, streamed to the backend unread.
+    rest: u64,
+}
+
+/// Reads a multipart body with a Content-Length up to the start of its first part
+/// the scanner skips (the file) once `model` is known, or whole if it ends first. What
+/// is read is held in `c.body` (bounded by `max_request_body`); the rest is left to
+/// stream. With a rest, the connection closes after this request (its body may not be
+/// read to the end if the request is refused).
+async fn read_upload_head(v: &View, c: &mut Conn) -> Result<Upload, Option<ProxyError>> {
+    c.body.clear();
+    let limits = &v.live.config.limits;
+    let Framing::Length(total) = c.head.framing() else {
+        return Err(Some(ProxyError::BadRequest(
+            "multipart body without a length",
+        )));
+    };
+    let ctype = c.head.headers.get("content-type").unwrap_or(b"");
+    let boundary = multipart::boundary(ctype).map_err(|_| Some(ProxyError::FormFieldsTooLate))?;
+    let buffered = c.client.data().len() as u64;
+    if c.head.expect_continue && buffered < total {
+        let mut cont = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        c.client.write_all(&mut cont).await.map_err(|_| None)?;
+    }
+    let mut scanner = MultipartScanner::new(&boundary);
+    let mut left = total;
+    loop {
+        let take = (c.client.data().len() as u64).min(left) as usize;
+        if take > 0 {
+            let data = &c.client.data()[..take];
+            scanner.feed(data);
+            c.body.extend_from_slice(data);
+            c.client.consume(take);
+            left -= take as u64;
+        }
+        let settled = scanner.past_fields() && scanner.fields.model.is_some();
+        if left == 0 || settled || scanner.error().is_some() {
+            break;
+        }
+        if c.body.len() as u64 >= limits.max_request_body.0 {
+            c.head.keep_alive = false;
+            return Err(Some(ProxyError::FormFieldsTooLate));
+        }
+        match c
+            .client
+            .fill_by(tick::now() + limits.header_timeout.0, || false)
+            .await
+        {
+            Wait::Data => {}
+            Wait::TimedOut => return Err(Some(ProxyError::HeaderTimeout)),
+            _ => return Err(None),
+        }
+    }
+    if left > 0 {
+        c.head.keep_alive = false;
+    }
+    let fields = if left == 0 {
+        scanner.finish()
+    } else {
+        scanner.fields_so_far()
+    };
+    Ok(Upload {
+        boundary,
+        fields: fields.map_err(|e| e.message()),
+        rest: left,
+    })
+}
+
+/// Streams the `rest` of an upload from the caller to the backend, a read at a time
+/// through `buf` (constant memory whatever its size). `Err(true)`: the caller went
+/// away or stalled; `Err(false)`: the backend stopped taking it (it may have answered).
+async fn stream_upload(
+    client: &mut Io,
+    up: &mut Io,
+    mut rest: u64,
+    buf: &mut Vec<u8>,
+    stall: Duration,
+) -> Result<(), bool> {
+    while rest > 0 {
+        if client.data().is_empty() {
+            match client.fill_by(tick::now() + stall, || false).await {
+                Wait::Data => {}
+                _ => return Err(true),
+            }
+        }
+        let take = (client.data().len() as u64).min(rest) as usize;
+        buf.clear();
+        buf.extend_from_slice(&client.data()[..take]);
+        client.consume(take);
+        rest -= take as u64;
+        up.write_all(buf).await.map_err(|_| false)?;
+    }
+    Ok(())
 }
 
 /// Reads the request body (at most `max` bytes) into `c.body`. `Err(None)`: the
@@ -420,6 +538,7 @@ async fn proxy(
     rq: &Request,
     route: &Route,
     user: Option<String>,
+    upload: Option<Upload>,
 ) -> bool {
     let cfg = &v.live.config;
 
@@ -446,16 +565,26 @@ async fn proxy(
         Some(Metering {
             body: Body::Multipart,
             ..
-        }) => match read_form(&c.head, &c.body) {
-            Ok((boundary, fields)) => match RequestInfo::from_form(fields.clone()) {
-                Ok(i) => {
-                    form = Some((boundary, fields));
-                    Some(i)
+        }) => {
+            let read = match upload.as_ref() {
+                Some(u) => u.fields.clone().map(|f| (u.boundary.clone(), f)),
+                None => read_form(&c.head, &c.body),
+            };
+            match read {
+                Ok((boundary, fields)) => match RequestInfo::from_form(fields.clone()) {
+                    Ok(i) => {
+                        form = Some((boundary, fields));
+                        Some(i)
+                    }
+                    Err(m) => {
+                        return answer(w, c, rq, ProxyError::InvalidRequest(m), false).await;
+                    }
+                },
+                Err(m) => {
+                    return answer(w, c, rq, ProxyError::InvalidRequest(m.into()), false).await;
                 }
-                Err(m) => return answer(w, c, rq, ProxyError::InvalidRequest(m), false).await,
-            },
-            Err(m) => return answer(w, c, rq, ProxyError::InvalidRequest(m.into()), false).await,
-        },
+            }
+        }
         // Forwarded with a record: the model when the body names one (routing by it).
         None => rewrite::inspect(&c.body, false)
             .ok()
@@ -470,6 +599,9 @@ async fn proxy(
     let inject = metering.is_some_and(|m| m.inject_usage) && stream;
     // Background responses run on after the first answer: nothing to read from it.
     let unmeterable = info.as_ref().is_some_and(|i| i.background);
+    // An upload's rest streams from the caller: it cannot be sent twice, so it goes on
+    // a fresh connection (a pooled one might turn out closed after the body went).
+    let rest = upload.as_ref().map_or(0, |u| u.rest);
 
     // Phase: route, rewrite and relay. Until a backend answers with a first byte,
     // nothing reached a GPU: a backend that refuses the connection is marked down and
@@ -492,7 +624,8 @@ async fn proxy(
         };
         tried |= 1 << bi.min(63);
         let backend = v.up.backends[bi].clone();
-        let (mut up, mut reused) = match v.up.pool.take(bi) {
+        let pooled = if rest > 0 { None } else { v.up.pool.take(bi) };
+        let (mut up, mut reused) = match pooled {
             Some(io) => (io, true),
             None => match Pool::connect(&backend, cfg.limits.connect_timeout.0).await {
                 Ok(io) => (io, false),
@@ -519,7 +652,7 @@ async fn proxy(
             &c.head,
             &backend,
             &rq.id,
-            body.len(),
+            body.len() as u64 + rest,
             v.live.auth.enabled,
             metering.is_some(),
         );
@@ -544,8 +677,23 @@ async fn proxy(
         };
         loop {
             let written = up.write_keep(&mut c.up_req).await.is_ok();
+            // The rest of an upload: the backend may answer before it has all of it
+            // (an error), so a backend that stops taking it is still read from.
+            let caller_gone = written
+                && rest > 0
+                && stream_upload(
+                    &mut c.client,
+                    &mut up,
+                    rest,
+                    &mut c.bufs.out,
+                    cfg.limits.header_timeout.0,
+                )
+                .await
+                    == Err(true);
             sent_at = if written { Instant::now() } else { sent_at };
-            let o = if written {
+            let o = if caller_gone {
+                Some(response::Outcome::ended(End::ClientGone))
+            } else if written {
                 Some(response::relay(&mut c.client, &mut up, &spec, &mut c.bufs).await)
             } else {
                 None
@@ -684,7 +832,7 @@ async fn proxy(
     keep
 }
 
-/// The boundary and form fields of a multipart body (the audio routes).
+/// The boundary and form fields of a whole multipart body (the audio routes).
 fn read_form(
     head: &RequestHead,
     body: &[u8],
@@ -750,7 +898,7 @@ fn write_upstream_head(
     head: &RequestHead,
     backend: &crate::upstream::Backend,
     request_id: &str,
-    body_len: usize,
+    body_len: u64,
     auth_enabled: bool,
     metered: bool,
 ) {
@@ -801,7 +949,7 @@ fn write_upstream_head(
     out.extend_from_slice(b"\r\n");
     if body_len > 0 || matches!(head.method(), "POST" | "PUT" | "PATCH") {
         out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa_u64(body_len as u64).as_bytes());
+        out.extend_from_slice(itoa_u64(body_len).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");

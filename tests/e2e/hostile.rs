@@ -83,7 +83,7 @@ fn idle_keep_alive_connections_are_closed_at_idle_timeout() {
     );
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()

@@ -504,3 +504,84 @@ fn a_caller_hanging_up_mid_stream_still_gets_a_record() {
     assert!(c > 0 && c < 200, "{rec}");
     assert_eq!(rec["total_tokens"].as_u64(), Some(3 + c));
 }
+
+#[test]
+fn a_20_mb_upload_is_relayed_in_constant_memory() {
+    let s = Stack::with("limits:\n  max_request_body: 64KiB\n", &[]);
+    let pid = s.proxy.child.id();
+    let ctype = "multipart/form-data; boundary=llmproxy-big-upload";
+    // Warm up (worker buffers, the pool) with a small upload first.
+    let small = multipart(
+        "llmproxy-big-upload",
+        &[("model", b"mock-model"), ("file", &[1u8; 1000])],
+    );
+    let r = request(
+        s.addr(),
+        "POST",
+        "/v1/audio/transcriptions",
+        &[("content-type", ctype)],
+        &small,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let before = crate::hostile::rss_kib(pid);
+    let audio: Vec<u8> = (0..20 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let body = multipart(
+        "llmproxy-big-upload",
+        &[
+            ("model", b"mock-model"),
+            ("language", b"en"),
+            ("file", &audio),
+        ],
+    );
+    let r = request(
+        s.addr(),
+        "POST",
+        "/v1/audio/transcriptions",
+        &[("content-type", ctype), ("x-request-id", "t-big")],
+        &body,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let after = crate::hostile::rss_kib(pid);
+    assert!(
+        after < before + 8 * 1024,
+        "RSS grew from {before} KiB to {after} KiB relaying a 20 MB upload"
+    );
+    let rec = s.record("t-big");
+    // 20 MiB at 16,000 bytes a second.
+    assert_eq!(rec["usage_details"]["seconds"], (20u64 << 20) / 16_000);
+    // The backend got every byte (it counted them).
+    assert_eq!(r.json()["usage"]["seconds"], (20u64 << 20) / 16_000);
+
+    // A model named after a file larger than what the proxy holds: 400, and the
+    // connection closes (the rest of the body is unread).
+    let late = multipart(
+        "llmproxy-big-upload",
+        &[("file", &audio[..200_000]), ("model", b"mock-model")],
+    );
+    let r = request(
+        s.addr(),
+        "POST",
+        "/v1/audio/transcriptions",
+        &[("content-type", ctype)],
+        &late,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("must come before the file"),
+        "{}",
+        r.text()
+    );
+    // A small one in that order is read whole and served.
+    let late = multipart(
+        "llmproxy-big-upload",
+        &[("file", &audio[..20_000]), ("model", b"mock-model")],
+    );
+    let r = request(
+        s.addr(),
+        "POST",
+        "/v1/audio/transcriptions",
+        &[("content-type", ctype)],
+        &late,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
