@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Exercises a running llmproxy with curl: a streamed and a non-streamed chat
-# completion, an embedding, the model list, and an unauthenticated request.
+# completion, an embedding, a Responses call, an Anthropic Messages stream, an audio
+# transcription, the model list, an admin path (refused) and an unauthenticated
+# request.
 #   LLMPROXY_URL (default http://127.0.0.1:8080)  LLMPROXY_KEY  MODEL
 set -euo pipefail
 URL=${LLMPROXY_URL:-http://127.0.0.1:8080}
@@ -18,6 +20,22 @@ echo
 echo "==> embeddings"
 curl -sS "$URL/v1/embeddings" -H "x-api-key: $KEY" -H "Content-Type: application/json" \
     -d "{\"model\":\"$MODEL\",\"input\":\"usage records are money\"}" | head -c 200
+echo
+echo "==> Responses API (OpenAI Agents SDK, Codex-style clients)"
+curl -sS "$URL/v1/responses" -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \
+    -d "{\"model\":\"$MODEL\",\"input\":\"bill me exactly\",\"max_output_tokens\":4}" | head -c 200
+echo
+echo "==> Anthropic Messages, streamed (Claude-compatible clients)"
+curl -sS -N "$URL/v1/messages" -H "x-api-key: $KEY" -H "anthropic-version: 2023-06-01" -H "Content-Type: application/json" \
+    -d "{\"model\":\"$MODEL\",\"max_tokens\":3,\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"hi there\"}]}" | head -c 400
+echo
+echo "==> audio transcription (multipart)"
+head -c 64000 /dev/zero > /tmp/llmproxy-demo.wav
+curl -sS "$URL/v1/audio/transcriptions" -H "Authorization: Bearer $KEY" \
+    -F model="$MODEL" -F file=@/tmp/llmproxy-demo.wav
+echo
+echo "==> an admin path (404, never forwarded)"
+curl -sS "$URL/v1/load_lora_adapter" -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" -d '{}'
 echo
 echo "==> models"
 curl -sS "$URL/v1/models" -H "Authorization: Bearer $KEY"
