@@ -754,7 +754,11 @@ impl Mock {
             named(
                 &mut sse,
                 "message_start",
-                json!({"message": message("", json!({"input_tokens": prompt, "output_tokens": 0}))}),
+                json!({"message": {
+                    "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+                    "content": [], "stop_reason": null, "stop_sequence": null,
+                    "usage": {"input_tokens": prompt, "output_tokens": 0},
+                }}),
             )?;
             named(
                 &mut sse,

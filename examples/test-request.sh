@@ -8,6 +8,9 @@ set -euo pipefail
 URL=${LLMPROXY_URL:-http://127.0.0.1:8080}
 KEY=${LLMPROXY_KEY:-sk-demo-alice-0123456789}
 MODEL=${MODEL:-meta-llama/Llama-3.1-8B-Instruct}
+# Runs a command and prints the first 400 characters of what it printed (a pipe into
+# `head` would cut curl off mid-write).
+show() { local out; out=$("$@"); printf '%s\n' "${out:0:400}"; }
 
 echo "==> streaming chat completion (tokens arrive as the backend makes them)"
 curl -sS -N "$URL/v1/chat/completions" -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \
@@ -18,16 +21,16 @@ curl -sS "$URL/v1/chat/completions" -H "Authorization: Bearer $KEY" -H "Content-
     -d "{\"model\":\"$MODEL\",\"max_tokens\":5,\"messages\":[{\"role\":\"user\",\"content\":\"Count to five\"}]}"
 echo
 echo "==> embeddings"
-curl -sS "$URL/v1/embeddings" -H "x-api-key: $KEY" -H "Content-Type: application/json" \
-    -d "{\"model\":\"$MODEL\",\"input\":\"usage records are money\"}" | head -c 200
+show curl -sS "$URL/v1/embeddings" -H "x-api-key: $KEY" -H "Content-Type: application/json" \
+    -d "{\"model\":\"$MODEL\",\"input\":\"usage records are money\"}"
 echo
 echo "==> Responses API (OpenAI Agents SDK, Codex-style clients)"
-curl -sS "$URL/v1/responses" -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \
-    -d "{\"model\":\"$MODEL\",\"input\":\"bill me exactly\",\"max_output_tokens\":4}" | head -c 200
+show curl -sS "$URL/v1/responses" -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \
+    -d "{\"model\":\"$MODEL\",\"input\":\"bill me exactly\",\"max_output_tokens\":4}"
 echo
 echo "==> Anthropic Messages, streamed (Claude-compatible clients)"
-curl -sS -N "$URL/v1/messages" -H "x-api-key: $KEY" -H "anthropic-version: 2023-06-01" -H "Content-Type: application/json" \
-    -d "{\"model\":\"$MODEL\",\"max_tokens\":3,\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"hi there\"}]}" | head -c 400
+show curl -sS -N "$URL/v1/messages" -H "x-api-key: $KEY" -H "anthropic-version: 2023-06-01" -H "Content-Type: application/json" \
+    -d "{\"model\":\"$MODEL\",\"max_tokens\":3,\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"hi there\"}]}"
 echo
 echo "==> audio transcription (multipart)"
 head -c 64000 /dev/zero > /tmp/llmproxy-demo.wav

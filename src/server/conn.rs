@@ -586,9 +586,8 @@ async fn proxy(
             }
         }
         // Forwarded with a record: the model when the body names one (routing by it).
-        None => rewrite::inspect(&c.body, false)
-            .ok()
-            .filter(|i| !c.body.is_empty() && (!i.model.is_empty() || !i.stream)),
+        None if c.body.is_empty() => None,
+        None => rewrite::inspect(&c.body, false).ok(),
     };
     let stream = info.as_ref().is_some_and(|i| i.stream);
     let model = info
