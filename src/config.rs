@@ -100,7 +100,7 @@ impl<'de> Deserialize<'de> for ByteSize {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum UsageMode {
     /// Inject only `include_usage`; a hang-up is estimated from counted deltas.
     #[default]
@@ -108,6 +108,9 @@ pub enum UsageMode {
     /// Also request `continuous_usage_stats` (vLLM, SGLang) so a hang-up is billed
     /// from the backend's own running count.
     Continuous,
+    /// llama.cpp's llama-server: also request `timings_per_token`, whose per-event
+    /// `timings` (`prompt_n`, `cache_n`, `predicted_n`) bill a hang-up as `partial`.
+    LlamacppTimings,
 }
 
 /// `backends[].models`: a list of model ids, `[]` (any model), or `auto` (discovered

@@ -4,6 +4,7 @@
 //! Counted with a thread-local counting allocator, so other test threads do not count.
 
 use llmproxy::http::body::{BodyDecoder, Framing, encode_chunk};
+use llmproxy::relay::body::Edits;
 use llmproxy::relay::body::{BodyRelay, Mode};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -85,22 +86,26 @@ const STREAMS: u64 = 20;
 fn steady_state_relay_allocates_nothing_per_chunk() {
     let upstream = upstream_stream();
     for mode in [
-        Mode::Sse {
+        Mode::Sse(Edits {
             hide_usage_only: false,
             strip_chunk_usage: false,
-        },
-        Mode::Sse {
+            ..Edits::default()
+        }),
+        Mode::Sse(Edits {
             hide_usage_only: true,
             strip_chunk_usage: true,
-        },
-        Mode::Sse {
+            ..Edits::default()
+        }),
+        Mode::Sse(Edits {
             hide_usage_only: true,
             strip_chunk_usage: false,
-        },
-        Mode::Sse {
+            ..Edits::default()
+        }),
+        Mode::Sse(Edits {
             hide_usage_only: false,
             strip_chunk_usage: false,
-        },
+            ..Edits::default()
+        }),
         Mode::Json,
         Mode::Raw,
     ] {
@@ -121,7 +126,7 @@ fn steady_state_relay_allocates_nothing_per_chunk() {
             n <= STREAMS,
             "{mode:?}: {n} allocations over {STREAMS} streams of 258 chunks"
         );
-        if let Mode::Sse { .. } = mode {
+        if let Mode::Sse(_) = mode {
             let (u, _) = r.meter.finish(true);
             assert_eq!(
                 (u.prompt_tokens, u.completion_tokens, u.total_tokens),

@@ -28,19 +28,44 @@ pub enum Mode {
     Raw,
     /// A JSON body: the top-level `usage` is read on the way.
     Json,
-    Sse {
-        /// Cut the usage-only chunk (the caller did not ask for usage).
-        hide_usage_only: bool,
-        /// Take `usage` out of chunks with output (continuous usage requested by the
-        /// proxy, not the caller).
-        strip_chunk_usage: bool,
-    },
+    Sse(Edits),
 }
+
+/// What the relay changes in a stream so that the caller sees what the backend would
+/// have sent it without the proxy's own requests (SPEC: "Streaming").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Edits {
+    /// Cut the usage-only chunk (the caller did not ask for usage). One that carries
+    /// members beyond the standard ones (llama.cpp's `timings`) is forwarded with only
+    /// its `usage` taken out.
+    pub hide_usage_only: bool,
+    /// Take `usage` out of chunks with output (continuous usage requested by the
+    /// proxy, not the caller)...
+    pub strip_chunk_usage: bool,
+    /// ...but not the final usage (on a finished choice) when the caller asked for
+    /// usage: it reaches the caller on whatever event the backend put it.
+    pub keep_final_usage: bool,
+    /// Take llama.cpp's per-token `timings` out of unfinished events (requested by the
+    /// proxy, not the caller); the final timings stay.
+    pub strip_timings: bool,
+}
+
+/// The members of a chunk that every OpenAI-style usage-only chunk may have: a hidden
+/// chunk with anything else is forwarded without its `usage` instead of cut.
+const STANDARD_MEMBERS: [&str; 7] = [
+    "id",
+    "object",
+    "created",
+    "model",
+    "choices",
+    "usage",
+    "system_fingerprint",
+];
 
 impl Mode {
     /// The caller may get different bytes than the backend sent (so no Content-Length).
     pub fn rewrites(self) -> bool {
-        matches!(self, Mode::Sse { hide_usage_only, strip_chunk_usage } if hide_usage_only || strip_chunk_usage)
+        matches!(self, Mode::Sse(e) if e.hide_usage_only || e.strip_chunk_usage || e.strip_timings)
     }
 }
 
@@ -114,10 +139,7 @@ impl BodyRelay {
                 self.finder.feed(span);
                 frame(out, self.chunked, span);
             }
-            Mode::Sse {
-                hide_usage_only: false,
-                strip_chunk_usage: false,
-            } => {
+            Mode::Sse(edits) if !Mode::Sse(edits).rewrites() => {
                 let (meter, first) = (&mut self.meter, &mut self.first_output);
                 self.scanner.feed(span, |ev| {
                     if meter.observe(ev.data) == EventKind::Output && first.is_none() {
@@ -126,14 +148,11 @@ impl BodyRelay {
                 });
                 frame(out, self.chunked, span);
             }
-            Mode::Sse {
-                hide_usage_only,
-                strip_chunk_usage,
-            } => self.edit_span(span, out, hide_usage_only, strip_chunk_usage),
+            Mode::Sse(edits) => self.edit_span(span, out, edits),
         }
     }
 
-    fn edit_span(&mut self, span: &[u8], out: &mut Vec<u8>, hide: bool, strip: bool) {
+    fn edit_span(&mut self, span: &[u8], out: &mut Vec<u8>, edits: Edits) {
         let span_base = self.scanner.position();
         let hold_base = span_base - self.hold.len() as u64;
         self.edits.clear();
@@ -151,7 +170,7 @@ impl BodyRelay {
             span,
             span_base,
         };
-        let (meter, first, edits, buf, cut_lf_at) = (
+        let (meter, first, edits_out, buf, cut_lf_at) = (
             &mut self.meter,
             &mut self.first_output,
             &mut self.edits,
@@ -163,35 +182,56 @@ impl BodyRelay {
             if kind == EventKind::Output && first.is_none() {
                 *first = Some(Instant::now());
             }
+            // The members of this event to take out, if any.
+            let (mut cut_usage, mut cut_timings) = (false, false);
             if kind == EventKind::UsageOnly {
-                if hide {
-                    edits.push(Edit {
-                        start: ev.start,
-                        end: ev.end,
-                        with: 0..0,
-                    });
-                    if ev.lf_may_follow {
-                        *cut_lf_at = Some(ev.end);
+                if edits.hide_usage_only {
+                    if only_standard_members(ev.data) {
+                        edits_out.push(Edit {
+                            start: ev.start,
+                            end: ev.end,
+                            with: 0..0,
+                        });
+                        if ev.lf_may_follow {
+                            *cut_lf_at = Some(ev.end);
+                        }
+                        return;
                     }
+                    cut_usage = true;
                 }
-            } else if strip && meter.last_had_usage && member_span(ev.data, b"usage").is_some() {
-                let from = buf.len();
-                buf.extend_from_slice(b"data: ");
-                let json = buf.len();
-                buf.extend_from_slice(ev.data);
-                // Every `usage` member (a duplicated key must not slip through).
-                while let Some(r) = member_span(&buf[json..], b"usage") {
+            } else {
+                cut_usage = edits.strip_chunk_usage
+                    && meter.last_had_usage
+                    && !(edits.keep_final_usage && meter.last_usage_final);
+                cut_timings = edits.strip_timings && meter.last_had_timings && !meter.last_finished;
+            }
+            let members: &[&[u8]] = match (cut_usage, cut_timings) {
+                (true, true) => &[b"usage", b"timings"],
+                (true, false) => &[b"usage"],
+                (false, true) => &[b"timings"],
+                (false, false) => return,
+            };
+            if members.iter().all(|m| member_span(ev.data, m).is_none()) {
+                return;
+            }
+            let from = buf.len();
+            buf.extend_from_slice(b"data: ");
+            let json = buf.len();
+            buf.extend_from_slice(ev.data);
+            // Every such member (a duplicated key must not slip through).
+            for m in members {
+                while let Some(r) = member_span(&buf[json..], m) {
                     buf.drain(json + r.start..json + r.end);
                 }
-                // The event's own line ends (CRLF, LF or CR), as the backend sent them;
-                // an LF still to come passes through on its own, as it would have.
-                src.copy_line_ends(buf, ev.start, ev.end);
-                edits.push(Edit {
-                    start: ev.start,
-                    end: ev.end,
-                    with: from..buf.len(),
-                });
             }
+            // The event's own line ends (CRLF, LF or CR), as the backend sent them;
+            // an LF still to come passes through on its own, as it would have.
+            src.copy_line_ends(buf, ev.start, ev.end);
+            edits_out.push(Edit {
+                start: ev.start,
+                end: ev.end,
+                with: from..buf.len(),
+            });
         });
         let span_end = span_base + span.len() as u64;
         let mut cursor = hold_base;
@@ -241,6 +281,15 @@ impl BodyRelay {
             }
         }
     }
+}
+
+/// Whether a usage-only chunk has nothing but the standard members (then it is cut
+/// whole; else forwarded without `usage`). Once per stream.
+fn only_standard_members(data: &[u8]) -> bool {
+    serde_json::from_slice::<
+        std::collections::BTreeMap<std::borrow::Cow<'_, str>, serde::de::IgnoredAny>,
+    >(data)
+    .is_ok_and(|m| m.keys().all(|k| STANDARD_MEMBERS.contains(&k.as_ref())))
 }
 
 fn frame(out: &mut Vec<u8>, chunked: bool, data: &[u8]) {
@@ -351,10 +400,11 @@ mod tests {
             .iter()
             .map(|d| format!("data: {d}\n\n"))
             .collect::<String>();
-        let mode = Mode::Sse {
+        let mode = Mode::Sse(Edits {
             hide_usage_only: true,
             strip_chunk_usage: false,
-        };
+            ..Edits::default()
+        });
         for cut in 0..=input.len() {
             let (out, meter) = run(input.as_bytes(), mode, &[cut]);
             assert_eq!(String::from_utf8(out).unwrap(), want, "cut {cut}");
@@ -383,10 +433,11 @@ mod tests {
         for eol in ["\n", "\r\n", "\r"] {
             let input = stream(eol);
             for (hide, strip) in [(true, false), (false, true), (true, true)] {
-                let mode = Mode::Sse {
+                let mode = Mode::Sse(Edits {
                     hide_usage_only: hide,
                     strip_chunk_usage: strip,
-                };
+                    ..Edits::default()
+                });
                 let want = expected(eol, hide, strip);
                 for cut in 0..=input.len() {
                     let (out, _) = run(input.as_bytes(), mode, &[cut]);
@@ -403,10 +454,11 @@ mod tests {
     #[test]
     fn strips_chunk_usage_and_keeps_the_final_one_when_asked() {
         let input = stream("\r\n");
-        let mode = Mode::Sse {
+        let mode = Mode::Sse(Edits {
             hide_usage_only: false,
             strip_chunk_usage: true,
-        };
+            ..Edits::default()
+        });
         let want = format!(
             "data: {STRIPPED}\r\n\r\ndata: {STRIPPED}\r\n\r\ndata: {USAGE_ONLY}\r\n\r\ndata: [DONE]\r\n\r\n"
         );
@@ -469,10 +521,11 @@ mod tests {
 
     #[test]
     fn typed_streams_pass_unchanged_and_are_metered_at_every_split() {
-        let mode = Mode::Sse {
+        let mode = Mode::Sse(Edits {
             hide_usage_only: false,
             strip_chunk_usage: false,
-        };
+            ..Edits::default()
+        });
         for (shape, input, want) in typed_streams() {
             for cut in 0..=input.len() {
                 let mut r = BodyRelay::default();
@@ -495,16 +548,122 @@ mod tests {
         }
     }
 
+    fn sse(events: &[&str]) -> String {
+        events.iter().map(|d| format!("data: {d}\n\n")).collect()
+    }
+
+    #[test]
+    fn the_final_usage_the_caller_asked_for_reaches_it_on_whatever_event() {
+        // llama.cpp's /v1/completions: running usage (continuous mode, not asked for)
+        // on the way, the final usage on the last event that still has choices.
+        let running = r#"{"choices":[{"text":"a","index":0,"finish_reason":null}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+        let last = r#"{"choices":[{"text":"","index":0,"finish_reason":"length"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+        let input = sse(&[running, last, "[DONE]"]);
+        let edits = Edits {
+            strip_chunk_usage: true,
+            keep_final_usage: true,
+            ..Edits::default()
+        };
+        let want = sse(&[
+            r#"{"choices":[{"text":"a","index":0,"finish_reason":null}]}"#,
+            last,
+            "[DONE]",
+        ]);
+        for cut in 0..=input.len() {
+            let (out, meter) = run(input.as_bytes(), Mode::Sse(edits), &[cut]);
+            assert_eq!(String::from_utf8(out).unwrap(), want, "cut {cut}");
+            assert_eq!(meter.finish(true).0.completion_tokens, 2);
+        }
+        // Not asked for: stripped there too.
+        let edits = Edits {
+            strip_chunk_usage: true,
+            ..Edits::default()
+        };
+        let (out, _) = run(input.as_bytes(), Mode::Sse(edits), &[]);
+        assert!(!String::from_utf8(out).unwrap().contains("usage"));
+    }
+
+    #[test]
+    fn a_hidden_usage_chunk_with_other_members_keeps_them() {
+        // llama-server puts `timings` on its last event: the usage-only chunk once the
+        // proxy asked for usage. The caller did not ask for usage: it gets the chunk
+        // without `usage`, its timings intact.
+        let chunk = r#"{"choices":[{"delta":{"content":"x"},"index":0,"finish_reason":null}],"id":"c","object":"chat.completion.chunk"}"#;
+        let usage_only = r#"{"choices":[],"created":1,"id":"c","model":"m","system_fingerprint":"b1","object":"chat.completion.chunk","usage":{"completion_tokens":1,"prompt_tokens":4,"total_tokens":5},"timings":{"cache_n":0,"prompt_n":4,"predicted_n":1}}"#;
+        let input = sse(&[chunk, usage_only, "[DONE]"]);
+        let edits = Edits {
+            hide_usage_only: true,
+            ..Edits::default()
+        };
+        let want = sse(&[
+            chunk,
+            r#"{"choices":[],"created":1,"id":"c","model":"m","system_fingerprint":"b1","object":"chat.completion.chunk","timings":{"cache_n":0,"prompt_n":4,"predicted_n":1}}"#,
+            "[DONE]",
+        ]);
+        for cut in 0..=input.len() {
+            let (out, meter) = run(input.as_bytes(), Mode::Sse(edits), &[cut]);
+            assert_eq!(String::from_utf8(out).unwrap(), want, "cut {cut}");
+            let (u, source) = meter.finish(true);
+            assert_eq!(
+                (u.prompt_tokens, u.completion_tokens, source),
+                (4, 1, UsageSource::Backend)
+            );
+        }
+    }
+
+    #[test]
+    fn per_token_timings_bill_a_hang_up_and_are_hidden_unless_final() {
+        let ev = |text: &str, n: u64, finish: &str| {
+            format!(
+                r#"{{"choices":[{{"delta":{{"content":"{text}"}},"index":0,"finish_reason":{finish}}}],"object":"chat.completion.chunk","timings":{{"cache_n":2,"prompt_n":5,"prompt_ms":1.5,"predicted_n":{n},"predicted_ms":0.2}}}}"#
+            )
+        };
+        let plain = |text: &str| {
+            format!(
+                r#"{{"choices":[{{"delta":{{"content":"{text}"}},"index":0,"finish_reason":null}}],"object":"chat.completion.chunk"}}"#
+            )
+        };
+        let (a, b) = (ev("a", 1, "null"), ev("b", 2, "null"));
+        let edits = Edits {
+            hide_usage_only: true,
+            strip_timings: true,
+            ..Edits::default()
+        };
+        // A caller that hangs up after two events: billed from the server's own counts.
+        let input = sse(&[&a, &b]);
+        let (out, meter) = run(input.as_bytes(), Mode::Sse(edits), &[40]);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            sse(&[&plain("a"), &plain("b")])
+        );
+        let (u, source) = meter.finish(false);
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens, source),
+            (7, 2, 9, UsageSource::Partial)
+        );
+        // The finished event keeps its timings; the real usage wins over them.
+        let fin = ev("", 2, r#""stop""#);
+        let usage_only = r#"{"choices":[],"object":"chat.completion.chunk","usage":{"completion_tokens":2,"prompt_tokens":7,"total_tokens":9}}"#;
+        let input = sse(&[&a, &fin, usage_only, "[DONE]"]);
+        let (out, meter) = run(input.as_bytes(), Mode::Sse(edits), &[]);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            sse(&[&plain("a"), &fin, "[DONE]"])
+        );
+        assert_eq!(meter.finish(true).1, UsageSource::Backend);
+    }
+
     #[test]
     fn passthrough_modes_forward_every_byte() {
         let input = stream("\n");
         for mode in [
             Mode::Raw,
             Mode::Json,
-            Mode::Sse {
+            Mode::Sse(Edits {
                 hide_usage_only: false,
                 strip_chunk_usage: false,
-            },
+                ..Edits::default()
+            }),
         ] {
             assert_eq!(run(input.as_bytes(), mode, &[7, 100]).0, input.as_bytes());
         }
@@ -521,7 +680,7 @@ mod tests {
         ) {
             let input = stream(eol);
             let mut r = BodyRelay::default();
-            r.start(Mode::Sse { hide_usage_only: hide, strip_chunk_usage: strip }, chunked, StreamShape::Chat, UsageAt::Usage);
+            r.start(Mode::Sse(Edits { hide_usage_only: hide, strip_chunk_usage: strip, ..Edits::default() }), chunked, StreamShape::Chat, UsageAt::Usage);
             let mut out = Vec::new();
             for piece in crate::testing::pieces(input.as_bytes(), &cuts) {
                 r.on_span(piece, &mut out);
@@ -548,7 +707,7 @@ mod tests {
             let input: String = events.iter().map(|d| if d.starts_with(':') { format!("{d}\n\n") } else { format!("data: {d}\n\n") }).collect();
             let want: String = events.iter().filter(|d| **d != USAGE_ONLY).map(|d| if d.starts_with(':') { format!("{d}\n\n") } else { format!("data: {d}\n\n") }).collect();
             let mut r = BodyRelay::default();
-            r.start(Mode::Sse { hide_usage_only: true, strip_chunk_usage: false }, chunked, StreamShape::Chat, UsageAt::Usage);
+            r.start(Mode::Sse(Edits { hide_usage_only: true, strip_chunk_usage: false, ..Edits::default() }), chunked, StreamShape::Chat, UsageAt::Usage);
             let mut out = Vec::new();
             for piece in crate::testing::pieces(input.as_bytes(), &cuts) {
                 r.on_span(piece, &mut out);

@@ -32,11 +32,8 @@ pub struct Spec<'a> {
     /// Where this route's responses report usage (streamed, and not).
     pub shape: crate::routes::StreamShape,
     pub usage_at: crate::routes::UsageAt,
-    /// Cut the usage-only chunk (the caller did not ask for usage).
-    pub hide_usage_only: bool,
-    /// Take `usage` out of every chunk that carries output (continuous usage was
-    /// requested by the proxy, not the caller).
-    pub strip_chunk_usage: bool,
+    /// What a stream's caller must not see of what the proxy asked for.
+    pub edits: crate::relay::body::Edits,
     /// Longest wait for the head, and then between body reads.
     pub read_timeout: Duration,
     /// A caller that takes no bytes for this long is cut (`client_disconnected`).
@@ -188,10 +185,7 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
     let mode = if !spec.metered {
         Mode::Raw
     } else if o.is_sse {
-        Mode::Sse {
-            hide_usage_only: spec.hide_usage_only,
-            strip_chunk_usage: spec.strip_chunk_usage,
-        }
+        Mode::Sse(spec.edits)
     } else {
         Mode::Json
     };

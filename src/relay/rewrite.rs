@@ -389,6 +389,28 @@ pub fn rewrite(body: &[u8], info: &RequestInfo, mode: UsageMode) -> Option<Vec<u
     if !info.stream {
         return None;
     }
+    let options = rewrite_options(body, info, mode);
+    if mode != UsageMode::LlamacppTimings || member_span(body, b"timings_per_token").is_some() {
+        return options;
+    }
+    // llama.cpp: per-event counts, asked for at the top level (a caller's own
+    // `timings_per_token`, either way, is left as it is).
+    let body = options.as_deref().unwrap_or(body);
+    let brace = body.iter().position(|&b| b == b'{')?;
+    let mut out = Vec::with_capacity(body.len() + 26);
+    out.extend_from_slice(&body[..=brace]);
+    out.extend_from_slice(b"\"timings_per_token\":true,");
+    out.extend_from_slice(&body[brace + 1..]);
+    Some(out)
+}
+
+/// Whether the caller set `timings_per_token` itself (then its timings are its own).
+pub fn caller_wants_timings(body: &[u8]) -> bool {
+    member_span(body, b"timings_per_token").is_some()
+}
+
+/// The body with `stream_options` asking for usage, or `None` when it already does.
+fn rewrite_options(body: &[u8], info: &RequestInfo, mode: UsageMode) -> Option<Vec<u8>> {
     let continuous = mode == UsageMode::Continuous;
     if info.caller_wants_usage && (!continuous || info.caller_wants_continuous) {
         return None;
@@ -485,6 +507,19 @@ mod tests {
         let (info, out) = inspect_and_rewrite(&bytes, true, Some(mode)).unwrap();
         let v = out.map_or(body.clone(), |o| serde_json::from_slice(&o).unwrap());
         (info, v)
+    }
+
+    #[test]
+    fn llamacpp_timings_mode_asks_for_per_token_timings_unless_the_caller_chose() {
+        let body = json!({"model":"m","messages":[],"stream":true});
+        let (_, out) = rewrite(&body, UsageMode::LlamacppTimings);
+        assert_eq!(out["timings_per_token"], true);
+        assert_eq!(out["stream_options"], json!({"include_usage": true}));
+        let body = json!({"model":"m","messages":[],"stream":true,"timings_per_token":false,"stream_options":{"include_usage":true}});
+        let (_, out) = rewrite(&body, UsageMode::LlamacppTimings);
+        assert_eq!(out, body, "the caller's own choice stands");
+        let body = json!({"model":"m","messages":[]});
+        assert_eq!(rewrite(&body, UsageMode::LlamacppTimings).1, body);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::http::error::{ProxyError, itoa_u64, write_response};
 use crate::http::head::{HeadError, RequestHead, is_hop_by_hop};
 use crate::http::multipart::{self, MultipartScanner};
 use crate::io::{Io, Wait};
+use crate::relay::body::Edits;
 use crate::relay::response::{self, Buffers, End, Spec};
 use crate::relay::rewrite::{self, RequestInfo};
 use crate::routes::{self, Action, Body, ErrorShape, Metering, Route, StreamShape, UsageAt};
@@ -666,10 +667,17 @@ async fn proxy(
             metered: metering.is_some() && !unmeterable,
             shape: metering.map_or(StreamShape::Chat, |m| m.stream),
             usage_at: metering.map_or(UsageAt::Usage, |m| m.usage_at),
-            hide_usage_only: inject && info.as_ref().is_some_and(|i| !i.caller_wants_usage),
-            strip_chunk_usage: inject
-                && backend.usage_mode == UsageMode::Continuous
-                && info.as_ref().is_some_and(|i| !i.caller_wants_continuous),
+            edits: Edits {
+                hide_usage_only: inject && info.as_ref().is_some_and(|i| !i.caller_wants_usage),
+                strip_chunk_usage: inject
+                    && backend.usage_mode == UsageMode::Continuous
+                    && info.as_ref().is_some_and(|i| !i.caller_wants_continuous),
+                keep_final_usage: info.as_ref().is_some_and(|i| i.caller_wants_usage),
+                strip_timings: inject
+                    && backend.usage_mode == UsageMode::LlamacppTimings
+                    && form.is_none()
+                    && !rewrite::caller_wants_timings(&c.body),
+            },
             read_timeout: cfg.limits.first_byte_timeout.0,
             write_stall: cfg.limits.idle_timeout.0,
             cut: &w.cutting,

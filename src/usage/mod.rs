@@ -162,6 +162,32 @@ impl Usage {
         Some(())
     }
 
+    /// Reads llama.cpp's `timings` (`prompt_n` + `cache_n` tokens in, `predicted_n`
+    /// out) as a running usage, its other members ignored (they are timings, not
+    /// usage).
+    pub fn parse_timings(&mut self, raw: &[u8]) -> Parsed {
+        #[derive(serde::Deserialize)]
+        struct Timings {
+            prompt_n: Option<u64>,
+            cache_n: Option<u64>,
+            predicted_n: Option<u64>,
+        }
+        let Ok(t) = serde_json::from_slice::<Timings>(raw) else {
+            return Parsed::Invalid;
+        };
+        if t.prompt_n.is_none() && t.predicted_n.is_none() {
+            return Parsed::Invalid;
+        }
+        self.details.clear();
+        self.extra.clear();
+        let prompt = t
+            .prompt_n
+            .unwrap_or(0)
+            .saturating_add(t.cache_n.unwrap_or(0));
+        self.set_counts(Some(prompt), t.predicted_n, None);
+        self.classify()
+    }
+
     /// Back to no usage at all, keeping the buffers' capacity.
     pub fn clear(&mut self) {
         self.prompt_tokens = 0;

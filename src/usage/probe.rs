@@ -21,6 +21,9 @@ pub struct Probe<'a> {
     pub choices: Option<Choices>,
     /// The raw `usage` value, when present and not `null`.
     pub usage: Option<&'a [u8]>,
+    /// The raw `timings` value (llama.cpp's counts: `prompt_n`, `cache_n`,
+    /// `predicted_n`), when present and not `null`.
+    pub timings: Option<&'a [u8]>,
     /// A non-null `error`, or `"object": "error"`.
     pub error: bool,
     /// With exactly one choice whose generated text (`delta.content` or `text`) is a
@@ -276,6 +279,10 @@ pub fn probe(data: &[u8]) -> Option<Probe<'_>> {
             b"usage" => {
                 let v = c.value()?;
                 p.usage = (!is_null(v)).then_some(v);
+            }
+            b"timings" => {
+                let v = c.value()?;
+                p.timings = (!is_null(v)).then_some(v);
             }
             b"error" => p.error |= !is_null(c.value()?),
             b"object" => p.error |= c.value()? == b"\"error\"",

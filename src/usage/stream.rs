@@ -41,6 +41,14 @@ pub struct StreamMeter {
     pub unparsed: u64,
     /// The event last observed carried a non-null `usage`.
     pub last_had_usage: bool,
+    /// ... a usage that is final (no choices, or a finished choice).
+    pub last_usage_final: bool,
+    /// ... llama.cpp's `timings`.
+    pub last_had_timings: bool,
+    /// ... a finished choice.
+    pub last_finished: bool,
+    /// A real `usage` was read: `timings` no longer count.
+    real_usage: bool,
     template: Template,
 }
 
@@ -90,6 +98,9 @@ impl StreamMeter {
 
     pub fn observe(&mut self, data: &[u8]) -> EventKind {
         self.last_had_usage = false;
+        self.last_usage_final = false;
+        self.last_had_timings = false;
+        self.last_finished = false;
         if data == b"[DONE]" {
             self.saw_done = true;
             return EventKind::Other;
@@ -111,9 +122,13 @@ impl StreamMeter {
         };
         let t = &mut self.template;
         t.valid = false;
-        if let (Some(slot), Some(choices), None, false) =
-            (&probe.text, probe.choices, probe.usage, probe.error)
-        {
+        if let (Some(slot), Some(choices), None, None, false) = (
+            &probe.text,
+            probe.choices,
+            probe.usage,
+            probe.timings,
+            probe.error,
+        ) {
             t.bytes.clear();
             t.bytes.extend_from_slice(data);
             t.prefix = slot.span.start;
@@ -127,12 +142,25 @@ impl StreamMeter {
         }
         let choices = probe.choices.unwrap_or_default();
         self.last_had_usage = probe.usage.is_some();
+        self.last_finished = choices.finished;
+        self.last_usage_final = choices.count == 0 || choices.finished;
+        if let Some(raw) = probe.timings {
+            self.last_had_timings = true;
+            // llama.cpp's running counts: what a hang-up is billed from until (and
+            // unless) the real usage comes; never over it.
+            if !self.real_usage && self.scratch.parse_timings(raw) == Parsed::Valid {
+                self.usage.merge(&self.scratch);
+                self.has_usage = true;
+                self.usage_final = false;
+            }
+        }
         if let Some(raw) = probe.usage
             && self.scratch.parse_into(raw) == Parsed::Valid
         {
             self.usage.merge(&self.scratch);
             self.has_usage = true;
-            self.usage_final = choices.count == 0 || choices.finished;
+            self.real_usage = true;
+            self.usage_final = self.last_usage_final;
         }
         self.output_deltas += choices.with_output;
         if choices.with_output > 0 {
@@ -322,13 +350,23 @@ pub(crate) mod tests {
 
     // The serde-derived probe the hand-written one replaced: the reference it is
     // checked against.
-    pub(super) type Probed = Option<(Option<(u64, u64, bool)>, Option<Vec<u8>>, bool)>;
+    pub(super) type Probed = Option<(
+        Option<(u64, u64, bool)>,
+        Option<Vec<u8>>,
+        Option<Vec<u8>>,
+        bool,
+    )>;
 
     pub(super) fn reference(data: &[u8]) -> Probed {
         let p: ChunkProbe<'_> = serde_json::from_slice(data).ok()?;
+        let raw = |v: Option<&RawValue>| {
+            v.filter(|v| v.get() != "null")
+                .map(|v| v.get().as_bytes().to_vec())
+        };
         Some((
             p.choices.map(|c| (c.count, c.with_output, c.finished)),
-            p.usage.map(|u| u.get().as_bytes().to_vec()),
+            raw(p.usage),
+            raw(p.timings),
             p.error.is_some() || p.object.is_some_and(|o| o.0),
         ))
     }
@@ -339,6 +377,8 @@ pub(crate) mod tests {
         choices: Option<Choices>,
         #[serde(default, borrow)]
         usage: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        timings: Option<&'a RawValue>,
         #[serde(default)]
         error: Option<IgnoredAny>,
         #[serde(default)]
@@ -633,11 +673,14 @@ mod differential {
             proptest::collection::vec(choice, 0..3).prop_map(|c| format!("[{}]", c.join(",")))
         ];
         let usage = prop_oneof![Just("null".to_string()), Just("{\"prompt_tokens\":3,\"total_tokens\":5,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":1}}".to_string())];
-        (choices, usage, any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
-            |(c, u, with_usage, error, spaced)| {
+        (choices, usage, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+            |(c, u, with_usage, error, spaced, timings)| {
                 let mut members = vec![format!("\"id\":\"x\""), format!("\"choices\":{c}")];
                 if with_usage {
                     members.push(format!("\"usage\":{u}"));
+                }
+                if timings {
+                    members.push("\"timings\":{\"cache_n\":2,\"prompt_n\":5,\"prompt_ms\":1.5,\"predicted_n\":3}".into());
                 }
                 if error {
                     members.push("\"error\":{\"message\":\"boom\",\"code\":500}".into());
@@ -651,7 +694,7 @@ mod differential {
     proptest! {
         #[test]
         fn hand_written_probe_agrees_with_serde(json in chunk()) {
-            let fast = super::probe(json.as_bytes()).map(|p| (p.choices.map(|c| (c.count, c.with_output, c.finished)), p.usage.map(<[u8]>::to_vec), p.error));
+            let fast = super::probe(json.as_bytes()).map(|p| (p.choices.map(|c| (c.count, c.with_output, c.finished)), p.usage.map(<[u8]>::to_vec), p.timings.map(<[u8]>::to_vec), p.error));
             prop_assert_eq!(fast, reference(json.as_bytes()), "{}", json);
         }
 
