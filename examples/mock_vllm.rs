@@ -14,6 +14,12 @@
 //!   x-mock-pause-after-first-ms: N  pause after the first content chunk
 //!   x-mock-split: N              write the stream in pieces of N bytes
 //!   x-mock-fail: status-500 | error-event | reset | hang
+//!   x-mock-flavor: llamacpp      answer as llama.cpp's llama-server does (also
+//!                                `--flavor llamacpp`): `timings` on the last event
+//!                                (per event with `timings_per_token`), completions'
+//!                                usage on the last event that has choices, no
+//!                                `continuous_usage_stats`, `: ping` comments, and an
+//!                                Ollama-style `models` list beside `data`
 //! `GET /mock/last` returns the last request received (headers and body) as JSON.
 //!
 //! `--prerender` (for benchmarks): chat completions are answered from responses built
@@ -41,6 +47,8 @@ struct Mock {
     token_delay: u64,
     /// Pause before the first output, like a real engine's prefill.
     prefill: u64,
+    /// Answer as llama.cpp's llama-server (see `x-mock-flavor`).
+    llamacpp: bool,
     name: String,
     last: Mutex<Value>,
     prerendered: Option<Prerendered>,
@@ -257,6 +265,7 @@ fn main() {
         prefill: http::flag("--prefill-ms")
             .and_then(|t| t.parse().ok())
             .unwrap_or(0),
+        llamacpp: http::flag("--flavor").as_deref() == Some("llamacpp"),
         name: http::flag("--name").unwrap_or_else(|| format!("mock-{port}")),
         last: Mutex::new(Value::Null),
         prerendered: None,
@@ -373,14 +382,16 @@ impl Mock {
                     .iter()
                     .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": self.name}))
                     .collect();
-                http::respond(
-                    w,
-                    200,
-                    "application/json",
-                    json!({"object": "list", "data": data})
-                        .to_string()
-                        .as_bytes(),
-                )
+                let mut list = json!({"object": "list", "data": data});
+                if self.llamacpp || req.header("x-mock-flavor") == Some("llamacpp") {
+                    list["models"] = json!(
+                        self.models
+                            .iter()
+                            .map(|m| json!({"name": m, "model": m, "type": "model"}))
+                            .collect::<Vec<_>>()
+                    );
+                }
+                http::respond(w, 200, "application/json", list.to_string().as_bytes())
             }
             ("POST", "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings") => {
                 self.generate(req, route, w)
@@ -503,12 +514,18 @@ impl Mock {
             return http::respond(w, 200, "application/json", resp.to_string().as_bytes());
         }
 
+        let llama = self.llamacpp || req.header("x-mock-flavor") == Some("llamacpp");
         let include_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
-        let continuous = body["stream_options"]["continuous_usage_stats"].as_bool() == Some(true);
+        // llama.cpp ignores continuous_usage_stats; it has per-event timings instead.
+        let continuous =
+            !llama && body["stream_options"]["continuous_usage_stats"].as_bool() == Some(true);
+        let per_token_timings = llama && body["timings_per_token"].as_bool() == Some(true);
+        let timings = |n: u64| json!({"cache_n": 0, "prompt_n": prompt_tokens, "prompt_ms": 1.25, "predicted_n": n, "predicted_ms": 0.5 * n as f64});
         let delay = num("x-mock-token-delay-ms").unwrap_or(self.token_delay);
         let pause_after_first = num("x-mock-pause-after-first-ms").unwrap_or(0);
         let split = num("x-mock-split").unwrap_or(0) as usize;
         let paced = self.paced
+            && !llama
             && chat
             && delay > 0
             && pause_after_first == 0
@@ -552,6 +569,9 @@ impl Mock {
             if continuous {
                 v["usage"] = usage(c);
             }
+            if per_token_timings {
+                v["timings"] = timings(c);
+            }
             v.to_string()
         };
         if chat {
@@ -577,6 +597,9 @@ impl Mock {
                 json!({"index": 0, "text": tok, "logprobs": null, "finish_reason": null})
             };
             sse.event(&chunk(choice, i + 1))?;
+            if llama && i == 0 {
+                sse.raw(": ping\n\n")?;
+            }
             if i == 0 && pause_after_first > 0 {
                 std::thread::sleep(Duration::from_millis(pause_after_first));
             } else if delay > 0 {
@@ -588,10 +611,29 @@ impl Mock {
         } else {
             json!({"index": 0, "text": "", "logprobs": null, "finish_reason": "length", "stop_reason": null})
         };
-        sse.event(&chunk(last, completion))?;
-        if include_usage {
-            let v = json!({"id": "cmpl-mock", "object": object, "created": 0, "model": model, "choices": [], "usage": usage(completion)});
-            sse.event(&v.to_string())?;
+        if llama {
+            // llama-server: completions put the usage on the last event, which still
+            // has choices; chat adds a usage-only chunk. `timings` go on the very last.
+            let mut events = vec![
+                json!({"id": "cmpl-mock", "object": object, "created": 0, "model": model, "choices": [last], "system_fingerprint": "b1-mock"}),
+            ];
+            if include_usage && chat {
+                events.push(json!({"id": "cmpl-mock", "object": object, "created": 0, "model": model, "choices": [], "system_fingerprint": "b1-mock", "usage": usage(completion)}));
+            } else if include_usage {
+                events[0]["usage"] = usage(completion);
+            }
+            if let Some(e) = events.last_mut() {
+                e["timings"] = timings(completion);
+            }
+            for e in events {
+                sse.event(&e.to_string())?;
+            }
+        } else {
+            sse.event(&chunk(last, completion))?;
+            if include_usage {
+                let v = json!({"id": "cmpl-mock", "object": object, "created": 0, "model": model, "choices": [], "usage": usage(completion)});
+                sse.event(&v.to_string())?;
+            }
         }
         sse.event("[DONE]")?;
         sse.w.write_all(b"0\r\n\r\n")?;

@@ -49,6 +49,9 @@ pub async fn models(
 ) -> Result<Vec<u8>, ProxyError> {
     let mut seen = std::collections::HashSet::new();
     let mut data = Vec::new();
+    // The first answer's other top-level members (llama-server's Ollama-style
+    // `models`, ...) are kept as it sent them; `data` is the merge of all.
+    let mut first: Option<serde_json::Map<String, serde_json::Value>> = None;
     let mut answered = false;
     let v = w.view();
     let any_healthy = v.up.backends.iter().any(|b| b.is_healthy());
@@ -61,6 +64,11 @@ pub async fn models(
             Ok((200, body)) => {
                 answered = true;
                 let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                if first.is_none()
+                    && let serde_json::Value::Object(top) = &parsed
+                {
+                    first = Some(top.clone());
+                }
                 if let Some(list) = parsed.get("data").and_then(|d| d.as_array()) {
                     for m in list {
                         if let Some(id) = m.get("id").and_then(|v| v.as_str())
@@ -78,9 +86,10 @@ pub async fn models(
     if !answered {
         return Err(ProxyError::BackendUnavailable);
     }
-    Ok(serde_json::json!({"object": "list", "data": data})
-        .to_string()
-        .into_bytes())
+    let mut top = first.unwrap_or_default();
+    top.insert("object".into(), "list".into());
+    top.insert("data".into(), serde_json::Value::Array(data));
+    Ok(serde_json::Value::Object(top).to_string().into_bytes())
 }
 
 /// A small GET to backend `i` through the worker's pool, body read whole (bounded).

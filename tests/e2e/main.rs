@@ -7,6 +7,7 @@ mod delivery;
 mod errors;
 mod harness;
 mod hostile;
+mod llamacpp;
 mod metering;
 mod routes;
 mod routing;
