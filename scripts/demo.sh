@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "==> building (release)"
-cargo build --release --bin llmproxy --example mock_vllm --example webhook_receiver 2>&1 | tail -n 1
+echo "==> building (release; the first build takes about 2 minutes on 2 cores)"
+cargo build --release --bin llmproxy --example mock_vllm --example webhook_receiver
 BIN=target/release
 LOGS=$(mktemp -d)
 rm -f usage_log.jsonl

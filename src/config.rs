@@ -65,6 +65,30 @@ impl<'de> Deserialize<'de> for Dur {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
+impl fmt::Display for ByteSize {
+    /// As the config spells sizes: `16MiB`, `64KiB`, else a byte count.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            n if n >= 1 << 20 && n % (1 << 20) == 0 => write!(f, "{}MiB", n >> 20),
+            n if n >= 1 << 10 && n % (1 << 10) == 0 => write!(f, "{}KiB", n >> 10),
+            n => write!(f, "{n}"),
+        }
+    }
+}
+
+impl fmt::Display for Dur {
+    /// As the config spells durations: `500ms`, `10s`, `2m`, `1h`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        match ms {
+            ms if ms >= 3_600_000 && ms % 3_600_000 == 0 => write!(f, "{}h", ms / 3_600_000),
+            ms if ms >= 60_000 && ms % 60_000 == 0 => write!(f, "{}m", ms / 60_000),
+            ms if ms >= 1000 && ms % 1000 == 0 => write!(f, "{}s", ms / 1000),
+            ms => write!(f, "{ms}ms"),
+        }
+    }
+}
+
 impl ByteSize {
     pub fn parse(s: &str) -> Option<u64> {
         let s = s.trim();
@@ -111,6 +135,29 @@ pub enum UsageMode {
     /// llama.cpp's llama-server: also request `timings_per_token`, whose per-event
     /// `timings` (`prompt_n`, `cache_n`, `predicted_n`) bill a hang-up as `partial`.
     LlamacppTimings,
+}
+
+impl UsageMode {
+    /// As the config spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageMode::Final => "final",
+            UsageMode::Continuous => "continuous",
+            UsageMode::LlamacppTimings => "llamacpp_timings",
+        }
+    }
+}
+
+impl ApiKeyFormat {
+    /// As the config spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiKeyFormat::Masked => "masked",
+            ApiKeyFormat::Full => "full",
+            ApiKeyFormat::Sha256 => "sha256",
+            ApiKeyFormat::None => "none",
+        }
+    }
 }
 
 /// `backends[].models`: a list of model ids, `[]` (any model), or `auto` (discovered
@@ -630,10 +677,10 @@ impl Config {
             };
             let _ = writeln!(
                 s,
-                "backend {name}: {} weight={} models=[{models}] usage_mode={:?} api_key={}",
+                "backend {name}: {} weight={} models=[{models}] usage_mode={} api_key={}",
                 b.url,
                 b.weight,
-                b.usage_mode,
+                b.usage_mode.as_str(),
                 if b.api_key.is_some() { "set" } else { "none" }
             );
         }
@@ -641,12 +688,12 @@ impl Config {
         if h.enabled {
             let _ = writeln!(
                 s,
-                "usage_hook: {} timeout={:?} retry={} queue_size={} api_key_format={:?} headers=[{}] spool_dir={}",
+                "usage_hook: {} timeout={} retry={} queue_size={} api_key_format={} headers=[{}] spool_dir={}",
                 redact_url(&h.url),
-                h.timeout.0,
+                h.timeout,
                 h.retry,
                 h.queue_size,
-                h.api_key_format,
+                h.api_key_format.as_str(),
                 h.headers.keys().cloned().collect::<Vec<_>>().join(", "),
                 if h.spool_dir.is_empty() {
                     "(disabled)"
@@ -659,8 +706,8 @@ impl Config {
         }
         let _ = writeln!(
             s,
-            "health_check: every {:?} on {} (down after {}, up after {})",
-            self.health_check.interval.0,
+            "health_check: every {} on {} (down after {}, up after {})",
+            self.health_check.interval,
             self.health_check.path,
             self.health_check.unhealthy_after,
             self.health_check.healthy_after
@@ -678,15 +725,27 @@ impl Config {
         let l = &self.limits;
         let _ = writeln!(
             s,
-            "limits: max_request_body={} max_header_bytes={} header_timeout={:?} idle_timeout={:?} connect_timeout={:?} first_byte_timeout={:?} shutdown_timeout={:?} max_connections={}",
-            l.max_request_body.0,
-            l.max_header_bytes.0,
-            l.header_timeout.0,
-            l.idle_timeout.0,
-            l.connect_timeout.0,
-            l.first_byte_timeout.0,
-            l.shutdown_timeout.0,
+            "limits: max_request_body={} max_audio_body={} max_header_bytes={} header_timeout={} idle_timeout={} connect_timeout={} first_byte_timeout={} shutdown_timeout={} max_connections={}",
+            l.max_request_body,
+            l.max_audio_body,
+            l.max_header_bytes,
+            l.header_timeout,
+            l.idle_timeout,
+            l.connect_timeout,
+            l.first_byte_timeout,
+            l.shutdown_timeout,
             l.max_connections
+        );
+        let r = &self.routes;
+        let _ = writeln!(
+            s,
+            "routes: allow_background={} extra=[{}]",
+            r.allow_background,
+            r.extra
+                .iter()
+                .map(|e| format!("{}{}", e.path, if e.metered { " (metered)" } else { "" }))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         s
     }

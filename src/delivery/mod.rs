@@ -949,6 +949,7 @@ mod tests {
 
     #[test]
     fn with_a_spool_a_full_queue_sends_batches_to_overflow_files_and_none_is_dropped() {
+        crate::testing::clean_at_exit();
         let d = std::env::temp_dir().join(format!("llmproxy-overflow-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         let spool = Spool::open(&d).unwrap();
@@ -1001,6 +1002,7 @@ mod tests {
 
     #[test]
     fn a_spool_that_cannot_write_stops_taking_batches_and_logs_what_it_holds() {
+        crate::testing::clean_at_exit();
         let d = std::env::temp_dir().join(format!("llmproxy-stuck-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         let spool = Spool::open(&d).unwrap();

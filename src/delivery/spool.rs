@@ -795,6 +795,7 @@ mod tests {
     use super::*;
 
     fn dir() -> PathBuf {
+        crate::testing::clean_at_exit();
         static N: AtomicU64 = AtomicU64::new(0);
         let d = std::env::temp_dir().join(format!(
             "llmproxy-spool-{}-{}",

@@ -193,6 +193,8 @@ struct Request {
     path: usize,
     /// The shape of the proxy's own errors on this route.
     errors: ErrorShape,
+    /// The key's user, once authenticated (for the access log).
+    user: Option<String>,
 }
 
 /// Handles one request whose head is parsed. Returns whether to keep the connection.
@@ -203,7 +205,7 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
     let v = w.view();
     // Phase: route. The table says what this path is; nothing outside it is forwarded.
     let route = routes::route(c.head.method(), c.head.route(), &v.live.config.routes);
-    let rq = Request {
+    let mut rq = Request {
         key: auth::presented_key(&c.head.headers).map(str::to_owned),
         id: new_request_id_at(now),
         client_id: client_request_id(&c.head),
@@ -211,6 +213,7 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
         timestamp: now,
         path: route.label,
         errors: route.errors,
+        user: None,
     };
     c.client.consume(head_len);
 
@@ -271,6 +274,7 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
             } else {
                 None
             };
+            rq.user.clone_from(&user);
             if route.action == Action::Models {
                 let forward = if auth.enabled {
                     None
@@ -472,7 +476,10 @@ fn log_access(
         path: c.head.route().chars().take(256).collect(),
         status,
         stream,
-        user_id: rec.map(|r| r.user_id.clone()).unwrap_or_default(),
+        user_id: rec
+            .map(|r| r.user_id.clone())
+            .or_else(|| rq.user.clone())
+            .unwrap_or_default(),
         api_key: format_api_key(
             rq.key.as_deref().unwrap_or(""),
             crate::config::ApiKeyFormat::Masked,

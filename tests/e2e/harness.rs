@@ -163,7 +163,27 @@ pub fn mock(args: &[&str]) -> Proc {
 
 static DIRS: AtomicUsize = AtomicUsize::new(0);
 
+/// Removes this test process's scratch directories when it exits, passed or failed.
+fn clean_at_exit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    extern "C" fn clean() {
+        let prefix = format!("llmproxy-test-{}-", std::process::id());
+        if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+    // SAFETY: registers a plain extern "C" function with no captured state.
+    ONCE.call_once(|| unsafe {
+        libc::atexit(clean);
+    });
+}
+
 pub fn temp_dir() -> PathBuf {
+    clean_at_exit();
     let d = std::env::temp_dir().join(format!(
         "llmproxy-test-{}-{}",
         std::process::id(),
