@@ -72,7 +72,7 @@ wait_port() {
 GEN=$(free_port); EMB=$(free_port); HOOK=$(free_port); PROXY=$(free_port)
 "$SERVER" -m "$MODEL" --host 127.0.0.1 --port "$GEN" -c 2048 -np 4 --alias tiny --log-disable >"$RUN/gen.log" 2>&1 &
 pids+=($!)
-"$SERVER" -m "$MODEL" --host 127.0.0.1 --port "$EMB" -c 2048 --embeddings --alias tiny-embed --log-disable >"$RUN/emb.log" 2>&1 &
+"$SERVER" -m "$MODEL" --host 127.0.0.1 --port "$EMB" -c 2048 --embeddings --pooling mean --alias tiny-embed --log-disable >"$RUN/emb.log" 2>&1 &
 pids+=($!)
 target/release/examples/webhook_receiver --port "$HOOK" --quiet --log "$RUN/usage.jsonl" >"$RUN/receiver.log" 2>&1 &
 pids+=($!)

@@ -35,9 +35,9 @@ pub enum Mode {
 /// have sent it without the proxy's own requests (SPEC: "Streaming").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Edits {
-    /// Cut the usage-only chunk (the caller did not ask for usage). One that carries
-    /// members beyond the standard ones (llama.cpp's `timings`) is forwarded with only
-    /// its `usage` taken out.
+    /// The caller did not ask for usage: cut the usage-only chunk, and take `usage`
+    /// out of any other event that carries one. A usage-only chunk with members beyond
+    /// the standard ones (llama.cpp's `timings`) is forwarded with only `usage` out.
     pub hide_usage_only: bool,
     /// Take `usage` out of chunks with output (continuous usage requested by the
     /// proxy, not the caller)...
@@ -200,9 +200,13 @@ impl BodyRelay {
                     cut_usage = true;
                 }
             } else {
-                cut_usage = edits.strip_chunk_usage
-                    && meter.last_had_usage
-                    && !(edits.keep_final_usage && meter.last_usage_final);
+                // A caller that did not ask for usage gets none, on whatever event the
+                // backend put it (llama.cpp puts a completion's on its last event with
+                // choices); one that did keeps the final usage.
+                cut_usage = meter.last_had_usage
+                    && (edits.hide_usage_only
+                        || (edits.strip_chunk_usage
+                            && !(edits.keep_final_usage && meter.last_usage_final)));
                 cut_timings = edits.strip_timings && meter.last_had_timings && !meter.last_finished;
             }
             let members: &[&[u8]] = match (cut_usage, cut_timings) {
@@ -396,7 +400,7 @@ mod tests {
     #[test]
     fn hides_the_usage_only_chunk_at_every_split() {
         let input = stream("\n");
-        let want = [CHUNK, CHUNK, "[DONE]"]
+        let want = [STRIPPED, STRIPPED, "[DONE]"]
             .iter()
             .map(|d| format!("data: {d}\n\n"))
             .collect::<String>();
@@ -422,7 +426,13 @@ mod tests {
             .iter()
             .filter(|d| !(hide && **d == USAGE_ONLY))
             .map(|d| {
-                let d = if strip && *d == CHUNK { STRIPPED } else { d };
+                // Without usage asked for, none reaches the caller, running usage
+                // included.
+                let d = if (strip || hide) && *d == CHUNK {
+                    STRIPPED
+                } else {
+                    d
+                };
                 format!("data: {d}{eol}{eol}")
             })
             .collect()
@@ -705,7 +715,7 @@ mod tests {
             chunked in any::<bool>(),
         ) {
             let input: String = events.iter().map(|d| if d.starts_with(':') { format!("{d}\n\n") } else { format!("data: {d}\n\n") }).collect();
-            let want: String = events.iter().filter(|d| **d != USAGE_ONLY).map(|d| if d.starts_with(':') { format!("{d}\n\n") } else { format!("data: {d}\n\n") }).collect();
+            let want: String = events.iter().filter(|d| **d != USAGE_ONLY).map(|d| if d.starts_with(':') { format!("{d}\n\n") } else if *d == CHUNK { format!("data: {STRIPPED}\n\n") } else { format!("data: {d}\n\n") }).collect();
             let mut r = BodyRelay::default();
             r.start(Mode::Sse(Edits { hide_usage_only: true, strip_chunk_usage: false, ..Edits::default() }), chunked, StreamShape::Chat, UsageAt::Usage);
             let mut out = Vec::new();

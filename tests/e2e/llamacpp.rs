@@ -46,6 +46,33 @@ fn continuous_mode_keeps_the_final_usage_a_caller_asked_for() {
 }
 
 #[test]
+fn a_completion_stream_without_usage_asked_shows_none() {
+    // The usage the proxy asked for comes on llama.cpp's last event with choices: it
+    // is taken out there, the event itself forwarded.
+    let s = stack("final");
+    let body = json!({"model": "mock-model", "prompt": "a b", "max_tokens": 3, "stream": true});
+    let r = post_json(
+        s.addr(),
+        "/v1/completions",
+        &[("x-request-id", "t-ll-hidden")],
+        &body,
+    );
+    let text = r.text();
+    assert!(!text.contains("\"usage\""), "{text}");
+    assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+    assert!(text.contains("\"timings\""), "{text}");
+    let rec = s.record("t-ll-hidden");
+    assert_eq!(
+        (
+            rec["prompt_tokens"].as_u64(),
+            rec["completion_tokens"].as_u64(),
+            rec["usage_source"].as_str()
+        ),
+        (Some(2), Some(3), Some("backend"))
+    );
+}
+
+#[test]
 fn a_caller_that_did_not_ask_for_usage_still_gets_the_timings() {
     let s = stack("final");
     let r = post_json(
