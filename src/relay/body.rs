@@ -679,6 +679,26 @@ mod tests {
         }
     }
 
+    /// What a caller receives of `input` relayed with `edits` in pieces cut at `cuts`,
+    /// chunked encoding taken off again (and checked complete) when `chunked`.
+    fn relay_decoded(input: &[u8], edits: Edits, cuts: &[usize], chunked: bool) -> Vec<u8> {
+        let mut r = BodyRelay::default();
+        r.start(Mode::Sse(edits), chunked, StreamShape::Chat, UsageAt::Usage);
+        let mut out = Vec::new();
+        for piece in crate::testing::pieces(input, cuts) {
+            r.on_span(piece, &mut out);
+        }
+        r.finish(&mut out);
+        if !chunked {
+            return out;
+        }
+        let mut dec = crate::http::body::BodyDecoder::new(crate::http::body::Framing::Chunked);
+        let mut body = Vec::new();
+        dec.decode(&out, |s| body.extend_from_slice(s)).unwrap();
+        assert!(dec.is_done());
+        body
+    }
+
     proptest! {
         #[test]
         fn edits_at_any_splits_give_the_expected_bytes(
@@ -689,22 +709,8 @@ mod tests {
             chunked in any::<bool>(),
         ) {
             let input = stream(eol);
-            let mut r = BodyRelay::default();
-            r.start(Mode::Sse(Edits { hide_usage_only: hide, strip_chunk_usage: strip, ..Edits::default() }), chunked, StreamShape::Chat, UsageAt::Usage);
-            let mut out = Vec::new();
-            for piece in crate::testing::pieces(input.as_bytes(), &cuts) {
-                r.on_span(piece, &mut out);
-            }
-            r.finish(&mut out);
-            let got = if chunked {
-                let mut dec = crate::http::body::BodyDecoder::new(crate::http::body::Framing::Chunked);
-                let mut body = Vec::new();
-                dec.decode(&out, |s| body.extend_from_slice(s)).unwrap();
-                prop_assert!(dec.is_done());
-                body
-            } else {
-                out
-            };
+            let edits = Edits { hide_usage_only: hide, strip_chunk_usage: strip, ..Edits::default() };
+            let got = relay_decoded(input.as_bytes(), edits, &cuts, chunked);
             prop_assert_eq!(String::from_utf8(got).unwrap(), expected(eol, hide, strip));
         }
 
@@ -716,22 +722,8 @@ mod tests {
         ) {
             let input: String = events.iter().map(|d| if d.starts_with(':') { format!("{d}\n\n") } else { format!("data: {d}\n\n") }).collect();
             let want: String = events.iter().filter(|d| **d != USAGE_ONLY).map(|d| if d.starts_with(':') { format!("{d}\n\n") } else if *d == CHUNK { format!("data: {STRIPPED}\n\n") } else { format!("data: {d}\n\n") }).collect();
-            let mut r = BodyRelay::default();
-            r.start(Mode::Sse(Edits { hide_usage_only: true, strip_chunk_usage: false, ..Edits::default() }), chunked, StreamShape::Chat, UsageAt::Usage);
-            let mut out = Vec::new();
-            for piece in crate::testing::pieces(input.as_bytes(), &cuts) {
-                r.on_span(piece, &mut out);
-            }
-            r.finish(&mut out);
-            let got = if chunked {
-                let mut dec = crate::http::body::BodyDecoder::new(crate::http::body::Framing::Chunked);
-                let mut body = Vec::new();
-                dec.decode(&out, |s| body.extend_from_slice(s)).unwrap();
-                prop_assert!(dec.is_done());
-                body
-            } else {
-                out
-            };
+            let edits = Edits { hide_usage_only: true, ..Edits::default() };
+            let got = relay_decoded(input.as_bytes(), edits, &cuts, chunked);
             prop_assert_eq!(String::from_utf8(got).unwrap(), want);
         }
     }

@@ -339,15 +339,7 @@ async fn read_upload_head(v: &View, c: &mut Conn) -> Result<Upload, Option<Proxy
             c.head.keep_alive = false;
             return Err(Some(ProxyError::FormFieldsTooLate));
         }
-        match c
-            .client
-            .fill_by(tick::now() + limits.header_timeout.0, || false)
-            .await
-        {
-            Wait::Data => {}
-            Wait::TimedOut => return Err(Some(ProxyError::HeaderTimeout)),
-            _ => return Err(None),
-        }
+        more_body(c, limits).await?;
     }
     if left > 0 {
         c.head.keep_alive = false;
@@ -436,15 +428,21 @@ async fn read_body(v: &View, c: &mut Conn, max: u64) -> Result<(), Option<ProxyE
         if decoder.is_done() {
             return Ok(());
         }
-        match c
-            .client
-            .fill_by(tick::now() + limits.header_timeout.0, || false)
-            .await
-        {
-            Wait::Data => {}
-            Wait::TimedOut => return Err(Some(ProxyError::HeaderTimeout)),
-            _ => return Err(None),
-        }
+        more_body(c, limits).await?;
+    }
+}
+
+/// Waits for more of a request body, up to `header_timeout` (408 then). `Err(None)`:
+/// the caller went away.
+async fn more_body(c: &mut Conn, limits: &crate::config::Limits) -> Result<(), Option<ProxyError>> {
+    match c
+        .client
+        .fill_by(tick::now() + limits.header_timeout.0, || false)
+        .await
+    {
+        Wait::Data => Ok(()),
+        Wait::TimedOut => Err(Some(ProxyError::HeaderTimeout)),
+        _ => Err(None),
     }
 }
 
