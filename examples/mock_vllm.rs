@@ -1,6 +1,6 @@
 //! A mock vLLM: an OpenAI-compatible server with deterministic token counts, in the
-//! exact wire shapes vLLM uses (read from vLLM's own entrypoints; the README's route
-//! table says which shape each path has). Used by the README demo,
+//! exact wire shapes vLLM uses (read from vLLM's own entrypoints; the route
+//! table in docs/billing.md says which shape each path has). Used by the README demo,
 //! the integration tests and the benchmarks.
 //!
 //!     cargo run --example mock_vllm -- --port 8000 [--models a,b] [--tokens 16]

@@ -348,24 +348,24 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_route_table_lists_every_path() {
-        let readme = include_str!("../README.md");
+    fn the_documented_route_table_lists_every_path() {
+        let readme = include_str!("../docs/billing.md");
         let section = readme
             .split("## Endpoints: the route table")
             .nth(1)
             .and_then(|s| s.split("\n## ").next())
-            .expect("README has the route table");
+            .expect("docs/billing.md has the route table");
         for (method, path, _) in TABLE {
             let row = section
                 .lines()
                 .find(|l| l.starts_with("| ") && l.contains(&format!("`{path}`")))
-                .unwrap_or_else(|| panic!("README's route table lacks {path}"));
+                .unwrap_or_else(|| panic!("the documented route table lacks {path}"));
             assert!(row.contains(method), "{method} {path}: {row}");
         }
         for pattern in [RESPONSE_BY_ID, RESPONSE_CANCEL, "routes.extra"] {
             assert!(
                 section.contains(pattern),
-                "README's route table lacks {pattern}"
+                "the documented route table lacks {pattern}"
             );
         }
     }

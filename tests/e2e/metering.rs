@@ -536,9 +536,9 @@ fn caller_hanging_up_mid_stream_still_gets_a_record() {
 }
 
 #[test]
-fn every_metric_the_readme_lists_is_served() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
+fn every_metric_the_docs_list_is_served() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md"))
+        .expect("docs/metrics.md");
     let section = readme
         .split("\n## Metrics")
         .nth(1)
@@ -554,7 +554,7 @@ fn every_metric_the_readme_lists_is_served() {
     for name in listed {
         assert!(
             m.contains(&format!("# TYPE {name} ")),
-            "README lists {name}, /metrics does not serve it:\n{m}"
+            "docs/metrics.md lists {name}, /metrics does not serve it:\n{m}"
         );
     }
 }
