@@ -106,6 +106,12 @@ fn steady_state_relay_allocates_nothing_per_chunk() {
             strip_chunk_usage: false,
             ..Edits::default()
         }),
+        Mode::Sse(Edits {
+            hide_usage_only: false,
+            strip_chunk_usage: true,
+            keep_final_usage: true,
+            strip_timings: true,
+        }),
         Mode::Json,
         Mode::Raw,
     ] {

@@ -288,12 +288,9 @@ impl BodyRelay {
 }
 
 /// Whether a usage-only chunk has nothing but the standard members (then it is cut
-/// whole; else forwarded without `usage`). Once per stream.
+/// whole; else forwarded without `usage`).
 fn only_standard_members(data: &[u8]) -> bool {
-    serde_json::from_slice::<
-        std::collections::BTreeMap<std::borrow::Cow<'_, str>, serde::de::IgnoredAny>,
-    >(data)
-    .is_ok_and(|m| m.keys().all(|k| STANDARD_MEMBERS.contains(&k.as_ref())))
+    crate::usage::json::only_members(data, &STANDARD_MEMBERS)
 }
 
 fn frame(out: &mut Vec<u8>, chunked: bool, data: &[u8]) {

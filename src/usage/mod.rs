@@ -254,12 +254,21 @@ fn push_member(list: &mut String, key: &str, value: &str) {
     list.push_str(value);
 }
 
-/// Appends `name:value` (a key already quoted as JSON) to a member list.
-fn push_raw_member(list: &mut String, name: &str, value: &str) {
+/// Appends `"key":value` to a member list, `key` (as serde read it, unescaped)
+/// written as JSON again: as it is when it needs no escape (no allocation: this runs
+/// for every usage a stream carries), else through serde_json.
+fn push_named_member(list: &mut String, key: &str, value: &str) {
+    if crate::scan::json_plain_len(key.as_bytes()) == key.len() {
+        push_member(list, key, value);
+        return;
+    }
     if !list.is_empty() {
         list.push(',');
     }
-    list.push_str(name);
+    // Writing a &str as JSON into bytes cannot fail, and gives valid UTF-8.
+    let mut bytes = std::mem::take(list).into_bytes();
+    let _ = serde_json::to_writer(&mut bytes, key);
+    *list = String::from_utf8(bytes).unwrap_or_default();
     list.push(':');
     list.push_str(value);
 }
@@ -312,13 +321,9 @@ impl<'de> Visitor<'de> for UsageVisitor<'_> {
                 None => {
                     let raw: &'de RawValue = map.next_value()?;
                     if raw.get() != "null" {
-                        // The name as JSON again (a name with an escape keeps its
-                        // meaning, if not its spelling).
-                        let name =
-                            serde_json::to_string(key.as_ref()).map_err(de::Error::custom)?;
-                        push_raw_member(&mut u.extra, &name, raw.get());
+                        push_named_member(&mut u.extra, &key, raw.get());
                         if key.ends_with("_tokens_details") {
-                            push_raw_member(&mut u.details, &name, raw.get());
+                            push_named_member(&mut u.details, &key, raw.get());
                         }
                     }
                 }
