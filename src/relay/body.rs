@@ -42,8 +42,9 @@ pub struct Edits {
     /// Take `usage` out of chunks with output (continuous usage requested by the
     /// proxy, not the caller)...
     pub strip_chunk_usage: bool,
-    /// ...but not the final usage (on a finished choice) when the caller asked for
-    /// usage: it reaches the caller on whatever event the backend put it.
+    /// ...but not the final usage when the caller asked for usage: it reaches the
+    /// caller on whatever event the backend put it (a finished choice's usage is that
+    /// when no running usage came before it: llama.cpp's completions).
     pub keep_final_usage: bool,
     /// Take llama.cpp's per-token `timings` out of unfinished events (requested by the
     /// proxy, not the caller); the final timings stay.
@@ -203,10 +204,15 @@ impl BodyRelay {
                 // A caller that did not ask for usage gets none, on whatever event the
                 // backend put it (llama.cpp puts a completion's on its last event with
                 // choices); one that did keeps the final usage.
+                // A backend that sent running usage (it honoured continuous stats,
+                // as vLLM does) sends its final usage in a usage-only chunk; one that
+                // did not (llama.cpp) puts it on its last event with choices.
                 cut_usage = meter.last_had_usage
                     && (edits.hide_usage_only
                         || (edits.strip_chunk_usage
-                            && !(edits.keep_final_usage && meter.last_usage_final)));
+                            && !(edits.keep_final_usage
+                                && meter.last_usage_final
+                                && meter.last_usage_first)));
                 cut_timings = edits.strip_timings && meter.last_had_timings && !meter.last_finished;
             }
             let members: &[&[u8]] = match (cut_usage, cut_timings) {
@@ -561,28 +567,54 @@ mod tests {
 
     #[test]
     fn the_final_usage_the_caller_asked_for_reaches_it_on_whatever_event() {
-        // llama.cpp's /v1/completions: running usage (continuous mode, not asked for)
-        // on the way, the final usage on the last event that still has choices.
-        let running = r#"{"choices":[{"text":"a","index":0,"finish_reason":null}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+        // llama.cpp's /v1/completions in continuous mode (which it ignores): no running
+        // usage, the final usage on the last event that still has choices.
+        let first = r#"{"choices":[{"text":"a","index":0,"finish_reason":null}]}"#;
         let last = r#"{"choices":[{"text":"","index":0,"finish_reason":"length"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
-        let input = sse(&[running, last, "[DONE]"]);
+        let input = sse(&[first, last, "[DONE]"]);
         let edits = Edits {
             strip_chunk_usage: true,
             keep_final_usage: true,
             ..Edits::default()
         };
+        for cut in 0..=input.len() {
+            let (out, meter) = run(input.as_bytes(), Mode::Sse(edits), &[cut]);
+            assert_eq!(String::from_utf8(out).unwrap(), input, "cut {cut}");
+            assert_eq!(meter.finish(true).0.completion_tokens, 2);
+        }
+        // vLLM, which honours continuous stats: running usage on every chunk, the
+        // finishing one included, then the usage-only chunk. The caller that asked for
+        // the final usage gets exactly the usage-only chunk's.
+        let running = |text: &str, c: u64, finish: &str| {
+            format!(
+                r#"{{"choices":[{{"text":"{text}","index":0,"finish_reason":{finish}}}],"usage":{{"prompt_tokens":3,"completion_tokens":{c},"total_tokens":{}}}}}"#,
+                3 + c
+            )
+        };
+        let plain = |text: &str, finish: &str| {
+            format!(r#"{{"choices":[{{"text":"{text}","index":0,"finish_reason":{finish}}}]}}"#)
+        };
+        let usage_only =
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+        let input = sse(&[
+            &running("a", 1, "null"),
+            &running("", 1, r#""length""#),
+            usage_only,
+            "[DONE]",
+        ]);
         let want = sse(&[
-            r#"{"choices":[{"text":"a","index":0,"finish_reason":null}]}"#,
-            last,
+            &plain("a", "null"),
+            &plain("", r#""length""#),
+            usage_only,
             "[DONE]",
         ]);
         for cut in 0..=input.len() {
-            let (out, meter) = run(input.as_bytes(), Mode::Sse(edits), &[cut]);
+            let (out, _) = run(input.as_bytes(), Mode::Sse(edits), &[cut]);
             assert_eq!(String::from_utf8(out).unwrap(), want, "cut {cut}");
-            assert_eq!(meter.finish(true).0.completion_tokens, 2);
         }
-        // Not asked for: stripped there too.
+        // Not asked for: no usage anywhere.
         let edits = Edits {
+            hide_usage_only: true,
             strip_chunk_usage: true,
             ..Edits::default()
         };

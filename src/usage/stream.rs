@@ -43,6 +43,10 @@ pub struct StreamMeter {
     pub last_had_usage: bool,
     /// ... a usage that is final (no choices, or a finished choice).
     pub last_usage_final: bool,
+    /// ... the first usage of the stream (no running usage came before it).
+    pub last_usage_first: bool,
+    /// Events that carried a usage so far.
+    usage_events: u64,
     /// ... llama.cpp's `timings`.
     pub last_had_timings: bool,
     /// ... a finished choice.
@@ -99,6 +103,7 @@ impl StreamMeter {
     pub fn observe(&mut self, data: &[u8]) -> EventKind {
         self.last_had_usage = false;
         self.last_usage_final = false;
+        self.last_usage_first = false;
         self.last_had_timings = false;
         self.last_finished = false;
         if data == b"[DONE]" {
@@ -142,6 +147,8 @@ impl StreamMeter {
         }
         let choices = probe.choices.unwrap_or_default();
         self.last_had_usage = probe.usage.is_some();
+        self.last_usage_first = self.last_had_usage && self.usage_events == 0;
+        self.usage_events += u64::from(self.last_had_usage);
         self.last_finished = choices.finished;
         self.last_usage_final = choices.count == 0 || choices.finished;
         if let Some(raw) = probe.timings {
