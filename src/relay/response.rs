@@ -57,6 +57,22 @@ pub enum End {
     BadGateway,
 }
 
+impl End {
+    /// The record's `outcome` for a relay that ended so, the caller having got
+    /// `status`; `meter_ok`: no error event in the stream.
+    pub fn outcome(self, status: u16, meter_ok: bool) -> crate::usage::Outcome {
+        use crate::usage::Outcome;
+        match self {
+            End::Completed if (200..300).contains(&status) && meter_ok => Outcome::Completed,
+            End::Completed | End::BackendBroken | End::NoResponse | End::BadGateway => {
+                Outcome::BackendError
+            }
+            End::ClientGone => Outcome::ClientDisconnected,
+            End::Timeout => Outcome::Timeout,
+        }
+    }
+}
+
 /// Buffers reused across the requests of one client connection.
 #[derive(Default)]
 pub struct Buffers {

@@ -18,7 +18,7 @@ use crate::routes::{self, Action, Body, ErrorShape, Metering, Route, StreamShape
 use crate::tick;
 use crate::upstream::Pick;
 use crate::upstream::pool::{ConnectError, Pool};
-use crate::usage::{Outcome, UsageRecord, format_api_key};
+use crate::usage::{UsageRecord, format_api_key};
 use crate::warn;
 use monoio::net::TcpStream;
 use std::time::{Duration, Instant, SystemTime};
@@ -218,33 +218,9 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
     c.client.consume(head_len);
 
     // Phase: the request body, whole and bounded (requests are small; reading it lets a
-    // malformed or oversized body be refused before anything reaches a backend).
-    let limits = &v.live.config.limits;
-    let max_body = match route.action {
-        Action::Metered(Metering {
-            body: Body::Multipart,
-            ..
-        }) => limits.max_audio_body.0,
-        _ => limits.max_request_body.0,
-    };
-    // A multipart upload (audio) is read only up to its file part: the form fields
-    // before it say where it goes, and the file streams on to the backend unread.
-    let streams_upload = matches!(
-        route.action,
-        Action::Metered(Metering {
-            body: Body::Multipart,
-            ..
-        })
-    ) && matches!(c.head.framing(), Framing::Length(n) if n <= max_body)
-        && c.head
-            .headers
-            .get("content-type")
-            .is_some_and(|t| multipart::boundary(t).is_ok());
-    let read = if streams_upload {
-        read_upload_head(&v, c).await.map(Some)
-    } else {
-        read_body(&v, c, max_body).await.map(|()| None)
-    };
+    // malformed or oversized body be refused before anything reaches a backend). An
+    // audio upload is read up to its file part, which streams later.
+    let read = read_request_body(&v, c, &route).await;
     let upload = match read {
         Ok(u) => u,
         Err(Some(e)) => return answer(w, c, &rq, e, false).await,
@@ -288,6 +264,42 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
             }
             proxy(w, &v, c, &rq, &route, user, upload).await
         }
+    }
+}
+
+/// Reads the request body for `route`: whole (bounded by `max_request_body`, or
+/// `max_audio_body` on the audio routes), or, for a multipart upload with a length, up
+/// to its file part (`Upload`). `Err(None)`: the caller went away.
+async fn read_request_body(
+    v: &View,
+    c: &mut Conn,
+    route: &Route,
+) -> Result<Option<Upload>, Option<ProxyError>> {
+    let limits = &v.live.config.limits;
+    let max_body = match route.action {
+        Action::Metered(Metering {
+            body: Body::Multipart,
+            ..
+        }) => limits.max_audio_body.0,
+        _ => limits.max_request_body.0,
+    };
+    // A multipart upload (audio) is read only up to its file part: the form fields
+    // before it say where it goes, and the file streams on to the backend unread.
+    let streams_upload = matches!(
+        route.action,
+        Action::Metered(Metering {
+            body: Body::Multipart,
+            ..
+        })
+    ) && matches!(c.head.framing(), Framing::Length(n) if n <= max_body)
+        && c.head
+            .headers
+            .get("content-type")
+            .is_some_and(|t| multipart::boundary(t).is_ok());
+    if streams_upload {
+        read_upload_head(v, c).await.map(Some)
+    } else {
+        read_body(v, c, max_body).await.map(|()| None)
     }
 }
 
@@ -536,7 +548,9 @@ async fn reply(
     c.client.write_all(out).await.is_ok() && keep
 }
 
-/// The life of a proxied request.
+/// The life of a proxied request, phase by phase: inspect the body → route, rewrite,
+/// relay (`send`) → settle the connections → meter → record. Each phase is a function
+/// below, in that order.
 async fn proxy(
     w: &Worker,
     v: &View,
@@ -546,85 +560,169 @@ async fn proxy(
     user: Option<String>,
     upload: Option<Upload>,
 ) -> bool {
-    let cfg = &v.live.config;
+    let req = match inspect(&v.live.config, route, &c.head, &c.body, upload) {
+        Ok(r) => r,
+        Err(e) => return answer(w, c, rq, e, false).await,
+    };
+    let sent = match send(w, v, c, rq, &req).await {
+        Ok(s) => s,
+        Err(e) => return answer(w, c, rq, e, req.stream()).await,
+    };
+    let (status, end, keep) = settle(w, c, rq, &req, &sent.o).await;
+    meter(
+        w,
+        rq,
+        &req,
+        &sent.o,
+        status,
+        sent.sent_at,
+        sent.ended,
+        sent.backend.slot,
+    );
+    let record = usage_record(c, rq, route, &req, &sent, user, status, end, &v.live.config);
+    if sent.o.as_ref().is_some_and(|o| o.upstream_reusable) {
+        v.up.pool.put(sent.bi, sent.up);
+    }
+    log_access(
+        w,
+        c,
+        rq,
+        status,
+        req.stream(),
+        Some((&sent.backend.name, Some(&record))),
+    );
+    w.records.emit(&record);
+    keep
+}
 
-    // Phase: inspect the body. A metered route needs its model (JSON `model`, or the
-    // form field of a multipart upload); a recorded one reads it when it is there.
+/// What the inspect phase read of a request.
+struct Inspected {
+    /// How the route meters (`None`: forwarded with a zero-usage record).
+    metering: Option<Metering>,
+    /// The model, stream flags and user the body names (`None`: a recorded route's
+    /// body without them).
+    info: Option<RequestInfo>,
+    /// A multipart form: its boundary and fields.
+    form: Option<(Vec<u8>, multipart::Fields)>,
+    /// Body bytes of an upload still to come from the caller (streamed unread).
+    rest: u64,
+}
+
+impl Inspected {
+    fn stream(&self) -> bool {
+        self.info.as_ref().is_some_and(|i| i.stream)
+    }
+
+    fn model(&self) -> Option<&str> {
+        self.info
+            .as_ref()
+            .map(|i| i.model.as_str())
+            .filter(|m| !m.is_empty())
+    }
+
+    /// The stream carries no usage unless asked for (chat, completions, audio).
+    fn inject(&self) -> bool {
+        self.metering.is_some_and(|m| m.inject_usage) && self.stream()
+    }
+
+    /// Background responses run on after the first answer: nothing to read from it.
+    fn unmeterable(&self) -> bool {
+        self.info.as_ref().is_some_and(|i| i.background)
+    }
+}
+
+/// Phase: inspect the body. A metered route needs its model (JSON `model`, or the form
+/// field of a multipart upload); a recorded one reads it when it is there.
+fn inspect(
+    cfg: &crate::config::Config,
+    route: &Route,
+    head: &RequestHead,
+    body: &[u8],
+    upload: Option<Upload>,
+) -> Result<Inspected, ProxyError> {
     let metering = match route.action {
         Action::Metered(m) => Some(m),
         _ => None,
     };
-    let mut form: Option<(Vec<u8>, multipart::Fields)> = None;
-    let info: Option<RequestInfo> = match metering {
+    let rest = upload.as_ref().map_or(0, |u| u.rest);
+    let mut form = None;
+    let info = match metering {
         Some(Metering {
             body: Body::Json,
             refuse_background,
             ..
-        }) => match rewrite::inspect(&c.body, true) {
-            Ok(i) if i.background && refuse_background && !cfg.routes.allow_background => {
+        }) => {
+            let i = rewrite::inspect(body, true).map_err(ProxyError::InvalidRequest)?;
+            if i.background && refuse_background && !cfg.routes.allow_background {
                 let m = "'background: true' is not supported by this proxy: it could not meter a response it does not see finish (an operator can allow it with routes.allow_background).";
-                return answer(w, c, rq, ProxyError::InvalidRequest(m.into()), false).await;
+                return Err(ProxyError::InvalidRequest(m.into()));
             }
-            Ok(i) => Some(i),
-            Err(m) => return answer(w, c, rq, ProxyError::InvalidRequest(m), false).await,
-        },
+            Some(i)
+        }
         Some(Metering {
             body: Body::Multipart,
             ..
         }) => {
-            let read = match upload.as_ref() {
-                Some(u) => u.fields.clone().map(|f| (u.boundary.clone(), f)),
-                None => read_form(&c.head, &c.body),
-            };
-            match read {
-                Ok((boundary, fields)) => match RequestInfo::from_form(fields.clone()) {
-                    Ok(i) => {
-                        form = Some((boundary, fields));
-                        Some(i)
-                    }
-                    Err(m) => {
-                        return answer(w, c, rq, ProxyError::InvalidRequest(m), false).await;
-                    }
-                },
-                Err(m) => {
-                    return answer(w, c, rq, ProxyError::InvalidRequest(m.into()), false).await;
-                }
+            let (boundary, fields) = match upload {
+                Some(u) => u.fields.map(|f| (u.boundary, f)),
+                None => read_form(head, body),
             }
+            .map_err(|m| ProxyError::InvalidRequest(m.into()))?;
+            let i = RequestInfo::from_form(fields.clone()).map_err(ProxyError::InvalidRequest)?;
+            form = Some((boundary, fields));
+            Some(i)
         }
         // Forwarded with a record: the model when the body names one (routing by it).
-        None if c.body.is_empty() => None,
-        None => rewrite::inspect(&c.body, false).ok(),
+        None if body.is_empty() => None,
+        None => rewrite::inspect(body, false).ok(),
     };
-    let stream = info.as_ref().is_some_and(|i| i.stream);
-    let model = info
-        .as_ref()
-        .map(|i| i.model.as_str())
-        .filter(|m| !m.is_empty());
-    // The stream carries no usage unless asked for (chat, completions, audio).
-    let inject = metering.is_some_and(|m| m.inject_usage) && stream;
-    // Background responses run on after the first answer: nothing to read from it.
-    let unmeterable = info.as_ref().is_some_and(|i| i.background);
+    Ok(Inspected {
+        metering,
+        info,
+        form,
+        rest,
+    })
+}
+
+/// What the send phase ended with.
+struct Sent {
+    bi: usize,
+    backend: std::sync::Arc<crate::upstream::Backend>,
+    up: Io,
+    /// `None`: the request could not be written.
+    o: Option<response::Outcome>,
+    /// When the request was written (the arrival until then).
+    sent_at: Instant,
+    ended: Instant,
+}
+
+/// Phases: route, rewrite and relay. Until a backend answers with a first byte, nothing
+/// reached a GPU: a backend that refuses the connection is marked down and the request
+/// goes back to routing for the next one. A pooled connection that fails before any
+/// response byte (its backend restarted or died) gets one fresh connection to the same
+/// backend; if that is refused too, back to routing. `Err`: answered by the proxy, no
+/// backend reached (no record).
+async fn send(
+    w: &Worker,
+    v: &View,
+    c: &mut Conn,
+    rq: &Request,
+    req: &Inspected,
+) -> Result<Sent, ProxyError> {
+    let cfg = &v.live.config;
     // An upload's rest streams from the caller: it cannot be sent twice, so it goes on
     // a fresh connection (a pooled one might turn out closed after the body went).
-    let rest = upload.as_ref().map_or(0, |u| u.rest);
-
-    // Phase: route, rewrite and relay. Until a backend answers with a first byte,
-    // nothing reached a GPU: a backend that refuses the connection is marked down and
-    // the request goes back to routing for the next one. A pooled connection that
-    // fails before any response byte (its backend restarted or died) gets one fresh
-    // connection to the same backend; if that is refused too, back to routing.
+    let rest = req.rest;
     let mut tried = 0u64;
     let mut sent_at = rq.arrived; // read only once the request was written
-    let (bi, backend, up, o, in_flight) = 'route: loop {
-        let bi = match v.up.pick(model, tried) {
+    'route: loop {
+        let bi = match v.up.pick(req.model(), tried) {
             Pick::NoModel => {
-                let m = model.unwrap_or_default().to_owned();
-                return answer(w, c, rq, ProxyError::ModelNotFound(m), stream).await;
+                return Err(ProxyError::ModelNotFound(
+                    req.model().unwrap_or_default().to_owned(),
+                ));
             }
-            // No backend accepted a connection: nothing was sent, so no record.
-            Pick::Exhausted => {
-                return answer(w, c, rq, ProxyError::BackendUnavailable, stream).await;
-            }
+            Pick::Exhausted => return Err(ProxyError::BackendUnavailable),
             Pick::Backend(i) => i,
         };
         tried |= 1 << bi.min(63);
@@ -641,52 +739,8 @@ async fn proxy(
             },
         };
         let in_flight = v.up.start(bi, &w.stats);
-
-        // Phase: rewrite the request for this backend.
-        let rewritten = match (&info, &form) {
-            (Some(i), None) if inject => rewrite::rewrite(&c.body, i, backend.usage_mode),
-            (Some(_), Some((boundary, fields))) if inject => {
-                rewrite_form(&c.body, boundary, fields, backend.usage_mode)
-            }
-            _ => None,
-        };
-        let body = rewritten.as_deref().unwrap_or(&c.body);
-        c.up_req.clear();
-        write_upstream_head(
-            &mut c.up_req,
-            &c.head,
-            &backend,
-            &rq.id,
-            body.len() as u64 + rest,
-            v.live.auth.enabled,
-            metering.is_some(),
-        );
-        c.up_req.extend_from_slice(body);
-
-        // Phase: relay.
-        let spec = Spec {
-            method: c.head.method(),
-            request_id: &rq.id,
-            client_http11: c.head.version == 1,
-            client_keep_alive: c.head.keep_alive && !w.shutting_down(),
-            metered: metering.is_some() && !unmeterable,
-            shape: metering.map_or(StreamShape::Chat, |m| m.stream),
-            usage_at: metering.map_or(UsageAt::Usage, |m| m.usage_at),
-            edits: Edits {
-                hide_usage_only: inject && info.as_ref().is_some_and(|i| !i.caller_wants_usage),
-                strip_chunk_usage: inject
-                    && backend.usage_mode == UsageMode::Continuous
-                    && info.as_ref().is_some_and(|i| !i.caller_wants_continuous),
-                keep_final_usage: info.as_ref().is_some_and(|i| i.caller_wants_usage),
-                strip_timings: inject
-                    && backend.usage_mode == UsageMode::LlamacppTimings
-                    && form.is_none()
-                    && !rewrite::caller_wants_timings(&c.body),
-            },
-            read_timeout: cfg.limits.first_byte_timeout.0,
-            write_stall: cfg.limits.idle_timeout.0,
-            cut: &w.cutting,
-        };
+        rewrite_for(c, rq, req, &backend, v.live.auth.enabled);
+        let spec = relay_spec(w, &c.head, &c.body, rq, req, &backend, cfg);
         loop {
             let written = up.write_keep(&mut c.up_req).await.is_ok();
             // The rest of an upload: the backend may answer before it has all of it
@@ -725,14 +779,98 @@ async fn proxy(
                     }
                 }
             }
-            break 'route (bi, backend, up, o, in_flight);
+            let ended = Instant::now();
+            drop(in_flight);
+            return Ok(Sent {
+                bi,
+                backend,
+                up,
+                o,
+                sent_at,
+                ended,
+            });
         }
-    };
-    let ended = Instant::now();
-    drop(in_flight);
+    }
+}
 
-    // Phase: answer what the relay could not, and settle the connections.
-    let (status, end, keep) = match &o {
+/// Phase: rewrite the request for `backend` into `c.up_req` (head and the body held;
+/// an upload's rest follows it unread).
+fn rewrite_for(
+    c: &mut Conn,
+    rq: &Request,
+    req: &Inspected,
+    backend: &crate::upstream::Backend,
+    auth_enabled: bool,
+) {
+    let rewritten = match (&req.info, &req.form) {
+        (Some(i), None) if req.inject() => rewrite::rewrite(&c.body, i, backend.usage_mode),
+        (Some(_), Some((boundary, fields))) if req.inject() => {
+            rewrite_form(&c.body, boundary, fields, backend.usage_mode)
+        }
+        _ => None,
+    };
+    let body = rewritten.as_deref().unwrap_or(&c.body);
+    c.up_req.clear();
+    write_upstream_head(
+        &mut c.up_req,
+        &c.head,
+        backend,
+        &rq.id,
+        body.len() as u64 + req.rest,
+        auth_enabled,
+        req.metering.is_some(),
+    );
+    c.up_req.extend_from_slice(body);
+}
+
+/// How the relay treats this request's response: where its usage is, and what the
+/// caller must not see of what the proxy asked for.
+fn relay_spec<'a>(
+    w: &'a Worker,
+    head: &'a RequestHead,
+    body: &[u8],
+    rq: &'a Request,
+    req: &Inspected,
+    backend: &crate::upstream::Backend,
+    cfg: &crate::config::Config,
+) -> Spec<'a> {
+    let (inject, info) = (req.inject(), req.info.as_ref());
+    Spec {
+        method: head.method(),
+        request_id: &rq.id,
+        client_http11: head.version == 1,
+        client_keep_alive: head.keep_alive && !w.shutting_down(),
+        metered: req.metering.is_some() && !req.unmeterable(),
+        shape: req.metering.map_or(StreamShape::Chat, |m| m.stream),
+        usage_at: req.metering.map_or(UsageAt::Usage, |m| m.usage_at),
+        edits: Edits {
+            hide_usage_only: inject && info.is_some_and(|i| !i.caller_wants_usage),
+            strip_chunk_usage: inject
+                && backend.usage_mode == UsageMode::Continuous
+                && info.is_some_and(|i| !i.caller_wants_continuous),
+            keep_final_usage: info.is_some_and(|i| i.caller_wants_usage),
+            strip_timings: inject
+                && backend.usage_mode == UsageMode::LlamacppTimings
+                && req.form.is_none()
+                && !rewrite::caller_wants_timings(body),
+        },
+        read_timeout: cfg.limits.first_byte_timeout.0,
+        write_stall: cfg.limits.idle_timeout.0,
+        cut: &w.cutting,
+    }
+}
+
+/// Phase: answer what the relay could not (504, 502); the status the caller got, how
+/// the relay ended, and whether to keep the caller's connection.
+async fn settle(
+    w: &Worker,
+    c: &mut Conn,
+    rq: &Request,
+    req: &Inspected,
+    o: &Option<response::Outcome>,
+) -> (u16, End, bool) {
+    let stream = req.stream();
+    match o {
         Some(o) if o.status.is_some() => (
             o.status.unwrap_or(502),
             o.end,
@@ -748,21 +886,28 @@ async fn proxy(
             let keep = answer_unlogged(w, c, rq, ProxyError::BackendUnavailable, stream).await;
             (502, end, keep)
         }
-    };
-    if let Some(o) = &o
-        && o.upstream_reusable
-    {
-        v.up.pool.put(bi, up);
     }
+}
 
-    // Phase: meter and emit the record.
+/// Phase: meter the request (counts, latency, proxy overhead, time to first token).
+#[allow(clippy::too_many_arguments)]
+fn meter(
+    w: &Worker,
+    rq: &Request,
+    req: &Inspected,
+    o: &Option<response::Outcome>,
+    status: u16,
+    sent_at: Instant,
+    ended: Instant,
+    slot: usize,
+) {
     let m = &w.stats;
+    let stream = req.stream();
     if o.as_ref().is_some_and(|o| o.status.is_some()) {
-        m.count_request(rq.path, stream, Some(backend.slot), status);
+        m.count_request(rq.path, stream, Some(slot), status);
     }
-    let total_us = ended.duration_since(rq.arrived).as_micros() as u64;
-    m.latency_us(total_us);
-    if let Some(o) = &o {
+    m.latency_us(ended.duration_since(rq.arrived).as_micros() as u64);
+    if let Some(o) = o {
         let mut overhead = sent_at.saturating_duration_since(rq.arrived);
         // A head sent with the whole body has no time of its own: the end stands in.
         let sent = match o.head_sent {
@@ -777,71 +922,68 @@ async fn proxy(
             m.ttft_us(t.duration_since(rq.arrived).as_micros() as u64);
         }
     }
-    // Every forwarded request gets its record: metered routes with the backend's
-    // usage, recorded ones with none.
-    {
-        let (meter_ok, first_output, usage) = match &o {
-            Some(o) if metering.is_some() => (!o.saw_error, o.first_output, o.usage.clone()),
-            _ => (
-                true,
-                None,
-                (Default::default(), crate::usage::UsageSource::None),
-            ),
-        };
-        let outcome = match end {
-            End::Completed if (200..300).contains(&status) && meter_ok => Outcome::Completed,
-            End::Completed | End::BackendBroken | End::NoResponse | End::BadGateway => {
-                Outcome::BackendError
-            }
-            End::ClientGone => Outcome::ClientDisconnected,
-            End::Timeout => Outcome::Timeout,
-        };
-        let user_id = match user {
-            Some(u) => u,
-            None => c
-                .head
-                .headers
-                .get_str("x-user-id")
-                .map(str::to_owned)
-                .or(info.as_ref().and_then(|i| i.user.clone()))
-                .unwrap_or_default(),
-        };
-        let (model, is_stream) = info.map_or((String::new(), false), |i| (i.model, i.stream));
-        let record = UsageRecord {
-            request_id: rq.id.clone(),
-            client_request_id: rq.client_id.clone(),
-            user_id,
-            api_key: format_api_key(
-                rq.key.as_deref().unwrap_or(""),
-                cfg.usage_hook.api_key_format,
-            ),
-            model,
-            usage: usage.0,
-            is_stream,
-            endpoint: route.endpoint.clone(),
-            timestamp: rq.timestamp,
-            backend_url: backend.url.clone(),
-            status_code: status,
-            outcome,
-            usage_source: usage.1,
-            duration_ms: ms(ended.duration_since(rq.arrived)),
-            ttft_ms: if is_stream {
-                first_output.map(|t| ms(t.duration_since(rq.arrived)))
-            } else {
-                None
-            },
-        };
-        log_access(
-            w,
-            c,
-            rq,
-            status,
-            stream,
-            Some((&backend.name, Some(&record))),
-        );
-        w.records.emit(&record);
+}
+
+/// Phase: the usage record. Every forwarded request gets one: metered routes with the
+/// backend's usage, recorded ones with none.
+#[allow(clippy::too_many_arguments)]
+fn usage_record(
+    c: &Conn,
+    rq: &Request,
+    route: &Route,
+    req: &Inspected,
+    sent: &Sent,
+    user: Option<String>,
+    status: u16,
+    end: End,
+    cfg: &crate::config::Config,
+) -> UsageRecord {
+    let (meter_ok, first_output, usage) = match &sent.o {
+        Some(o) if req.metering.is_some() => (!o.saw_error, o.first_output, o.usage.clone()),
+        _ => (
+            true,
+            None,
+            (Default::default(), crate::usage::UsageSource::None),
+        ),
+    };
+    let user_id = match user {
+        Some(u) => u,
+        None => c
+            .head
+            .headers
+            .get_str("x-user-id")
+            .map(str::to_owned)
+            .or(req.info.as_ref().and_then(|i| i.user.clone()))
+            .unwrap_or_default(),
+    };
+    let (model, is_stream) = req
+        .info
+        .as_ref()
+        .map_or((String::new(), false), |i| (i.model.clone(), i.stream));
+    UsageRecord {
+        request_id: rq.id.clone(),
+        client_request_id: rq.client_id.clone(),
+        user_id,
+        api_key: format_api_key(
+            rq.key.as_deref().unwrap_or(""),
+            cfg.usage_hook.api_key_format,
+        ),
+        model,
+        usage: usage.0,
+        is_stream,
+        endpoint: route.endpoint.clone(),
+        timestamp: rq.timestamp,
+        backend_url: sent.backend.url.clone(),
+        status_code: status,
+        outcome: end.outcome(status, meter_ok),
+        usage_source: usage.1,
+        duration_ms: ms(sent.ended.duration_since(rq.arrived)),
+        ttft_ms: if is_stream {
+            first_output.map(|t| ms(t.duration_since(rq.arrived)))
+        } else {
+            None
+        },
     }
-    keep
 }
 
 /// The boundary and form fields of a whole multipart body (the audio routes).
