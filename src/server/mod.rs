@@ -152,8 +152,6 @@ impl Worker {
     }
 }
 
-/// Runs the proxy until SIGTERM/SIGINT, then drains and delivers. Returns an error
-/// message for start-up failures.
 /// Raises the open-file limit to its hard maximum (as nginx's worker_rlimit_nofile
 /// would be set by hand): every proxied request holds two sockets. Warns when even that
 /// is short of the connections `limits.max_connections` allows, since connections
@@ -194,6 +192,8 @@ fn raise_fd_limit(max_connections: u64) {
     }
 }
 
+/// Runs the proxy until SIGTERM/SIGINT, then drains and delivers. Returns an error
+/// message for start-up failures.
 pub fn run(config: Config, config_path: &str) -> Result<(), String> {
     let addr = parse_listen(&config.listen)?;
     let workers = config.worker_count();

@@ -185,16 +185,6 @@ impl Upstreams {
         }
     }
 
-    /// Weighted least-outstanding-requests: the lowest in-flight/weight among healthy
-    /// backends serving `model`; ties go by smooth weighted round robin, so idle
-    /// backends share traffic in proportion to weight. When no serving backend is
-    /// healthy, the unhealthy ones are tried rather than failing without an attempt
-    /// (a refused connection then answers quickly). `tried` marks backends already
-    /// attempted for this request.
-    ///
-    /// In-flight counts are per worker: each worker balances its own share, which with
-    /// SO_REUSEPORT spreading connections evenly is close to the global balance and
-    /// needs no cross-core traffic on the hot path.
     /// Whether backend `i` serves `model`. A `models: auto` backend whose list is not
     /// known yet (never answered) is taken to serve any model, so a backend that is down
     /// at start gives 502, not 404.
@@ -218,6 +208,16 @@ impl Upstreams {
         }
     }
 
+    /// Weighted least-outstanding-requests: the lowest in-flight/weight among healthy
+    /// backends serving `model`; ties go by smooth weighted round robin, so idle
+    /// backends share traffic in proportion to weight. When no serving backend is
+    /// healthy, the unhealthy ones are tried rather than failing without an attempt
+    /// (a refused connection then answers quickly). `tried` marks backends already
+    /// attempted for this request.
+    ///
+    /// In-flight counts are per worker: each worker balances its own share, which with
+    /// SO_REUSEPORT spreading connections evenly is close to the global balance and
+    /// needs no cross-core traffic on the hot path.
     pub fn pick(&self, model: Option<&str>, tried: u64) -> Pick {
         let serving = |i: usize| model.is_none_or(|m| self.serves(i, m));
         if !(0..self.backends.len()).any(serving) {
