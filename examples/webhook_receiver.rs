@@ -15,6 +15,9 @@
 //! `--fail-status S --fail-count N` answers the first N POSTs with status S.
 //! `--stall-ms N`: a receiver that hangs, then recovers: POSTs that arrive within N ms
 //! of the first are answered only once those N ms have passed.
+//! `--signing-secret whsec_...`: verify each POST's Standard Webhooks signature (the
+//! proxy's `usage_hook.signing_secret`); a missing or bad one, or a timestamp more
+//! than 5 minutes off, is answered 401.
 //! `GET /records` returns the deduplicated records as a JSON array.
 
 #[path = "common/http.rs"]
@@ -126,6 +129,12 @@ fn main() {
             .unwrap_or(0),
     );
     let stall_until = std::sync::OnceLock::new();
+    let signer = http::flag("--signing-secret").map(|s| {
+        llmproxy::delivery::signing::Signer::parse(&s).unwrap_or_else(|e| {
+            eprintln!("webhook-receiver: --signing-secret: {e}");
+            std::process::exit(2)
+        })
+    });
     let listener = http::listen("webhook-receiver", &host, port);
     http::serve_batched(listener, move |req, w| {
         if req.method == "GET" && req.path == "/records" {
@@ -145,6 +154,15 @@ fn main() {
         if req.method != "POST" {
             http::respond_into(w, 404, "text/plain", b"not found");
             return Ok(true);
+        }
+        if let Some(signer) = &signer {
+            let h = |n: &str| req.header(n).unwrap_or("");
+            let ts: u64 = h("webhook-timestamp").parse().unwrap_or(0);
+            let fresh = llmproxy::delivery::signing::unix_now().abs_diff(ts) <= 300;
+            if !fresh || !signer.verify(h("webhook-id"), ts, &req.body, h("webhook-signature")) {
+                http::respond_into(w, 401, "text/plain", b"bad or missing webhook signature");
+                return Ok(true);
+            }
         }
         if !stall.is_zero() {
             let until = *stall_until.get_or_init(|| std::time::Instant::now() + stall);

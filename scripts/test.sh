@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The openai and anthropic SDKs (tests/sdk_client.py and tests/sdk_anthropic.py drive
-# them) and prometheus_client (its parser checks /metrics), in a private virtualenv.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, anthropic, prometheus_client" 2>/dev/null; then
+# them), prometheus_client (its parser checks /metrics) and standardwebhooks (the
+# reference library verifies the webhook signatures), in a private virtualenv.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, anthropic, prometheus_client, standardwebhooks" 2>/dev/null; then
     echo "==> setting up .venv with the openai and anthropic SDKs"
     if ! python3 -m venv .venv 2>/dev/null; then
         if command -v apt-get >/dev/null; then
@@ -15,7 +16,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, anthropic,
         fi
         python3 -m venv .venv
     fi
-    .venv/bin/pip install --quiet --disable-pip-version-check "openai>=1.40" "anthropic>=0.40" prometheus_client
+    .venv/bin/pip install --quiet --disable-pip-version-check "openai>=1.40" "anthropic>=0.40" prometheus_client standardwebhooks
 fi
 export LLMPROXY_TEST_PYTHON="$PWD/.venv/bin/python"
 

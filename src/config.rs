@@ -253,6 +253,10 @@ pub struct UsageHookConfig {
     /// (HTTP/1.1 pipelining, plain http:// webhooks); 1 = one at a time.
     #[serde(default = "default_pipeline")]
     pub pipeline: usize,
+    /// A Standard Webhooks secret (`whsec_` + base64): every POST is signed
+    /// (`webhook-id`, `webhook-timestamp`, `webhook-signature`). Never printed.
+    #[serde(default)]
+    pub signing_secret: Option<String>,
 }
 
 fn default_pipeline() -> usize {
@@ -284,6 +288,7 @@ impl Default for UsageHookConfig {
             queue_size: default_queue_size(),
             spool_dir: default_spool_dir(),
             pipeline: default_pipeline(),
+            signing_secret: None,
         }
     }
 }
@@ -606,6 +611,11 @@ impl Config {
             }
         }
         let hook = &self.usage_hook;
+        if let Some(secret) = &hook.signing_secret
+            && let Err(e) = crate::delivery::signing::Signer::parse(secret)
+        {
+            return err("usage_hook.signing_secret", e);
+        }
         if hook.enabled {
             if !(hook.url.starts_with("http://") || hook.url.starts_with("https://")) {
                 return err(
@@ -688,13 +698,18 @@ impl Config {
         if h.enabled {
             let _ = writeln!(
                 s,
-                "usage_hook: {} timeout={} retry={} queue_size={} api_key_format={} headers=[{}] spool_dir={}",
+                "usage_hook: {} timeout={} retry={} queue_size={} api_key_format={} headers=[{}] signing={} spool_dir={}",
                 redact_url(&h.url),
                 h.timeout,
                 h.retry,
                 h.queue_size,
                 h.api_key_format.as_str(),
                 h.headers.keys().cloned().collect::<Vec<_>>().join(", "),
+                if h.signing_secret.is_some() {
+                    "on (Standard Webhooks)"
+                } else {
+                    "off"
+                },
                 if h.spool_dir.is_empty() {
                     "(disabled)"
                 } else {

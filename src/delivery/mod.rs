@@ -12,6 +12,7 @@
 //! Without a spool (`spool_dir: ""`) the sender reads the channel directly and a
 //! record that exhausts its retries is logged in full and counted, nothing more.
 
+pub mod signing;
 pub mod spool;
 pub mod webhook;
 
@@ -504,6 +505,7 @@ struct Outbox {
     agent: ureq::Agent,
     url: String,
     headers: Vec<(String, String)>,
+    signer: Option<signing::Signer>,
     retries: u32,
     metrics: Arc<Metrics>,
     rng: u64,
@@ -525,12 +527,18 @@ impl Outbox {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        // Checked when the config was loaded.
+        let signer = cfg
+            .signing_secret
+            .as_deref()
+            .and_then(|s| signing::Signer::parse(s).ok());
         Outbox {
-            plain: webhook::PlainHttp::new(&cfg.url, &headers, cfg.timeout.0),
+            plain: webhook::PlainHttp::new(&cfg.url, &headers, signer.clone(), cfg.timeout.0),
             pipeline: cfg.pipeline.max(1),
             agent,
             url: cfg.url.clone(),
             headers,
+            signer,
             retries: cfg.retry,
             metrics,
             rng: seed | 1,
@@ -713,6 +721,13 @@ impl Outbox {
             .header("idempotency-key", request_id);
         for (k, v) in &self.headers {
             req = req.header(k.as_str(), v.as_str());
+        }
+        if let Some(signer) = &self.signer {
+            let now = signing::unix_now();
+            req = req
+                .header("webhook-id", request_id)
+                .header("webhook-timestamp", now.to_string())
+                .header("webhook-signature", signer.signature(request_id, now, body));
         }
         match req.send(body) {
             Ok(resp) => {

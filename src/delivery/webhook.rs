@@ -23,6 +23,8 @@ pub struct PlainHttp {
     path: String,
     /// Pre-rendered `name: value\r\n` lines of `usage_hook.headers`.
     extra: Vec<u8>,
+    /// Signs each POST (`usage_hook.signing_secret`).
+    signer: Option<super::signing::Signer>,
     timeout: Duration,
     conn: Option<Conn>,
     req: Vec<u8>,
@@ -53,7 +55,12 @@ type Read1 = ((u16, String), bool);
 
 impl PlainHttp {
     /// `None` for anything but a plain `http://` URL.
-    pub fn new(url: &str, headers: &[(String, String)], timeout: Duration) -> Option<PlainHttp> {
+    pub fn new(
+        url: &str,
+        headers: &[(String, String)],
+        signer: Option<super::signing::Signer>,
+        timeout: Duration,
+    ) -> Option<PlainHttp> {
         let rest = url.strip_prefix("http://")?;
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -77,6 +84,7 @@ impl PlainHttp {
             authority: authority.to_string(),
             path: path.split('#').next().unwrap_or("/").to_string(),
             extra,
+            signer,
             timeout,
             conn: None,
             req: Vec::new(),
@@ -137,6 +145,9 @@ impl PlainHttp {
             );
             req.extend_from_slice(key.as_bytes());
             req.extend_from_slice(b"\r\n");
+            if let Some(signer) = &self.signer {
+                signer.write_headers(&mut req, key, body);
+            }
             req.extend_from_slice(&self.extra);
             req.extend_from_slice(b"content-length: ");
             req.extend_from_slice(itoa_u64(body.len() as u64).as_bytes());
@@ -338,6 +349,7 @@ mod tests {
         let mut c = PlainHttp::new(
             &format!("http://127.0.0.1:{port}/hook"),
             &[],
+            None,
             Duration::from_secs(2),
         )
         .unwrap();
@@ -390,6 +402,7 @@ mod tests {
         let mut c = PlainHttp::new(
             &format!("http://127.0.0.1:{port}/hook"),
             &[],
+            None,
             Duration::from_secs(2),
         )
         .unwrap();
@@ -413,10 +426,11 @@ mod tests {
 
     #[test]
     fn only_plain_http() {
-        assert!(PlainHttp::new("https://x/y", &[], Duration::from_secs(1)).is_none());
+        assert!(PlainHttp::new("https://x/y", &[], None, Duration::from_secs(1)).is_none());
         let c = PlainHttp::new(
             "http://user:pw@bill:9000/a/b?t=1",
             &[],
+            None,
             Duration::from_secs(1),
         )
         .unwrap();

@@ -310,3 +310,77 @@ fn two_proxies_cannot_share_a_spool_dir() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by another llmproxy"), "{err}");
 }
+
+#[test]
+fn every_webhook_post_is_signed_as_the_standard_webhooks_library_verifies() {
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/webhook_verify.py");
+    let start_verifier = |secret: &str| {
+        let mut cmd = std::process::Command::new(python());
+        cmd.arg(script).arg(secret);
+        spawn(cmd)
+    };
+    let verifier = start_verifier(secret);
+    let mock = mock(&[]);
+    let port: u16 = verifier.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let extra = format!("  signing_secret: \"{secret}\"\n");
+    let proxy = proxy_with_config(&config(port, &temp_dir().join("spool"), &extra, &mock.addr));
+    let ids = send(&proxy.addr, 12, "t-signed");
+    let got = wait_records(&verifier, 12);
+    assert_eq!(ids_of(&got), ids.iter().cloned().collect::<HashSet<_>>());
+    let failures = request(&verifier.addr, "GET", "/failures", &[], b"").json();
+    assert_eq!(failures["failures"], 0);
+    // --check says signing is on and never prints the secret.
+    let cfg = proxy.dir.join("config.yaml");
+    let out = std::process::Command::new(proxy_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--check")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("signing=on"), "{text}");
+    assert!(!text.contains("MfKQ9r8G"), "{text}");
+
+    // A receiver with another secret refuses them: 401 is permanent, so dead-lettered
+    // and counted, never lost.
+    let wrong = start_verifier("whsec_dGhpcyBpcyBhbm90aGVyIHNlY3JldCBrZXk=");
+    let port: u16 = wrong.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let spool = temp_dir().join("spool");
+    let proxy = proxy_with_config(&config(port, &spool, &extra, &mock.addr));
+    send(&proxy.addr, 2, "t-forged");
+    wait_until("two dead letters", 15, || {
+        metric(&proxy.addr, "llmproxy_usage_dead_letter_total") == 2.0
+    });
+    assert!(
+        std::fs::read_to_string(spool.join("dead-letter.jsonl"))
+            .unwrap()
+            .contains("t-forged-0")
+    );
+}
+
+#[test]
+fn the_example_receiver_verifies_signatures_when_given_the_secret() {
+    let secret = "whsec_dGhpcyBpcyBhIHJlY2VpdmVyIHRlc3Qga2V5";
+    let mock = mock(&[]);
+    let rx = receiver(&["--signing-secret", secret]);
+    let port: u16 = rx.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let signed = proxy_with_config(&config(
+        port,
+        &temp_dir().join("spool"),
+        &format!("  signing_secret: \"{secret}\"\n"),
+        &mock.addr,
+    ));
+    let ids = send(&signed.addr, 3, "t-rx-signed");
+    assert_eq!(
+        ids_of(&wait_records(&rx, 3)),
+        ids.iter().cloned().collect::<HashSet<_>>()
+    );
+    // Unsigned: refused (401), dead-lettered.
+    let unsigned = proxy_with_config(&config(port, &temp_dir().join("spool"), "", &mock.addr));
+    send(&unsigned.addr, 1, "t-rx-unsigned");
+    wait_until("a dead letter", 15, || {
+        metric(&unsigned.addr, "llmproxy_usage_dead_letter_total") == 1.0
+    });
+    assert_eq!(fetch_records(&rx).len(), 3);
+}
