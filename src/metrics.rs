@@ -11,13 +11,20 @@
 //! time a worker sees that combination (4 KiB a row). Backend labels get a slot when a
 //! backend is configured (at start or on reload).
 
-use crate::upstream::Backend;
 use std::fmt::Write;
 use std::marker::PhantomData;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+/// A backend as the metrics page shows it.
+pub struct BackendState<'a> {
+    pub name: &'a str,
+    pub healthy: bool,
+    /// Its label slot (`Metrics::slot`).
+    pub slot: usize,
+}
 
 /// A label value escaped per the Prometheus text format: backslash, double quote and
 /// newline (a backend named with any of them must not break the whole page).
@@ -371,7 +378,9 @@ impl Metrics {
         names.len() - 1
     }
 
-    pub fn render(&self, backends: &[Arc<Backend>], queue_depth: usize) -> String {
+    /// The `/metrics` page. `backends`: what the page says of each configured backend
+    /// (plain values: metrics knows nothing of the upstream module).
+    pub fn render(&self, backends: &[BackendState<'_>], queue_depth: usize) -> String {
         let mut o = String::with_capacity(8192);
         let names = self
             .slot_names
@@ -551,8 +560,8 @@ impl Metrics {
             let _ = writeln!(
                 o,
                 "llmproxy_backend_up{{backend=\"{}\"}} {}",
-                label_value(&b.name),
-                b.is_healthy() as u8
+                label_value(b.name),
+                b.healthy as u8
             );
         }
         let _ = writeln!(
@@ -563,7 +572,7 @@ impl Metrics {
             let _ = writeln!(
                 o,
                 "llmproxy_backend_in_flight{{backend=\"{}\"}} {}",
-                label_value(&b.name),
+                label_value(b.name),
                 self.in_flight(b.slot)
             );
         }
