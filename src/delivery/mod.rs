@@ -522,21 +522,32 @@ impl Outbox {
         let seed = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0x9e37_79b9, |d| d.as_nanos() as u64);
-        let headers: Vec<(String, String)> = cfg
+        let mut headers: Vec<(String, String)> = cfg
             .headers
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        // Credentials in the URL (`https://user:pw@host/...`) become Basic auth, the
+        // same on both clients (the plain one used to drop them without a word); an
+        // Authorization header the operator set wins.
+        let (url, basic) = split_userinfo(&cfg.url);
+        if let Some(basic) = basic
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        {
+            headers.push(("authorization".into(), basic));
+        }
         // Checked when the config was loaded.
         let signer = cfg
             .signing_secret
             .as_deref()
             .and_then(|s| signing::Signer::parse(s).ok());
         Outbox {
-            plain: webhook::PlainHttp::new(&cfg.url, &headers, signer.clone(), cfg.timeout.0),
+            plain: webhook::PlainHttp::new(&url, &headers, signer.clone(), cfg.timeout.0),
             pipeline: cfg.pipeline.max(1),
             agent,
-            url: cfg.url.clone(),
+            url,
             headers,
             signer,
             retries: cfg.retry,
@@ -796,6 +807,47 @@ impl Outbox {
         self.rng ^= self.rng << 17;
         Duration::from_millis(base / 2 + self.rng % base.max(1))
     }
+}
+
+/// The URL without its userinfo, and that userinfo as a Basic `Authorization` value
+/// (percent-escapes in it decoded, as RFC 3986 writes reserved characters there).
+fn split_userinfo(url: &str) -> (String, Option<String>) {
+    use base64::Engine;
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_string(), None);
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some((userinfo, host)) = rest[..end].rsplit_once('@') else {
+        return (url.to_string(), None);
+    };
+    let decoded: Vec<u8> = {
+        let b = userinfo.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            match (
+                b[i],
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) {
+                (b'%', Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                }
+                (c, _, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        out
+    };
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(decoded)
+    );
+    (format!("{scheme}://{host}{}", &rest[end..]), Some(basic))
 }
 
 fn classify(answer: webhook::Answer) -> Attempt {
@@ -1077,6 +1129,22 @@ mod tests {
         );
         assert_eq!(record_id(b"not json"), "");
         assert_eq!(record_id(br#"{"request_id":"#), "");
+    }
+
+    #[test]
+    fn credentials_in_the_webhook_url_become_basic_auth() {
+        assert_eq!(
+            split_userinfo("https://billing:p%40ss@bill.example:8443/hook?x=1"),
+            (
+                "https://bill.example:8443/hook?x=1".to_string(),
+                Some("Basic YmlsbGluZzpwQHNz".to_string())
+            )
+        );
+        assert_eq!(
+            split_userinfo("http://h:1/a@b"),
+            ("http://h:1/a@b".into(), None)
+        );
+        assert_eq!(split_userinfo("http://h"), ("http://h".into(), None));
     }
 
     #[test]

@@ -37,16 +37,15 @@ pub fn health(w: &Worker) -> (u16, String) {
 
 pub fn metrics(w: &Worker) -> String {
     let v = w.view();
-    let backends: Vec<crate::metrics::BackendState<'_>> = v
-        .up
-        .backends
-        .iter()
-        .map(|b| crate::metrics::BackendState {
-            name: &b.name,
-            healthy: b.is_healthy(),
-            slot: b.slot,
-        })
-        .collect();
+    let backends: Vec<crate::metrics::BackendState<'_>> =
+        v.up.backends
+            .iter()
+            .map(|b| crate::metrics::BackendState {
+                name: &b.name,
+                healthy: b.is_healthy(),
+                slot: b.slot,
+            })
+            .collect();
     w.shared
         .metrics
         .render(&backends, w.shared.sink.queue_depth())
