@@ -1,0 +1,448 @@
+//! The sender thread: spooled records (or, without a spool, the channel's) POSTed to
+//! the webhook oldest first, pipelined, retried with backoff; the spool's cursor moves
+//! only past what the webhook took or refused for good (dead letters).
+
+use super::handover::Batch;
+use super::spool::{self, Next, SpoolReader};
+use super::{signing, webhook};
+use crate::config::UsageHookConfig;
+use crate::metrics::Metrics;
+use crate::{error, info, warn};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::borrow::Cow;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant, SystemTime};
+
+/// A sender batch smaller than `pipeline` waits this long for more records first: at
+/// low rates, one webhook round trip per 15 ms rather than per commit window.
+pub(super) const SEND_GATHER: Duration = Duration::from_millis(10);
+/// After the webhook failed a record, wait this long (doubling) before trying again.
+pub(super) const STALL_BACKOFF: Duration = Duration::from_secs(1);
+pub(super) const MAX_STALL_BACKOFF: Duration = Duration::from_secs(5);
+/// At shutdown, spooled records are delivered for at most this long; the rest waits
+/// in the spool for the next start.
+pub(super) const SHUTDOWN_DELIVERY: Duration = Duration::from_secs(10);
+
+pub(super) enum Delivery {
+    Delivered,
+    Refused(u16, String),
+    Failed(String),
+}
+
+pub(super) enum Attempt {
+    Delivered,
+    Retryable(String),
+    Permanent(u16, String),
+}
+
+pub(super) struct Outbox {
+    /// Plain http:// webhooks: the lean pipelining client; https:// goes through ureq.
+    plain: Option<webhook::PlainHttp>,
+    /// Most records POSTed back to back before reading the answers.
+    pipeline: usize,
+    agent: ureq::Agent,
+    url: String,
+    headers: Vec<(String, String)>,
+    signer: Option<signing::Signer>,
+    retries: u32,
+    metrics: Arc<Metrics>,
+    rng: u64,
+}
+
+impl Outbox {
+    pub(super) fn new(cfg: &UsageHookConfig, metrics: Arc<Metrics>) -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(cfg.timeout.0))
+            .http_status_as_error(false)
+            .user_agent("llmproxy")
+            .build()
+            .into();
+        let seed = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0x9e37_79b9, |d| d.as_nanos() as u64);
+        let mut headers: Vec<(String, String)> = cfg
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // Credentials in the URL (`https://user:pw@host/...`) become Basic auth, the
+        // same on both clients (the plain one used to drop them without a word); an
+        // Authorization header the operator set wins.
+        let (url, basic) = split_userinfo(&cfg.url);
+        if let Some(basic) = basic
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        {
+            headers.push(("authorization".into(), basic));
+        }
+        // Checked when the config was loaded.
+        let signer = cfg
+            .signing_secret
+            .as_deref()
+            .and_then(|s| signing::Signer::parse(s).ok());
+        Outbox {
+            plain: webhook::PlainHttp::new(&url, &headers, signer.clone(), cfg.timeout.0),
+            pipeline: cfg.pipeline.max(1),
+            agent,
+            url,
+            headers,
+            signer,
+            retries: cfg.retry,
+            metrics,
+            rng: seed | 1,
+        }
+    }
+
+    pub(super) fn run_memory(
+        mut self,
+        rx: Receiver<Batch>,
+        queued: &AtomicUsize,
+        closing: &AtomicBool,
+    ) {
+        loop {
+            let batch = match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(b) => b,
+                Err(RecvTimeoutError::Timeout) if closing.load(Relaxed) => break,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            queued.fetch_sub(batch.records, Relaxed);
+            for line in batch.lines.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
+                let id = record_id(line);
+                match self.deliver(line, &id) {
+                    Delivery::Delivered => {}
+                    Delivery::Refused(status, excerpt) => {
+                        self.metrics.dead_letter.fetch_add(1, Relaxed);
+                        error!(
+                            "usage webhook refused {id} with {status} ({excerpt}); no spool; UNDELIVERED RECORD: {}",
+                            String::from_utf8_lossy(line)
+                        );
+                    }
+                    Delivery::Failed(why) => {
+                        self.metrics.records_dropped.fetch_add(1, Relaxed);
+                        error!(
+                            "usage webhook: giving up on {id} ({why}); no spool; UNDELIVERED RECORD: {}",
+                            String::from_utf8_lossy(line)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn run_spool(mut self, mut reader: SpoolReader, dir: &Path, closing: &AtomicBool) {
+        let mut stall = Duration::ZERO;
+        let mut closed_at: Option<Instant> = None;
+        let shared = reader.shared();
+        // Records delivered while catching up (after an outage, or left from before
+        // this start) count as re-delivered from the spool.
+        let mut catching_up = shared.backlog_bytes.load(Relaxed) > 0;
+        let mut lines: Vec<Vec<u8>> = Vec::with_capacity(self.pipeline);
+        loop {
+            if closing.load(Relaxed) {
+                let at = *closed_at.get_or_insert_with(Instant::now);
+                if at.elapsed() > SHUTDOWN_DELIVERY || !stall.is_zero() {
+                    break;
+                }
+            }
+            // A batch: the oldest record (waiting for one), then whatever else is
+            // already spooled, up to `pipeline`. Line buffers go back to the reader.
+            reader.recycle(&mut lines);
+            match reader.next(Duration::from_millis(100)) {
+                Next::Record(line) => lines.push(line),
+                Next::Empty => {
+                    self.metrics.spool_oldest_ms.store(0, Relaxed);
+                    catching_up = false;
+                    continue;
+                }
+                Next::Closed => break,
+            }
+            for gather in [Duration::ZERO, SEND_GATHER] {
+                if lines.len() == self.pipeline || !stall.is_zero() || closing.load(Relaxed) {
+                    break;
+                }
+                std::thread::sleep(gather);
+                while lines.len() < self.pipeline {
+                    match reader.next(Duration::ZERO) {
+                        Next::Record(line) => lines.push(line),
+                        _ => break,
+                    }
+                }
+            }
+            self.metrics
+                .spool_oldest_ms
+                .store(record_time_ms(&lines[0]), Relaxed);
+            let ids: Vec<Cow<str>> = lines.iter().map(|l| record_id(l)).collect();
+            let results = self.deliver_batch(&lines, &ids);
+            for ((line, id), result) in lines.iter().zip(&ids).zip(results) {
+                match result {
+                    Delivery::Delivered => {
+                        reader.ack();
+                        if !stall.is_zero() {
+                            info!(
+                                "usage webhook is taking records again; delivering the spool oldest first"
+                            );
+                            stall = Duration::ZERO;
+                        }
+                        if catching_up {
+                            self.metrics.redelivered.fetch_add(1, Relaxed);
+                        }
+                    }
+                    Delivery::Refused(status, excerpt) => match spool::dead_letter(dir, line) {
+                        Ok(()) => {
+                            self.metrics.dead_letter.fetch_add(1, Relaxed);
+                            error!(
+                                "usage webhook refused {id} with {status} ({excerpt}); moved to {}",
+                                dir.join("dead-letter.jsonl").display()
+                            );
+                            reader.ack();
+                        }
+                        Err(e) => {
+                            error!(
+                                "usage spool: cannot write dead letter for {id}: {e}; it stays spooled"
+                            );
+                            std::thread::sleep(STALL_BACKOFF);
+                            break;
+                        }
+                    },
+                    Delivery::Failed(why) => {
+                        catching_up = true;
+                        stall = if stall.is_zero() {
+                            STALL_BACKOFF
+                        } else {
+                            (stall * 2).min(MAX_STALL_BACKOFF)
+                        };
+                        warn!(
+                            "usage webhook unavailable ({why}); {id} and later records wait in the spool, next try in {stall:?}"
+                        );
+                        sleep_unless(stall, closing);
+                        break;
+                    }
+                }
+            }
+            reader.save();
+            // Whatever was handed out and not acknowledged comes again, oldest first.
+            reader.rewind();
+        }
+        let left = shared.backlog_bytes.load(Relaxed);
+        if left > 0 {
+            warn!(
+                "usage delivery stopping with {left} bytes of records in the spool; they are delivered at the next start"
+            );
+        }
+        info!("usage delivery stopped");
+    }
+
+    /// One record, with `retry` further attempts on retryable failures.
+    pub(super) fn deliver(&mut self, body: &[u8], request_id: &str) -> Delivery {
+        let mut attempt = 0;
+        loop {
+            match self.post(body, request_id) {
+                Attempt::Delivered => {
+                    self.metrics.webhook_success.fetch_add(1, Relaxed);
+                    return Delivery::Delivered;
+                }
+                Attempt::Permanent(status, excerpt) => {
+                    self.metrics.webhook_failure.fetch_add(1, Relaxed);
+                    return Delivery::Refused(status, excerpt);
+                }
+                Attempt::Retryable(why) if attempt < self.retries => {
+                    attempt += 1;
+                    self.metrics.webhook_retries.fetch_add(1, Relaxed);
+                    std::thread::sleep(self.backoff(attempt));
+                    let _ = why;
+                }
+                Attempt::Retryable(why) => {
+                    self.metrics.webhook_failure.fetch_add(1, Relaxed);
+                    return Delivery::Failed(why);
+                }
+            }
+        }
+    }
+
+    fn post(&mut self, body: &[u8], request_id: &str) -> Attempt {
+        if let Some(plain) = self.plain.as_mut() {
+            return match plain.post_many(&[(body, request_id)]).pop() {
+                Some(answer) => classify(answer),
+                None => Attempt::Retryable("no answer".into()),
+            };
+        }
+        let mut req = self
+            .agent
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("idempotency-key", request_id);
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        if let Some(signer) = &self.signer {
+            let now = signing::unix_now();
+            req = req
+                .header("webhook-id", request_id)
+                .header("webhook-timestamp", now.to_string())
+                .header("webhook-signature", signer.signature(request_id, now, body));
+        }
+        match req.send(body) {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let body = resp
+                    .into_body()
+                    .with_config()
+                    .limit(4096)
+                    .read_to_vec()
+                    .unwrap_or_default();
+                let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+                classify(Ok((status, excerpt)))
+            }
+            Err(e) => Attempt::Retryable(e.to_string()),
+        }
+    }
+
+    /// Several spooled records at once: pipelined on the plain client, then any that
+    /// failed retryably go through `deliver` (with its retries) one by one. Answers
+    /// cover a prefix of `lines`: delivery stops at the first record that fails.
+    fn deliver_batch(&mut self, lines: &[Vec<u8>], ids: &[Cow<str>]) -> Vec<Delivery> {
+        let first: Vec<Attempt> = match self.plain.as_mut() {
+            Some(plain) if lines.len() > 1 => {
+                let items: Vec<(&[u8], &str)> = lines
+                    .iter()
+                    .zip(ids)
+                    .map(|(l, id)| (&l[..], id.as_ref()))
+                    .collect();
+                plain.post_many(&items).into_iter().map(classify).collect()
+            }
+            _ => Vec::new(),
+        };
+        let mut out = Vec::with_capacity(lines.len());
+        for (i, (line, id)) in lines.iter().zip(ids).enumerate() {
+            let d = match first.get(i) {
+                Some(Attempt::Delivered) => {
+                    self.metrics.webhook_success.fetch_add(1, Relaxed);
+                    Delivery::Delivered
+                }
+                Some(Attempt::Permanent(status, excerpt)) => {
+                    self.metrics.webhook_failure.fetch_add(1, Relaxed);
+                    Delivery::Refused(*status, excerpt.clone())
+                }
+                Some(Attempt::Retryable(_)) => {
+                    // The pipelined attempt failed: what follows is a retry.
+                    self.metrics.webhook_retries.fetch_add(1, Relaxed);
+                    self.deliver(line, id)
+                }
+                None => self.deliver(line, id),
+            };
+            let failed = matches!(d, Delivery::Failed(_));
+            out.push(d);
+            if failed {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Exponential backoff from 100 ms, capped at 10 s, with ±50 % jitter so a fleet of
+    /// proxies does not retry in lockstep.
+    fn backoff(&mut self, attempt: u32) -> Duration {
+        let base = 100u64.saturating_mul(1 << attempt.min(10)).min(10_000);
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        Duration::from_millis(base / 2 + self.rng % base.max(1))
+    }
+}
+
+/// The URL without its userinfo, and that userinfo as a Basic `Authorization` value
+/// (percent-escapes in it decoded, as RFC 3986 writes reserved characters there).
+pub(super) fn split_userinfo(url: &str) -> (String, Option<String>) {
+    use base64::Engine;
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_string(), None);
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some((userinfo, host)) = rest[..end].rsplit_once('@') else {
+        return (url.to_string(), None);
+    };
+    let decoded: Vec<u8> = {
+        let b = userinfo.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            match (
+                b[i],
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) {
+                (b'%', Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                }
+                (c, _, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        out
+    };
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(decoded)
+    );
+    (format!("{scheme}://{host}{}", &rest[end..]), Some(basic))
+}
+
+fn classify(answer: webhook::Answer) -> Attempt {
+    match answer {
+        Ok((200..=299, _)) => Attempt::Delivered,
+        Ok((status @ (408 | 429 | 500..=599), _)) => Attempt::Retryable(format!("status {status}")),
+        Ok((status, excerpt)) => Attempt::Permanent(status, excerpt),
+        Err(e) => Attempt::Retryable(e),
+    }
+}
+
+fn sleep_unless(d: Duration, stop: &AtomicBool) {
+    let end = Instant::now() + d;
+    while Instant::now() < end && !stop.load(Relaxed) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The request id of a spooled record. Records this proxy wrote start with
+/// `{"request_id":"...",` (ids have nothing to escape), read without parsing the line;
+/// anything else is parsed.
+pub(super) fn record_id(line: &[u8]) -> Cow<'_, str> {
+    const KEY: &[u8] = b"{\"request_id\":\"";
+    if let Some(rest) = line.strip_prefix(KEY)
+        && let Some(end) = memchr::memchr2(b'"', b'\\', rest)
+        && rest[end] == b'"'
+        && let Ok(id) = std::str::from_utf8(&rest[..end])
+    {
+        return Cow::Borrowed(id);
+    }
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        #[serde(default)]
+        request_id: String,
+    }
+    Cow::Owned(
+        serde_json::from_slice::<Meta>(line).map_or_else(|_| String::new(), |m| m.request_id),
+    )
+}
+
+/// The arrival time (unix ms) of a spooled record; 0 when it has none.
+pub(super) fn record_time_ms(line: &[u8]) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        #[serde(default)]
+        timestamp: String,
+    }
+    serde_json::from_slice::<Meta>(line)
+        .ok()
+        .and_then(|m| humantime::parse_rfc3339(&m.timestamp).ok())
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
