@@ -17,7 +17,6 @@
 use crate::{error, warn};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -158,7 +157,8 @@ impl Spool {
     }
 }
 
-/// flock(LOCK_EX|LOCK_NB) on `path`, with the holder's pid written in it.
+/// An exclusive lock on `path` (flock, without waiting), with the holder's pid written
+/// in it.
 pub fn lock_file(path: &Path) -> Result<File, String> {
     let mut f = OpenOptions::new()
         .create(true)
@@ -167,8 +167,8 @@ pub fn lock_file(path: &Path) -> Result<File, String> {
         .write(true)
         .open(path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    // SAFETY: flock on a file descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    // An exclusive flock(2), held as long as the file is open (std's `try_lock`).
+    if f.try_lock().is_err() {
         let mut holder = String::new();
         let _ = f.read_to_string(&mut holder);
         return Err(format!(
@@ -736,12 +736,9 @@ impl SpoolReader {
     }
 }
 
+/// An exclusive flock(2) on `f`, waiting until the holder is done (std's `lock`).
 fn flock(f: &File) -> io::Result<()> {
-    // SAFETY: flock on a file descriptor we own; blocks until the holder is done.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    f.lock()
 }
 
 /// Appends a refused record to `dead-letter.jsonl`, durably. The file is flock'd so
