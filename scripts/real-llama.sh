@@ -70,7 +70,9 @@ wait_port() {
     echo "nothing on port $1; logs:"; tail -n 20 "$RUN"/*.log; exit 1
 }
 GEN=$(free_port); EMB=$(free_port); HOOK=$(free_port); PROXY=$(free_port)
-"$SERVER" -m "$MODEL" --host 127.0.0.1 --port "$GEN" -c 2048 -np 4 --alias tiny --log-disable >"$RUN/gen.log" 2>&1 &
+# The generating server logs its per-task timings: the hang-ups are checked against
+# the tokens it says it generated.
+"$SERVER" -m "$MODEL" --host 127.0.0.1 --port "$GEN" -c 2048 -np 4 --alias tiny --log-file "$RUN/gen-server.log" >"$RUN/gen.log" 2>&1 &
 pids+=($!)
 "$SERVER" -m "$MODEL" --host 127.0.0.1 --port "$EMB" -c 2048 --embeddings --pooling mean --alias tiny-embed --log-disable >"$RUN/emb.log" 2>&1 &
 pids+=($!)
@@ -106,4 +108,4 @@ wait_port "$PROXY"
 
 echo "==> llama-server on :$GEN (and :$EMB for embeddings), llmproxy on :$PROXY"
 .venv/bin/python scripts/real_llama/drive.py "http://127.0.0.1:$PROXY" "http://127.0.0.1:$GEN" \
-    "http://127.0.0.1:$EMB" "http://127.0.0.1:$HOOK"
+    "http://127.0.0.1:$EMB" "http://127.0.0.1:$HOOK" "$RUN/gen-server.log"
