@@ -296,7 +296,7 @@ impl BodyRelay {
 /// Whether a usage-only chunk has nothing but the standard members (then it is cut
 /// whole; else forwarded without `usage`).
 fn only_standard_members(data: &[u8]) -> bool {
-    crate::usage::json::only_members(data, &STANDARD_MEMBERS)
+    crate::usage::probe::only_members(data, &STANDARD_MEMBERS)
 }
 
 fn frame(out: &mut Vec<u8>, chunked: bool, data: &[u8]) {

@@ -318,52 +318,6 @@ fn find_quote_or_backslash(bytes: &[u8]) -> usize {
     find_any(bytes, [b'"', b'\\'])
 }
 
-/// Whether every top-level member name of the JSON object `json` is one of `allowed`
-/// (a name with an escape never is). Scans without allocating: it runs once per
-/// stream on the relay (the usage-only chunk).
-pub fn only_members(json: &[u8], allowed: &[&str]) -> bool {
-    let (mut depth, mut in_str, mut escape, mut expect_key) = (0u32, false, false, false);
-    let mut key_start: Option<usize> = None;
-    for (i, &b) in json.iter().enumerate() {
-        if in_str {
-            if escape {
-                escape = false;
-            } else if b == b'\\' {
-                escape = true;
-                if key_start.is_some() {
-                    return false;
-                }
-            } else if b == b'"' {
-                in_str = false;
-                if let Some(ks) = key_start.take() {
-                    let key = &json[ks + 1..i];
-                    if !allowed.iter().any(|a| a.as_bytes() == key) {
-                        return false;
-                    }
-                }
-            }
-            continue;
-        }
-        match b {
-            b'"' => {
-                in_str = true;
-                if depth == 1 && expect_key {
-                    key_start = Some(i);
-                    expect_key = false;
-                }
-            }
-            b'{' | b'[' => {
-                depth += 1;
-                expect_key = depth == 1 && b == b'{';
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            b',' if depth == 1 => expect_key = true,
-            _ => {}
-        }
-    }
-    true
-}
-
 /// The bytes to remove to drop top-level member `key` from the JSON object `json`
 /// (with one adjacent comma), or `None` when it has no such member. Used to take the
 /// per-chunk `usage` out of a stream for callers who did not ask for it.
@@ -441,22 +395,6 @@ mod tests {
             Some(r) => format!("{}{}", &json[..r.start], &json[r.end..]),
             None => json.to_string(),
         }
-    }
-
-    #[test]
-    fn only_members_reads_top_level_names() {
-        let std = ["id", "choices", "usage"];
-        assert!(only_members(
-            br#"{"id":"x","choices":[{"timings":1}],"usage":{"a":{"b":2}}}"#,
-            &std
-        ));
-        assert!(!only_members(
-            br#"{"id":"x","timings":{"prompt_n":1}}"#,
-            &std
-        ));
-        assert!(!only_members(br#"{"i\u0064":"x"}"#, &std));
-        assert!(only_members(br#"{"id":"a,\"timings\":1"}"#, &std));
-        assert!(only_members(b"{}", &std));
     }
 
     #[test]

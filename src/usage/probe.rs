@@ -262,6 +262,19 @@ fn choices(c: &mut Cursor<'_>, text: &mut Option<TextSlot>) -> Option<Choices> {
     }
 }
 
+/// Whether every top-level member name of the JSON object `data` is one of `allowed`
+/// (a name written with an escape never is; malformed JSON never is). The cursor skips
+/// values a SIMD search at a time: it runs on the relay, once a stream.
+pub fn only_members(data: &[u8], allowed: &[&str]) -> bool {
+    let mut c = Cursor { d: data, i: 0 };
+    let mut all = true;
+    let parsed = c.object(|key, c| {
+        all &= allowed.iter().any(|a| a.as_bytes() == key);
+        c.value().map(|_| ())
+    });
+    parsed.is_some() && all
+}
+
 /// Probes one event's data. `None`: not a JSON object.
 pub fn probe(data: &[u8]) -> Option<Probe<'_>> {
     let mut c = Cursor { d: data, i: 0 };
@@ -299,6 +312,23 @@ pub fn probe(data: &[u8]) -> Option<Probe<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_members_reads_top_level_names() {
+        let std = ["id", "choices", "usage"];
+        assert!(only_members(
+            br#"{"id":"x","choices":[{"timings":1}],"usage":{"a":{"b":2}}}"#,
+            &std
+        ));
+        assert!(!only_members(
+            br#"{"id":"x","timings":{"prompt_n":1}}"#,
+            &std
+        ));
+        assert!(!only_members(br#"{"i\u0064":"x"}"#, &std));
+        assert!(only_members(br#"{"id":"a,\"timings\":1"}"#, &std));
+        assert!(only_members(b"{}", &std));
+        assert!(!only_members(b"{\"id\":", &std));
+    }
 
     #[test]
     fn vllm_chunks() {
