@@ -219,7 +219,7 @@ pub struct Metrics {
     pub redelivered: AtomicU64,
     pub access_log_dropped: AtomicU64,
     /// The spool's own counters, once a spool is open (read at scrape time).
-    pub spool: OnceLock<Arc<crate::delivery::spool::Shared>>,
+    pub spool: OnceLock<Arc<crate::delivery::spool::SpoolState>>,
     /// Arrival (unix ms) of the oldest record waiting in the spool; 0 when none.
     pub spool_oldest_ms: AtomicU64,
 }

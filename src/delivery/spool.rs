@@ -61,7 +61,7 @@ pub struct Committed {
 
 /// State shared by the writer and the sender threads.
 #[derive(Default)]
-pub struct Shared {
+pub struct SpoolState {
     pub committed: Mutex<Committed>,
     pub grown: Condvar,
     /// Bytes spooled and not yet delivered (or dead-lettered).
@@ -72,7 +72,7 @@ pub struct Shared {
 pub struct Spool {
     pub dir: PathBuf,
     _lock: File,
-    pub shared: Arc<Shared>,
+    pub shared: Arc<SpoolState>,
     first_new_seq: u64,
 }
 
@@ -104,7 +104,7 @@ impl Spool {
                 };
             }
         }
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(SpoolState::default());
         shared.backlog_bytes.store(backlog, Relaxed);
         Ok(Spool {
             dir: dir.to_path_buf(),
@@ -257,11 +257,11 @@ pub struct SpoolWriter {
     buf: Vec<u8>,
     /// Bytes were written since the last fdatasync.
     unsynced: bool,
-    shared: Arc<Shared>,
+    shared: Arc<SpoolState>,
 }
 
 impl SpoolWriter {
-    fn create(dir: &Path, seq: u64, shared: Arc<Shared>) -> io::Result<SpoolWriter> {
+    fn create(dir: &Path, seq: u64, shared: Arc<SpoolState>) -> io::Result<SpoolWriter> {
         let file = OpenOptions::new()
             .create_new(true)
             .append(true)
@@ -496,11 +496,11 @@ pub struct SpoolReader {
     spare: Vec<Vec<u8>>,
     /// The cursor file is behind `offset` (saved by `save`, once per batch).
     cursor_dirty: bool,
-    shared: Arc<Shared>,
+    shared: Arc<SpoolState>,
 }
 
 impl SpoolReader {
-    pub fn shared(&self) -> Arc<Shared> {
+    pub fn shared(&self) -> Arc<SpoolState> {
         self.shared.clone()
     }
 

@@ -81,7 +81,9 @@ pub struct Buffers {
     body: BodyRelay,
 }
 
-pub struct Outcome {
+/// How a relay went: its end, what the caller got, the usage read, and the times the
+/// proxy's overhead is measured between. (The record's `Outcome` is derived from it.)
+pub struct Relayed {
     pub end: End,
     /// Status the caller received, if a head was sent.
     pub status: Option<u16>,
@@ -99,10 +101,10 @@ pub struct Outcome {
     pub client_reusable: bool,
 }
 
-impl Outcome {
+impl Relayed {
     /// A relay that ended as `end` before any response byte was read.
-    pub fn ended(end: End) -> Outcome {
-        Outcome {
+    pub fn ended(end: End) -> Relayed {
+        Relayed {
             end,
             status: None,
             is_sse: false,
@@ -117,8 +119,8 @@ impl Outcome {
     }
 }
 
-pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buffers) -> Outcome {
-    let mut o = Outcome::ended(End::NoResponse);
+pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buffers) -> Relayed {
+    let mut o = Relayed::ended(End::NoResponse);
     let client_fd = client.stream.as_raw_fd();
     let mut watch_client = true;
     let cut_hit = std::cell::Cell::new(false);

@@ -690,7 +690,7 @@ struct Sent {
     backend: std::sync::Arc<crate::upstream::Backend>,
     up: Io,
     /// `None`: the request could not be written.
-    o: Option<response::Outcome>,
+    o: Option<response::Relayed>,
     /// When the request was written (the arrival until then).
     sent_at: Instant,
     ended: Instant,
@@ -758,7 +758,7 @@ async fn send(
                     == Err(true);
             sent_at = if written { Instant::now() } else { sent_at };
             let o = if caller_gone {
-                Some(response::Outcome::ended(End::ClientGone))
+                Some(response::Relayed::ended(End::ClientGone))
             } else if written {
                 Some(response::relay(&mut c.client, &mut up, &spec, &mut c.bufs).await)
             } else {
@@ -867,7 +867,7 @@ async fn settle(
     c: &mut Conn,
     rq: &Request,
     req: &Inspected,
-    o: &Option<response::Outcome>,
+    o: &Option<response::Relayed>,
 ) -> (u16, End, bool) {
     let stream = req.stream();
     match o {
@@ -895,7 +895,7 @@ fn meter(
     w: &Worker,
     rq: &Request,
     req: &Inspected,
-    o: &Option<response::Outcome>,
+    o: &Option<response::Relayed>,
     status: u16,
     sent_at: Instant,
     ended: Instant,
