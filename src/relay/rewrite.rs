@@ -186,6 +186,17 @@ mod scan {
         i: usize,
     }
 
+    /// A boolean member as serde reads an `Option<bool>`: `None` for anything else
+    /// (then serde decides, and refuses it).
+    fn bool_or_null(v: &[u8]) -> Option<Option<bool>> {
+        match v {
+            b"true" => Some(Some(true)),
+            b"false" => Some(Some(false)),
+            b"null" => Some(None),
+            _ => None,
+        }
+    }
+
     pub(super) fn request(b: &[u8]) -> Option<Found> {
         let mut s = Scan { b, i: 0 };
         let mut f = Found::default();
@@ -208,23 +219,13 @@ mod scan {
                 b"\"stream_options\"" => once(&mut seen[2], &mut f.stream_options, true),
                 b"\"stream\"" if !stream_seen => {
                     stream_seen = true;
-                    f.stream = match &b[v] {
-                        b"true" => Some(true),
-                        b"false" => Some(false),
-                        b"null" => None,
-                        _ => return None,
-                    };
+                    f.stream = bool_or_null(&b[v])?;
                     Some(())
                 }
                 b"\"stream\"" => None,
                 b"\"background\"" if !background_seen => {
                     background_seen = true;
-                    f.background = match &b[v] {
-                        b"true" => Some(true),
-                        b"false" => Some(false),
-                        b"null" => None,
-                        _ => return None,
-                    };
+                    f.background = bool_or_null(&b[v])?;
                     Some(())
                 }
                 b"\"background\"" => None,

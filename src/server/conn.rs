@@ -250,7 +250,9 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
             } else {
                 None
             };
-            rq.user.clone_from(&user);
+            if w.shared.access_log.enabled() {
+                rq.user.clone_from(&user);
+            }
             if route.action == Action::Models {
                 let forward = if auth.enabled {
                     None
@@ -579,7 +581,8 @@ async fn proxy(
         sent.ended,
         sent.backend.slot,
     );
-    let record = usage_record(c, rq, route, &req, &sent, user, status, end, &v.live.config);
+    let stream = req.stream();
+    let record = usage_record(c, rq, route, req, &sent, user, status, end, &v.live.config);
     if sent.o.as_ref().is_some_and(|o| o.upstream_reusable) {
         v.up.pool.put(sent.bi, sent.up);
     }
@@ -588,7 +591,7 @@ async fn proxy(
         c,
         rq,
         status,
-        req.stream(),
+        stream,
         Some((&sent.backend.name, Some(&record))),
     );
     w.records.emit(&record);
@@ -931,7 +934,7 @@ fn usage_record(
     c: &Conn,
     rq: &Request,
     route: &Route,
-    req: &Inspected,
+    req: Inspected,
     sent: &Sent,
     user: Option<String>,
     status: u16,
@@ -956,10 +959,10 @@ fn usage_record(
             .or(req.info.as_ref().and_then(|i| i.user.clone()))
             .unwrap_or_default(),
     };
+    // The request's model moves into the record (one request, one record).
     let (model, is_stream) = req
         .info
-        .as_ref()
-        .map_or((String::new(), false), |i| (i.model.clone(), i.stream));
+        .map_or((String::new(), false), |i| (i.model, i.stream));
     UsageRecord {
         request_id: rq.id.clone(),
         client_request_id: rq.client_id.clone(),

@@ -110,37 +110,30 @@ fn workers_stay_inside_the_cpus_the_process_may_use() {
         .unwrap()
         .to_string();
     let dir = temp_dir();
-    let path = dir.join("config.yaml");
-    std::fs::write(
-        &path,
-        "listen: \"127.0.0.1:0\"\nworkers: 0\nbackends:\n  - url: \"http://127.0.0.1:1\"\n",
-    )
-    .unwrap();
-    let mut cmd = Command::new("taskset");
-    cmd.args(["-c", &last])
-        .arg(proxy_bin())
-        .arg("--config")
-        .arg(&path)
-        .current_dir(&dir);
-    let p = spawn(cmd);
+    // The proxy with `workers: N`, started under `taskset -c <last>`.
+    let start = |workers: usize| {
+        let path = dir.join(format!("config-{workers}.yaml"));
+        std::fs::write(
+            &path,
+            format!("listen: \"127.0.0.1:0\"\nworkers: {workers}\nbackends:\n  - url: \"http://127.0.0.1:1\"\n"),
+        )
+        .unwrap();
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", &last])
+            .arg(proxy_bin())
+            .arg("--config")
+            .arg(&path)
+            .current_dir(&dir);
+        spawn(cmd)
+    };
+    let p = start(0);
     assert!(p.output().contains("(1 workers on CPUs "), "{}", p.output());
     wait_until("the worker thread", 5, || {
         !worker_cpus(p.child.id()).is_empty()
     });
     assert_eq!(worker_cpus(p.child.id()), std::slice::from_ref(&last));
     // Two workers asked for on one allowed CPU: both on it.
-    std::fs::write(
-        &path,
-        "listen: \"127.0.0.1:0\"\nworkers: 2\nbackends:\n  - url: \"http://127.0.0.1:1\"\n",
-    )
-    .unwrap();
-    let mut cmd = Command::new("taskset");
-    cmd.args(["-c", &last])
-        .arg(proxy_bin())
-        .arg("--config")
-        .arg(&path)
-        .current_dir(&dir);
-    let p = spawn(cmd);
+    let p = start(2);
     wait_until("two worker threads", 5, || {
         worker_cpus(p.child.id()).len() == 2
     });
