@@ -5,8 +5,8 @@
 
 use crate::metrics::Metrics;
 use crate::usage::{Outcome, UsageSource};
-use crate::{error, warn};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use log::{error, warn};
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;

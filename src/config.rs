@@ -24,23 +24,15 @@ fn err<T>(key: &str, msg: impl fmt::Display) -> Result<T, ConfigError> {
     Err(ConfigError(format!("{key}: {msg}")))
 }
 
-/// A duration written as `500ms`, `1s`, `2m` or `1h`.
+/// A duration written as `500ms`, `1s`, `2m` or `1h` (humantime's grammar).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 
 impl Dur {
+    /// humantime's grammar (`1m 30s` works too); a bare number has no unit and is
+    /// refused.
     pub fn parse(s: &str) -> Option<Duration> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit())?;
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().ok()?;
-        match unit {
-            "ms" => Some(Duration::from_millis(n)),
-            "s" => Some(Duration::from_secs(n)),
-            "m" => n.checked_mul(60).map(Duration::from_secs),
-            "h" => n.checked_mul(3600).map(Duration::from_secs),
-            _ => None,
-        }
+        humantime::parse_duration(s.trim()).ok()
     }
 }
 
@@ -435,6 +427,22 @@ pub struct Config {
     pub access_log: String,
     #[serde(default)]
     pub routes: RoutesConfig,
+    /// `error`, `warn`, `info` (default), `debug`, `trace` or `off`; `RUST_LOG` wins.
+    #[serde(default = "default_log_level", deserialize_with = "log_level")]
+    pub log_level: log::LevelFilter,
+}
+
+fn default_log_level() -> log::LevelFilter {
+    log::LevelFilter::Info
+}
+
+fn log_level<'de, D: serde::Deserializer<'de>>(d: D) -> Result<log::LevelFilter, D::Error> {
+    let s = String::deserialize(d)?;
+    crate::log::parse_level(&s).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "expected one of error, warn, info, debug, trace, off; got \"{s}\""
+        ))
+    })
 }
 
 /// `routes`: what the operator adds to the route table (`src/routes.rs`).
@@ -674,6 +682,7 @@ impl Config {
         let mut s = String::new();
         let _ = writeln!(s, "listen: {}", self.listen);
         let _ = writeln!(s, "workers: {}", self.worker_count());
+        let _ = writeln!(s, "log_level: {}", self.log_level.as_str().to_lowercase());
         for b in &self.backends {
             let name = b.name.clone().unwrap_or_else(|| {
                 BackendUrl::parse(&b.url)

@@ -52,6 +52,7 @@ fn main() {
             std::process::exit(2);
         }
     };
+    llmproxy::log::init(config.log_level);
     if check {
         print!("config {config_path} is valid\n{}", config.summary());
         return;
@@ -71,7 +72,7 @@ fn main() {
         }
     }
     if let Err(e) = llmproxy::server::run(config, &config_path) {
-        llmproxy::error!("{e}");
+        log::error!("{e}");
         std::process::exit(1);
     }
 }

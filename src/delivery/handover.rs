@@ -5,8 +5,8 @@
 use super::spool::{self, Overflow};
 use crate::metrics::{Metrics, WorkerMetrics};
 use crate::usage::UsageRecord;
-use crate::{error, info};
 use crossbeam_channel::{Sender, TrySendError};
+use log::{error, info};
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};

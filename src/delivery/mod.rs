@@ -29,7 +29,7 @@ pub use replay::replay_dead;
 
 use crate::config::UsageHookConfig;
 use crate::metrics::Metrics;
-use crate::{info, warn};
+use log::{info, warn};
 use sender::Outbox;
 use spool::Spool;
 use std::path::Path;

@@ -14,7 +14,7 @@
 //! start always opens a new segment, so a torn line is the unterminated end of an old
 //! one. It is skipped with a warning; nothing else is ever skipped.
 
-use crate::{error, warn};
+use log::{error, warn};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;

@@ -3,9 +3,9 @@
 
 use super::handover::Batch;
 use super::spool::{self, Overflow, SpoolWriter};
-use crate::error;
 use crate::metrics::Metrics;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use log::error;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 

@@ -19,7 +19,7 @@ use crate::tick;
 use crate::upstream::Pick;
 use crate::upstream::pool::{ConnectError, Pool};
 use crate::usage::{UsageRecord, format_api_key};
-use crate::warn;
+use log::warn;
 use monoio::net::TcpStream;
 use std::time::{Duration, Instant, SystemTime};
 

@@ -6,7 +6,7 @@ use crate::http::error::ProxyError;
 use crate::http::head::ResponseHead;
 use crate::io::Wait;
 use crate::upstream::pool::{ConnectError, Pool};
-use crate::warn;
+use log::warn;
 use std::time::Duration;
 
 /// A model list larger than this is not a model list.

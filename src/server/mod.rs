@@ -15,7 +15,7 @@ use crate::metrics::{Metrics, WorkerMetrics};
 use crate::tick::{self, TICK};
 use crate::upstream::health::HealthChecker;
 use crate::upstream::{Backend, Upstreams};
-use crate::{error, info, warn};
+use log::{error, info, warn};
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -91,6 +91,7 @@ impl Shared {
         cfg.usage_hook = old.config.usage_hook.clone();
         cfg.health_check = old.config.health_check.clone();
         cfg.access_log = old.config.access_log.clone();
+        crate::log::set_level(cfg.log_level);
         let live = Live {
             auth: Auth::new(&cfg.auth),
             backends: backends.into(),

@@ -5,7 +5,7 @@
 use super::Backend;
 use crate::config::HealthCheckConfig;
 use crate::config::Models;
-use crate::{info, warn};
+use log::{info, warn};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
