@@ -11,10 +11,11 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use llmproxy::config::UsageMode;
 use llmproxy::http::head::RequestHead;
+use llmproxy::json::member_span;
 use llmproxy::metrics::{Metrics, WorkerMetrics};
 use llmproxy::relay::rewrite;
 use llmproxy::sse::SseScanner;
-use llmproxy::usage::json::{UsageFinder, member_span};
+use llmproxy::usage::finder::UsageFinder;
 use llmproxy::usage::{Outcome, StreamMeter, Usage, UsageRecord, UsageSource};
 use std::hint::black_box;
 use std::sync::Arc;

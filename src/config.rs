@@ -4,6 +4,7 @@
 //! Parsing goes YAML → `serde_yaml::Value` (expand env vars, tracking the key path) →
 //! typed structs through `serde_path_to_error`, so every error starts with the key.
 
+use crate::url::Url;
 use serde::Deserialize;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -476,54 +477,26 @@ fn default_listen() -> String {
     ":8080".into()
 }
 
-/// A backend URL split into what the proxy needs: `http://host:port`.
-#[derive(Debug, Clone)]
-pub struct BackendUrl {
-    /// `host:port` as written, for the upstream `Host` header and the default name.
-    pub authority: String,
-    pub host: String,
-    pub port: u16,
-}
-
-impl BackendUrl {
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("expected an http:// URL, got \"{url}\""))?;
-        let authority = rest.strip_suffix('/').unwrap_or(rest);
-        if authority.is_empty() || authority.contains('/') {
-            return Err(format!(
-                "expected http://host:port with no path, got \"{url}\""
-            ));
-        }
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                let port = p
-                    .parse::<u16>()
-                    .map_err(|_| format!("invalid port in \"{url}\""))?;
-                (h.trim_start_matches('[').trim_end_matches(']'), port)
-            }
-            _ => (authority, 80),
-        };
-        if host.is_empty() {
-            return Err(format!("missing host in \"{url}\""));
-        }
-        Ok(BackendUrl {
-            authority: authority.to_string(),
-            host: host.to_string(),
-            port,
-        })
+/// A backend URL: `http://host[:port]`, no path, no credentials (a backend's key is
+/// `api_key`).
+pub fn backend_url(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text)?;
+    if url.scheme != "http" {
+        return Err(format!(
+            "expected an http:// URL, got \"{}\"",
+            url.redacted()
+        ));
     }
-
-    /// Resolves the host, IPv4 first: `localhost` often resolves to `::1` first while
-    /// inference servers commonly bind 0.0.0.0 only.
-    pub fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
-        let mut addrs: Vec<SocketAddr> =
-            (self.host.as_str(), self.port).to_socket_addrs()?.collect();
-        addrs.sort_by_key(|a| a.is_ipv6());
-        addrs.dedup();
-        Ok(addrs)
+    if url.path != "/" {
+        return Err(format!(
+            "expected http://host:port with no path, got \"{}\"",
+            url.redacted()
+        ));
     }
+    if url.credentials.is_some() {
+        return Err("credentials in a backend URL are not supported: use api_key".into());
+    }
+    Ok(url)
 }
 
 /// Parses `listen`: `:8080` means every IPv4 address.
@@ -573,8 +546,7 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         for (i, b) in self.backends.iter().enumerate() {
-            let url =
-                BackendUrl::parse(&b.url).or_else(|e| err(&format!("backends[{i}].url"), e))?;
+            let url = backend_url(&b.url).or_else(|e| err(&format!("backends[{i}].url"), e))?;
             if b.weight == 0 {
                 return err(&format!("backends[{i}].weight"), "must be at least 1");
             }
@@ -625,14 +597,18 @@ impl Config {
             return err("usage_hook.signing_secret", e);
         }
         if hook.enabled {
-            if !(hook.url.starts_with("http://") || hook.url.starts_with("https://")) {
-                return err(
-                    "usage_hook.url",
-                    format!(
-                        "expected an http:// or https:// URL, got \"{}\"",
-                        redact_url(&hook.url)
-                    ),
-                );
+            match Url::parse(&hook.url) {
+                Ok(u) if u.scheme == "http" || u.scheme == "https" => {}
+                Ok(u) => {
+                    return err(
+                        "usage_hook.url",
+                        format!(
+                            "expected an http:// or https:// URL, got \"{}\"",
+                            u.redacted()
+                        ),
+                    );
+                }
+                Err(e) => return err("usage_hook.url", e),
             }
             if hook.queue_size == 0 {
                 return err("usage_hook.queue_size", "must be at least 1");
@@ -684,11 +660,10 @@ impl Config {
         let _ = writeln!(s, "workers: {}", self.worker_count());
         let _ = writeln!(s, "log_level: {}", self.log_level.as_str().to_lowercase());
         for b in &self.backends {
-            let name = b.name.clone().unwrap_or_else(|| {
-                BackendUrl::parse(&b.url)
-                    .map(|u| u.authority)
-                    .unwrap_or_default()
-            });
+            let name = b
+                .name
+                .clone()
+                .unwrap_or_else(|| backend_url(&b.url).map(|u| u.authority).unwrap_or_default());
             let models = match &b.models {
                 Models::Any => "any".to_string(),
                 Models::Auto => "auto".to_string(),
@@ -708,7 +683,7 @@ impl Config {
             let _ = writeln!(
                 s,
                 "usage_hook: {} timeout={} retry={} queue_size={} api_key_format={} headers=[{}] signing={} spool_dir={}",
-                redact_url(&h.url),
+                crate::url::redact(&h.url),
                 h.timeout,
                 h.retry,
                 h.queue_size,
@@ -772,19 +747,6 @@ impl Config {
                 .join(", ")
         );
         s
-    }
-}
-
-/// Drops credentials and the query string from a URL before it is printed.
-pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let path = path.split(['?', '#']).next().unwrap_or("");
-    if scheme.is_empty() {
-        format!("{host}{path}")
-    } else {
-        format!("{scheme}://{host}{path}")
     }
 }
 
@@ -972,18 +934,18 @@ health_check:
 
     #[test]
     fn backend_urls() {
-        let u = BackendUrl::parse("http://localhost:8000").unwrap();
+        let u = backend_url("http://localhost:8000").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("localhost", 8000));
-        assert_eq!(BackendUrl::parse("http://vllm/").unwrap().port, 80);
-        assert!(BackendUrl::parse("https://x:1").is_err());
-        assert!(BackendUrl::parse("http://x:1/v1").is_err());
-        assert_eq!(BackendUrl::parse("http://[::1]:9").unwrap().host, "::1");
+        assert_eq!(backend_url("http://vllm/").unwrap().port, 80);
+        assert!(backend_url("https://x:1").is_err());
+        assert!(backend_url("http://x:1/v1").is_err());
+        assert_eq!(backend_url("http://[::1]:9").unwrap().host, "::1");
     }
 
     #[test]
     fn redacts_credentials() {
         assert_eq!(
-            redact_url("https://user:secret@bill.example/hook?token=abc"),
+            crate::url::redact("https://user:secret@bill.example/hook?token=abc"),
             "https://bill.example/hook"
         );
     }

@@ -5,7 +5,8 @@
 //! without the member): never a panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use llmproxy::usage::json::{UsageFinder, member_span};
+use llmproxy::json::member_span;
+use llmproxy::usage::finder::UsageFinder;
 use llmproxy::usage::probe::probe;
 use llmproxy::routes::StreamShape;
 use llmproxy::usage::{StreamMeter, Usage};

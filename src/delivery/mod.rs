@@ -135,7 +135,7 @@ pub fn start(
 
 #[cfg(test)]
 mod tests {
-    use super::sender::{record_id, record_time_ms, split_userinfo};
+    use super::sender::{record_id, record_time_ms};
     use super::spool::{Next, Spool};
     use super::*;
     use crate::usage::UsageRecord;
@@ -333,22 +333,6 @@ mod tests {
         );
         assert_eq!(record_id(b"not json"), "");
         assert_eq!(record_id(br#"{"request_id":"#), "");
-    }
-
-    #[test]
-    fn credentials_in_the_webhook_url_become_basic_auth() {
-        assert_eq!(
-            split_userinfo("https://billing:p%40ss@bill.example:8443/hook?x=1"),
-            (
-                "https://bill.example:8443/hook?x=1".to_string(),
-                Some("Basic YmlsbGluZzpwQHNz".to_string())
-            )
-        );
-        assert_eq!(
-            split_userinfo("http://h:1/a@b"),
-            ("http://h:1/a@b".into(), None)
-        );
-        assert_eq!(split_userinfo("http://h"), ("http://h".into(), None));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use super::spool::{self, Next, SpoolReader};
 use super::{signing, webhook};
 use crate::config::UsageHookConfig;
 use crate::metrics::Metrics;
+use crate::url::Url;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{error, info, warn};
 use std::borrow::Cow;
@@ -70,8 +71,12 @@ impl Outbox {
         // Credentials in the URL (`https://user:pw@host/...`) become Basic auth, the
         // same on both clients (the plain one used to drop them without a word); an
         // Authorization header the operator set wins.
-        let (url, basic) = split_userinfo(&cfg.url);
-        if let Some(basic) = basic
+        // Checked when the config was loaded.
+        let parsed = Url::parse(&cfg.url).ok();
+        let url = parsed
+            .as_ref()
+            .map_or_else(|| cfg.url.clone(), Url::without_credentials);
+        if let Some(basic) = parsed.as_ref().and_then(Url::basic_auth)
             && !headers
                 .iter()
                 .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
@@ -84,7 +89,9 @@ impl Outbox {
             .as_deref()
             .and_then(|s| signing::Signer::parse(s).ok());
         Outbox {
-            plain: webhook::PlainHttp::new(&url, &headers, signer.clone(), cfg.timeout.0),
+            plain: parsed
+                .as_ref()
+                .and_then(|u| webhook::PlainHttp::new(u, &headers, signer.clone(), cfg.timeout.0)),
             pipeline: cfg.pipeline.max(1),
             agent,
             url,
@@ -352,47 +359,6 @@ impl Outbox {
         self.rng ^= self.rng << 17;
         Duration::from_millis(base / 2 + self.rng % base.max(1))
     }
-}
-
-/// The URL without its userinfo, and that userinfo as a Basic `Authorization` value
-/// (percent-escapes in it decoded, as RFC 3986 writes reserved characters there).
-pub(super) fn split_userinfo(url: &str) -> (String, Option<String>) {
-    use base64::Engine;
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return (url.to_string(), None);
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let Some((userinfo, host)) = rest[..end].rsplit_once('@') else {
-        return (url.to_string(), None);
-    };
-    let decoded: Vec<u8> = {
-        let b = userinfo.as_bytes();
-        let mut out = Vec::with_capacity(b.len());
-        let mut i = 0;
-        while i < b.len() {
-            let hex = |c: u8| (c as char).to_digit(16);
-            match (
-                b[i],
-                b.get(i + 1).copied().and_then(hex),
-                b.get(i + 2).copied().and_then(hex),
-            ) {
-                (b'%', Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                }
-                (c, _, _) => {
-                    out.push(c);
-                    i += 1;
-                }
-            }
-        }
-        out
-    };
-    let basic = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(decoded)
-    );
-    (format!("{scheme}://{host}{}", &rest[end..]), Some(basic))
 }
 
 fn classify(answer: webhook::Answer) -> Attempt {

@@ -5,6 +5,7 @@
 //! with the decoded `whsec_` secret), so a receiver verifies with that spec's library
 //! in any language and can refuse forged or replayed records.
 
+use crate::http::error::itoa_u64;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{KeyInit, Mac};
@@ -69,15 +70,14 @@ impl Signer {
     }
 
     /// The three header lines for one POST of `body` as message `id`, signed now.
-    pub fn write_headers(&self, out: &mut Vec<u8>, id: &str, body: &[u8]) {
+    pub fn write_headers(&self, head: &mut crate::http::write::Head<'_>, id: &str, body: &[u8]) {
         let now = unix_now();
-        out.extend_from_slice(b"webhook-id: ");
-        out.extend_from_slice(id.as_bytes());
-        out.extend_from_slice(b"\r\nwebhook-timestamp: ");
-        out.extend_from_slice(now.to_string().as_bytes());
-        out.extend_from_slice(b"\r\nwebhook-signature: ");
-        out.extend_from_slice(self.signature(id, now, body).as_bytes());
-        out.extend_from_slice(b"\r\n");
+        head.header(b"webhook-id", id.as_bytes())
+            .header(b"webhook-timestamp", itoa_u64(now).as_bytes())
+            .header(
+                b"webhook-signature",
+                self.signature(id, now, body).as_bytes(),
+            );
     }
 }
 

@@ -6,8 +6,9 @@
 //! the body decoder). `https://` webhooks go through ureq instead.
 
 use crate::http::body::{BodyDecoder, Framing};
-use crate::http::error::itoa_u64;
 use crate::http::head::ResponseHead;
+use crate::http::write::Head;
+use crate::url::Url;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
@@ -56,33 +57,23 @@ type Read1 = ((u16, String), bool);
 impl PlainHttp {
     /// `None` for anything but a plain `http://` URL.
     pub fn new(
-        url: &str,
+        url: &Url,
         headers: &[(String, String)],
         signer: Option<super::signing::Signer>,
         timeout: Duration,
     ) -> Option<PlainHttp> {
-        let rest = url.strip_prefix("http://")?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.contains(']') || h.ends_with(']') => (h, p.parse().ok()?),
-            _ => (authority, 80),
-        };
+        if url.scheme != "http" {
+            return None;
+        }
         let mut extra = Vec::new();
         for (k, v) in headers {
             extra.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
         }
         Some(PlainHttp {
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string(),
-            port,
-            authority: authority.to_string(),
-            path: path.split('#').next().unwrap_or("/").to_string(),
+            host: url.host.clone(),
+            port: url.port,
+            authority: url.authority.clone(),
+            path: url.path.clone(),
             extra,
             signer,
             timeout,
@@ -136,22 +127,21 @@ impl PlainHttp {
         req.clear();
         req.reserve(items.iter().map(|(b, _)| b.len() + 256).sum());
         for (body, key) in items {
-            req.extend_from_slice(b"POST ");
-            req.extend_from_slice(self.path.as_bytes());
-            req.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-            req.extend_from_slice(self.authority.as_bytes());
-            req.extend_from_slice(
-                b"\r\nuser-agent: llmproxy\r\ncontent-type: application/json\r\nidempotency-key: ",
+            let mut w = Head::request(
+                &mut req,
+                b"POST",
+                self.path.as_bytes(),
+                self.authority.as_bytes(),
             );
-            req.extend_from_slice(key.as_bytes());
-            req.extend_from_slice(b"\r\n");
+            w.header(b"user-agent", b"llmproxy")
+                .header(b"content-type", b"application/json")
+                .header(b"idempotency-key", key.as_bytes());
             if let Some(signer) = &self.signer {
-                signer.write_headers(&mut req, key, body);
+                signer.write_headers(&mut w, key, body);
             }
-            req.extend_from_slice(&self.extra);
-            req.extend_from_slice(b"content-length: ");
-            req.extend_from_slice(itoa_u64(body.len() as u64).as_bytes());
-            req.extend_from_slice(b"\r\n\r\n");
+            w.lines().extend_from_slice(&self.extra);
+            w.content_length(body.len() as u64);
+            w.end();
             req.extend_from_slice(body);
         }
         let mut answers = Vec::with_capacity(items.len());
@@ -347,7 +337,7 @@ mod tests {
             keys
         });
         let mut c = PlainHttp::new(
-            &format!("http://127.0.0.1:{port}/hook"),
+            &url(&format!("http://127.0.0.1:{port}/hook")),
             &[],
             None,
             Duration::from_secs(2),
@@ -400,7 +390,7 @@ mod tests {
             let _ = s.read_to_end(&mut sink);
         });
         let mut c = PlainHttp::new(
-            &format!("http://127.0.0.1:{port}/hook"),
+            &url(&format!("http://127.0.0.1:{port}/hook")),
             &[],
             None,
             Duration::from_secs(2),
@@ -424,11 +414,15 @@ mod tests {
         server.join().unwrap();
     }
 
+    fn url(s: &str) -> Url {
+        Url::parse(s).unwrap()
+    }
+
     #[test]
     fn only_plain_http() {
-        assert!(PlainHttp::new("https://x/y", &[], None, Duration::from_secs(1)).is_none());
+        assert!(PlainHttp::new(&url("https://x/y"), &[], None, Duration::from_secs(1)).is_none());
         let c = PlainHttp::new(
-            "http://user:pw@bill:9000/a/b?t=1",
+            &url("http://user:pw@bill:9000/a/b?t=1"),
             &[],
             None,
             Duration::from_secs(1),

@@ -132,129 +132,155 @@ impl BodyDecoder {
                         self.state = State::Done;
                     }
                 }
-                State::Chunked(c) => {
-                    let b = input[i];
-                    match c {
-                        Chunk::Size { value, digits, len } => {
-                            if let Some(d) = hex_val(b) {
-                                if *digits >= 16 {
-                                    return Err(BodyError::BadChunkSize);
-                                }
-                                *value = value
-                                    .checked_mul(16)
-                                    .and_then(|v| v.checked_add(d as u64))
-                                    .ok_or(BodyError::BadChunkSize)?;
-                                *digits += 1;
-                                *len += 1;
-                                i += 1;
-                            } else if *digits == 0 {
-                                return Err(BodyError::BadChunkSize);
-                            } else {
-                                let (value, len) = (*value, *len);
-                                *c = Chunk::Ext {
-                                    value,
-                                    len,
-                                    cr: false,
-                                    ext: false,
-                                };
-                            }
-                        }
-                        Chunk::Ext {
-                            value,
-                            len,
-                            cr,
-                            ext,
-                        } => {
-                            *len += 1;
-                            if *len > CHUNK_HEAD_LIMIT {
-                                return Err(BodyError::BadChunkFraming);
-                            }
-                            i += 1;
-                            if b == b'\n' {
-                                let value = *value;
-                                *c = if value == 0 {
-                                    Chunk::Trailer {
-                                        line_len: 0,
-                                        total: 0,
-                                        cr: false,
-                                    }
-                                } else {
-                                    Chunk::Data { remaining: value }
-                                };
-                            } else if *cr {
-                                // CR must be followed by LF.
-                                return Err(BodyError::BadChunkFraming);
-                            } else if b == b'\r' {
-                                *cr = true;
-                            } else if b == b';' || b == b' ' || b == b'\t' {
-                                *ext = true;
-                            } else if !(*ext && b.is_ascii_graphic()) {
-                                return Err(BodyError::BadChunkSize);
-                            }
-                        }
-                        Chunk::Data { remaining } => {
-                            let n = (*remaining).min((input.len() - i) as u64) as usize;
-                            on_data(&input[i..i + n]);
-                            i += n;
-                            *remaining -= n as u64;
-                            if *remaining == 0 {
-                                *c = Chunk::DataCr;
-                            }
-                        }
-                        Chunk::DataCr => {
-                            i += 1;
-                            *c = match b {
-                                b'\r' => Chunk::DataLf,
-                                b'\n' => Chunk::Size {
-                                    value: 0,
-                                    digits: 0,
-                                    len: 0,
-                                },
-                                _ => return Err(BodyError::BadChunkFraming),
-                            };
-                        }
-                        Chunk::DataLf => {
-                            if b != b'\n' {
-                                return Err(BodyError::BadChunkFraming);
-                            }
-                            i += 1;
-                            *c = Chunk::Size {
-                                value: 0,
-                                digits: 0,
-                                len: 0,
-                            };
-                        }
-                        Chunk::Trailer {
-                            line_len,
-                            total,
-                            cr,
-                        } => {
-                            i += 1;
-                            *total += 1;
-                            if *total > TRAILER_LIMIT {
-                                return Err(BodyError::TrailerTooLarge);
-                            }
-                            if b == b'\n' {
-                                if *line_len == 0 {
-                                    self.state = State::Done;
-                                } else {
-                                    *line_len = 0;
-                                    *cr = false;
-                                }
-                            } else if *cr {
-                                return Err(BodyError::BadChunkFraming);
-                            } else if b == b'\r' {
-                                *cr = true;
-                            } else {
-                                *line_len += 1;
-                            }
-                        }
+                State::Chunked(Chunk::Data { remaining }) => {
+                    let n = (*remaining).min((input.len() - i) as u64) as usize;
+                    on_data(&input[i..i + n]);
+                    i += n;
+                    *remaining -= n as u64;
+                    if *remaining == 0 {
+                        self.state = State::Chunked(Chunk::DataCr);
                     }
                 }
+                State::Chunked(c) => match c.framing_byte(input[i])? {
+                    Byte::Taken => i += 1,
+                    Byte::Kept => {}
+                    Byte::Last => {
+                        i += 1;
+                        self.state = State::Done;
+                    }
+                },
             }
         }
         Ok(i)
     }
+}
+
+/// What one framing byte did.
+enum Byte {
+    Taken,
+    /// Not consumed: it ends the size and is read again as the line's rest.
+    Kept,
+    /// It ended the trailer: the body is complete.
+    Last,
+}
+
+impl Chunk {
+    /// One byte of a chunk's framing: its size line, the CRLF after its data, or the
+    /// trailer (`Data` is taken by the caller a span at a time).
+    #[inline]
+    fn framing_byte(&mut self, b: u8) -> Result<Byte, BodyError> {
+        match self {
+            Chunk::Size { value, digits, len } => {
+                if let Some(d) = hex_val(b) {
+                    if *digits >= 16 {
+                        return Err(BodyError::BadChunkSize);
+                    }
+                    *value = value
+                        .checked_mul(16)
+                        .and_then(|v| v.checked_add(d as u64))
+                        .ok_or(BodyError::BadChunkSize)?;
+                    *digits += 1;
+                    *len += 1;
+                    return Ok(Byte::Taken);
+                }
+                if *digits == 0 {
+                    return Err(BodyError::BadChunkSize);
+                }
+                let (value, len) = (*value, *len);
+                *self = Chunk::Ext {
+                    value,
+                    len,
+                    cr: false,
+                    ext: false,
+                };
+                Ok(Byte::Kept)
+            }
+            Chunk::Ext {
+                value,
+                len,
+                cr,
+                ext,
+            } => {
+                *len += 1;
+                if *len > CHUNK_HEAD_LIMIT {
+                    return Err(BodyError::BadChunkFraming);
+                }
+                if b == b'\n' {
+                    let value = *value;
+                    *self = if value == 0 {
+                        Chunk::Trailer {
+                            line_len: 0,
+                            total: 0,
+                            cr: false,
+                        }
+                    } else {
+                        Chunk::Data { remaining: value }
+                    };
+                } else if *cr {
+                    // CR must be followed by LF.
+                    return Err(BodyError::BadChunkFraming);
+                } else if b == b'\r' {
+                    *cr = true;
+                } else if b == b';' || b == b' ' || b == b'\t' {
+                    *ext = true;
+                } else if !(*ext && b.is_ascii_graphic()) {
+                    return Err(BodyError::BadChunkSize);
+                }
+                Ok(Byte::Taken)
+            }
+            // Taken by `decode` a span at a time, never a byte here.
+            Chunk::Data { .. } => Err(BodyError::BadChunkFraming),
+            Chunk::DataCr | Chunk::DataLf => {
+                let lf = b == b'\n';
+                if !(lf || (b == b'\r' && matches!(self, Chunk::DataCr))) {
+                    return Err(BodyError::BadChunkFraming);
+                }
+                *self = if lf {
+                    Chunk::Size {
+                        value: 0,
+                        digits: 0,
+                        len: 0,
+                    }
+                } else {
+                    Chunk::DataLf
+                };
+                Ok(Byte::Taken)
+            }
+            Chunk::Trailer {
+                line_len,
+                total,
+                cr,
+            } => trailer_byte(b, line_len, total, cr),
+        }
+    }
+}
+
+/// One byte of the trailer: header lines up to an empty one.
+#[inline]
+fn trailer_byte(
+    b: u8,
+    line_len: &mut usize,
+    total: &mut usize,
+    cr: &mut bool,
+) -> Result<Byte, BodyError> {
+    *total += 1;
+    if *total > TRAILER_LIMIT {
+        return Err(BodyError::TrailerTooLarge);
+    }
+    if b == b'\n' {
+        if *line_len == 0 {
+            return Ok(Byte::Last);
+        }
+        *line_len = 0;
+        *cr = false;
+    } else if *cr {
+        return Err(BodyError::BadChunkFraming);
+    } else if b == b'\r' {
+        *cr = true;
+    } else {
+        *line_len += 1;
+    }
+    Ok(Byte::Taken)
 }
 
 fn hex_val(b: u8) -> Option<u8> {

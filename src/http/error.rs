@@ -1,6 +1,7 @@
 //! Every error the proxy answers itself, and the one place that turns it into a JSON
 //! response with `X-Request-Id`: OpenAI's shape, or Anthropic's on its routes.
 
+use crate::http::write::Head;
 use crate::routes::ErrorShape;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,23 +185,13 @@ pub fn write_response(
     request_id: &str,
     keep_alive: bool,
 ) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(itoa_u64(status as u64).as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(reason(status).as_bytes());
-    out.extend_from_slice(b"\r\ncontent-type: ");
-    out.extend_from_slice(content_type.as_bytes());
-    out.extend_from_slice(b"\r\ncontent-length: ");
-    out.extend_from_slice(itoa_u64(body.len() as u64).as_bytes());
+    let mut head = Head::response(out, status, reason(status).as_bytes());
+    head.header(b"content-type", content_type.as_bytes())
+        .content_length(body.len() as u64);
     if !request_id.is_empty() {
-        out.extend_from_slice(b"\r\nx-request-id: ");
-        out.extend_from_slice(request_id.as_bytes());
+        head.header(b"x-request-id", request_id.as_bytes());
     }
-    out.extend_from_slice(if keep_alive {
-        b"\r\nconnection: keep-alive\r\n\r\n".as_slice()
-    } else {
-        b"\r\nconnection: close\r\n\r\n".as_slice()
-    });
+    head.end_with_connection(keep_alive);
     out.extend_from_slice(body);
 }
 

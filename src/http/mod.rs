@@ -5,3 +5,4 @@ pub mod body;
 pub mod error;
 pub mod head;
 pub mod multipart;
+pub mod write;

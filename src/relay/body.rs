@@ -11,9 +11,10 @@
 //! does not allocate.
 
 use crate::http::body::{LAST_CHUNK, encode_chunk, push_hex};
+use crate::json::member_span;
 use crate::routes::{StreamShape, UsageAt};
 use crate::sse::SseScanner;
-use crate::usage::json::{UsageFinder, member_span};
+use crate::usage::finder::UsageFinder;
 use crate::usage::{EventKind, StreamMeter};
 use std::ops::Range;
 use std::time::Instant;
@@ -183,65 +184,24 @@ impl BodyRelay {
             if kind == EventKind::Output && first.is_none() {
                 *first = Some(Instant::now());
             }
-            // The members of this event to take out, if any.
-            let (mut cut_usage, mut cut_timings) = (false, false);
-            if kind == EventKind::UsageOnly {
-                if edits.hide_usage_only {
-                    if only_standard_members(ev.data) {
-                        edits_out.push(Edit {
-                            start: ev.start,
-                            end: ev.end,
-                            with: 0..0,
-                        });
-                        if ev.lf_may_follow {
-                            *cut_lf_at = Some(ev.end);
-                        }
-                        return;
+            match cut_for(kind, meter, edits, ev.data) {
+                Cut::Nothing => {}
+                Cut::Event => {
+                    edits_out.push(Edit {
+                        start: ev.start,
+                        end: ev.end,
+                        with: 0..0,
+                    });
+                    if ev.lf_may_follow {
+                        *cut_lf_at = Some(ev.end);
                     }
-                    cut_usage = true;
                 }
-            } else {
-                // A caller that did not ask for usage gets none, on whatever event the
-                // backend put it (llama.cpp puts a completion's on its last event with
-                // choices); one that did keeps the final usage.
-                // A backend that sent running usage (it honoured continuous stats,
-                // as vLLM does) sends its final usage in a usage-only chunk; one that
-                // did not (llama.cpp) puts it on its last event with choices.
-                cut_usage = meter.last_had_usage
-                    && (edits.hide_usage_only
-                        || (edits.strip_chunk_usage
-                            && !(edits.keep_final_usage
-                                && meter.last_usage_final
-                                && meter.last_usage_first)));
-                cut_timings = edits.strip_timings && meter.last_had_timings && !meter.last_finished;
-            }
-            let members: &[&[u8]] = match (cut_usage, cut_timings) {
-                (true, true) => &[b"usage", b"timings"],
-                (true, false) => &[b"usage"],
-                (false, true) => &[b"timings"],
-                (false, false) => return,
-            };
-            if members.iter().all(|m| member_span(ev.data, m).is_none()) {
-                return;
-            }
-            let from = buf.len();
-            buf.extend_from_slice(b"data: ");
-            let json = buf.len();
-            buf.extend_from_slice(ev.data);
-            // Every such member (a duplicated key must not slip through).
-            for m in members {
-                while let Some(r) = member_span(&buf[json..], m) {
-                    buf.drain(json + r.start..json + r.end);
+                Cut::Members(members) => {
+                    if members.iter().any(|m| member_span(ev.data, m).is_some()) {
+                        edits_out.push(without_members(&ev, members, &src, buf));
+                    }
                 }
             }
-            // The event's own line ends (CRLF, LF or CR), as the backend sent them;
-            // an LF still to come passes through on its own, as it would have.
-            src.copy_line_ends(buf, ev.start, ev.end);
-            edits_out.push(Edit {
-                start: ev.start,
-                end: ev.end,
-                with: from..buf.len(),
-            });
         });
         let span_end = span_base + span.len() as u64;
         let mut cursor = hold_base;
@@ -290,6 +250,75 @@ impl BodyRelay {
                 UsageAt::CohereMeta => self.meter.observe_cohere_meta(raw),
             }
         }
+    }
+}
+
+/// What to take out of one event before the caller sees it.
+enum Cut {
+    Nothing,
+    /// The whole event (the usage-only chunk the caller did not ask for).
+    Event,
+    /// These top-level members.
+    Members(&'static [&'static [u8]]),
+}
+
+/// What `edits` take out of an event the meter just saw as `kind`.
+fn cut_for(kind: EventKind, meter: &StreamMeter, edits: Edits, data: &[u8]) -> Cut {
+    let (cut_usage, cut_timings) = if kind == EventKind::UsageOnly {
+        if !edits.hide_usage_only {
+            (false, false)
+        } else if only_standard_members(data) {
+            return Cut::Event;
+        } else {
+            (true, false)
+        }
+    } else {
+        // A caller that did not ask for usage gets none, on whatever event the
+        // backend put it (llama.cpp puts a completion's on its last event with
+        // choices); one that did keeps the final usage.
+        // A backend that sent running usage (it honoured continuous stats,
+        // as vLLM does) sends its final usage in a usage-only chunk; one that
+        // did not (llama.cpp) puts it on its last event with choices.
+        let cut_usage = meter.last_had_usage
+            && (edits.hide_usage_only
+                || (edits.strip_chunk_usage
+                    && !(edits.keep_final_usage
+                        && meter.last_usage_final
+                        && meter.last_usage_first)));
+        let cut_timings = edits.strip_timings && meter.last_had_timings && !meter.last_finished;
+        (cut_usage, cut_timings)
+    };
+    match (cut_usage, cut_timings) {
+        (true, true) => Cut::Members(&[b"usage", b"timings"]),
+        (true, false) => Cut::Members(&[b"usage"]),
+        (false, true) => Cut::Members(&[b"timings"]),
+        (false, false) => Cut::Nothing,
+    }
+}
+
+/// The event re-written into `buf` without `members` (every occurrence: a duplicated
+/// key must not slip through), keeping the backend's own line ends (CRLF, LF or CR;
+/// an LF still to come passes through on its own, as it would have).
+fn without_members(
+    ev: &crate::sse::SseEvent<'_>,
+    members: &[&[u8]],
+    src: &Source<'_>,
+    buf: &mut Vec<u8>,
+) -> Edit {
+    let from = buf.len();
+    buf.extend_from_slice(b"data: ");
+    let json = buf.len();
+    buf.extend_from_slice(ev.data);
+    for m in members {
+        while let Some(r) = member_span(&buf[json..], m) {
+            buf.drain(json + r.start..json + r.end);
+        }
+    }
+    src.copy_line_ends(buf, ev.start, ev.end);
+    Edit {
+        start: ev.start,
+        end: ev.end,
+        with: from..buf.len(),
     }
 }
 

@@ -9,8 +9,8 @@
 
 use super::body::{BodyRelay, Mode};
 use crate::http::body::{BodyDecoder, Framing};
-use crate::http::error::itoa_u64;
 use crate::http::head::{ResponseHead, is_hop_by_hop};
+use crate::http::write::Head;
 use crate::io::{Io, PeerState, Wait, peek_fd};
 use crate::tick;
 use crate::usage::{Usage, UsageSource};
@@ -119,36 +119,101 @@ impl Relayed {
     }
 }
 
+/// The response path as three phases: the backend's head, the caller's head, the
+/// body.
 pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buffers) -> Relayed {
     let mut o = Relayed::ended(End::NoResponse);
-    let client_fd = client.stream.as_raw_fd();
-    let mut watch_client = true;
-    let cut_hit = std::cell::Cell::new(false);
-    // Bytes went to the caller since the last tick: a caller who hung up makes the
-    // next write fail, so the tick need not look (one syscall per stream per tick
-    // saved while tokens flow; a silent backend still gets the caller watched).
-    let wrote = std::cell::Cell::new(false);
-    let mut on_tick = || {
-        if spec.cut.get() {
-            cut_hit.set(true);
+    let mut watch = Watch::new(client.stream.as_raw_fd());
+    if let Err(end) = read_head(up, spec, &mut bufs.head, &mut watch).await {
+        o.end = end;
+        return o;
+    }
+    o.head_received = Some(Instant::now());
+    let Some(plan) = Plan::new(&mut bufs.head, spec) else {
+        o.end = End::BadGateway;
+        return o;
+    };
+    o.is_sse = plan.is_sse;
+    o.status = Some(bufs.head.status);
+    bufs.out.clear();
+    write_head(&mut bufs.out, &bufs.head, spec.request_id, &plan);
+    bufs.body
+        .start(plan.mode, plan.chunked, spec.shape, spec.usage_at);
+    let upstream_keep = bufs.head.keep_alive;
+    let (end, decoder_done, client_keep) =
+        relay_body(client, up, spec, bufs, &plan, &mut watch, &mut o).await;
+    o.end = end;
+    o.upstream_reusable =
+        end == End::Completed && upstream_keep && up.data().is_empty() && decoder_done;
+    o.client_reusable = end == End::Completed && client_keep;
+    let body = &mut bufs.body;
+    body.finish_metering();
+    o.usage = body.meter.finish(end == End::Completed);
+    o.saw_error = body.meter.saw_error;
+    o.first_output = body.first_output;
+    o
+}
+
+/// What the relay looks at while it waits for the backend: the shutdown cut, and a
+/// caller who hung up.
+struct Watch {
+    client_fd: std::os::fd::RawFd,
+    /// Off once a pipelined request is seen (the caller is there).
+    watch_client: bool,
+    /// Bytes went to the caller since the last tick: a caller who hung up makes the
+    /// next write fail, so the tick need not look (one syscall per stream per tick
+    /// saved while tokens flow; a silent backend still gets the caller watched).
+    wrote: bool,
+    cut_hit: bool,
+}
+
+impl Watch {
+    fn new(client_fd: std::os::fd::RawFd) -> Self {
+        Watch {
+            client_fd,
+            watch_client: true,
+            wrote: false,
+            cut_hit: false,
+        }
+    }
+
+    /// Called at each tick of a wait: `true` interrupts it.
+    fn tick(&mut self, cut: &std::cell::Cell<bool>) -> bool {
+        if cut.get() {
+            self.cut_hit = true;
             return true;
         }
-        if !watch_client || wrote.replace(false) {
+        if !self.watch_client || std::mem::take(&mut self.wrote) {
             return false;
         }
-        match peek_fd(client_fd) {
+        match peek_fd(self.client_fd) {
             PeerState::Closed => true,
             // A pipelined request: the caller is there; stop looking until next time.
             PeerState::Data => {
-                watch_client = false;
+                self.watch_client = false;
                 false
             }
             PeerState::Quiet => false,
         }
-    };
+    }
 
-    // Phase 1: the response head (skipping interim 1xx responses).
-    let head = &mut bufs.head;
+    /// How a wait that `tick` interrupted ends the relay.
+    fn interrupted(&self) -> End {
+        if self.cut_hit {
+            End::Timeout
+        } else {
+            End::ClientGone
+        }
+    }
+}
+
+/// Phase 1: the backend's response head, skipping interim 1xx responses.
+async fn read_head(
+    up: &mut Io,
+    spec: &Spec<'_>,
+    head: &mut ResponseHead,
+    watch: &mut Watch,
+) -> Result<(), End> {
     let mut received_any = false;
     loop {
         match head.parse(up.data(), MAX_RESPONSE_HEAD) {
@@ -157,88 +222,87 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
                 if (100..200).contains(&head.status) && head.status != 101 {
                     continue;
                 }
-                break;
+                return Ok(());
             }
             Ok(None) => {}
-            Err(_) => {
-                o.end = End::BadGateway;
-                return o;
-            }
+            Err(_) => return Err(End::BadGateway),
         }
-        match up
-            .fill_until(tick::now() + spec.read_timeout, &mut on_tick)
-            .await
-        {
+        let deadline = tick::now() + spec.read_timeout;
+        match up.fill_until(deadline, || watch.tick(spec.cut)).await {
             Wait::Data => received_any = true,
-            Wait::Eof | Wait::Error(_) => {
-                o.end = if received_any {
-                    End::BadGateway
-                } else {
-                    End::NoResponse
-                };
-                return o;
-            }
-            Wait::TimedOut => {
-                o.end = End::Timeout;
-                return o;
-            }
-            Wait::Interrupted => {
-                o.end = if cut_hit.get() {
-                    End::Timeout
-                } else {
-                    End::ClientGone
-                };
-                return o;
-            }
+            Wait::Eof | Wait::Error(_) if received_any => return Err(End::BadGateway),
+            Wait::Eof | Wait::Error(_) => return Err(End::NoResponse),
+            Wait::TimedOut => return Err(End::Timeout),
+            Wait::Interrupted => return Err(watch.interrupted()),
         }
     }
-    o.head_received = Some(Instant::now());
-    let Ok(framing) = head.framing(spec.method) else {
-        o.end = End::BadGateway;
-        return o;
-    };
-    let content_type = head.headers.get("content-type").unwrap_or(b"");
-    o.is_sse =
-        content_type.len() >= 17 && content_type[..17].eq_ignore_ascii_case(b"text/event-stream");
-    let mode = if !spec.metered {
-        Mode::Raw
-    } else if o.is_sse {
-        Mode::Sse(spec.edits)
-    } else {
-        Mode::Json
-    };
+}
 
-    // Phase 2: the head to the caller, framed for what we will send.
-    let rewrites_body = mode.rewrites();
-    let (chunked, mut client_keep) = match framing {
-        Framing::Empty => (false, spec.client_keep_alive),
-        Framing::Length(_) if !rewrites_body => (false, spec.client_keep_alive),
-        _ if spec.client_http11 => (true, spec.client_keep_alive),
-        _ => (false, false),
-    };
-    let out = &mut bufs.out;
-    out.clear();
-    let send_length = !chunked
-        && match framing {
-            Framing::Length(_) => !rewrites_body,
-            Framing::Empty => true,
-            _ => false,
+/// Phase 2: how the response goes to the caller, from the backend's head.
+struct Plan {
+    framing: Framing,
+    mode: Mode,
+    is_sse: bool,
+    /// Re-framed as chunked for the caller.
+    chunked: bool,
+    /// The backend's Content-Length goes to the caller as it is.
+    send_length: bool,
+    client_keep: bool,
+}
+
+impl Plan {
+    /// `None`: the backend's framing is invalid (a bad gateway).
+    fn new(head: &mut ResponseHead, spec: &Spec<'_>) -> Option<Plan> {
+        let framing = head.framing(spec.method).ok()?;
+        let content_type = head.headers.get("content-type").unwrap_or(b"");
+        let is_sse = content_type.len() >= 17
+            && content_type[..17].eq_ignore_ascii_case(b"text/event-stream");
+        let mode = if !spec.metered {
+            Mode::Raw
+        } else if is_sse {
+            Mode::Sse(spec.edits)
+        } else {
+            Mode::Json
         };
-    write_head(
-        out,
-        head,
-        spec.request_id,
-        chunked,
-        send_length,
-        client_keep,
-    );
-    o.status = Some(head.status);
-    let upstream_keep = head.keep_alive;
-    let body = &mut bufs.body;
-    body.start(mode, chunked, spec.shape, spec.usage_at);
+        let rewrites_body = mode.rewrites();
+        let (chunked, client_keep) = match framing {
+            Framing::Empty => (false, spec.client_keep_alive),
+            Framing::Length(_) if !rewrites_body => (false, spec.client_keep_alive),
+            _ if spec.client_http11 => (true, spec.client_keep_alive),
+            _ => (false, false),
+        };
+        let send_length = !chunked
+            && match framing {
+                Framing::Length(_) => !rewrites_body,
+                Framing::Empty => true,
+                _ => false,
+            };
+        Some(Plan {
+            framing,
+            mode,
+            is_sse,
+            chunked,
+            send_length,
+            client_keep,
+        })
+    }
+}
 
-    // Phase 3: the body, forwarded read by read.
-    let mut decoder = BodyDecoder::new(framing);
+/// Phase 3: the body, forwarded read by read (the caller's head goes with the first
+/// write). Returns how it ended, whether the backend's body was complete, and whether
+/// the caller's connection stays usable.
+async fn relay_body(
+    client: &mut Io,
+    up: &mut Io,
+    spec: &Spec<'_>,
+    bufs: &mut Buffers,
+    plan: &Plan,
+    watch: &mut Watch,
+    o: &mut Relayed,
+) -> (End, bool, bool) {
+    let (out, body) = (&mut bufs.out, &mut bufs.body);
+    let mut client_keep = plan.client_keep;
+    let mut decoder = BodyDecoder::new(plan.framing);
     let mut first_write = true;
     let end = loop {
         let decoded = decoder.decode(up.data(), |span| body.on_span(span, out));
@@ -272,15 +336,13 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
                 }
                 first_write = false;
             }
-            wrote.set(true);
+            watch.wrote = true;
         }
         if done {
             break End::Completed;
         }
-        match up
-            .fill_until(tick::now() + spec.read_timeout, &mut on_tick)
-            .await
-        {
+        let deadline = tick::now() + spec.read_timeout;
+        match up.fill_until(deadline, || watch.tick(spec.cut)).await {
             Wait::Data => {}
             Wait::Eof if decoder.eof_is_clean() => {
                 body.finish(out);
@@ -291,64 +353,36 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
                 {
                     break End::ClientGone;
                 }
-                client_keep = client_keep && chunked;
+                client_keep = client_keep && plan.chunked;
                 break End::Completed;
             }
             Wait::Eof | Wait::Error(_) => break End::BackendBroken,
             Wait::TimedOut => break End::Timeout,
-            Wait::Interrupted if cut_hit.get() => break End::Timeout,
-            Wait::Interrupted => break End::ClientGone,
+            Wait::Interrupted => break watch.interrupted(),
         }
     };
-    o.end = end;
-    o.upstream_reusable =
-        end == End::Completed && upstream_keep && up.data().is_empty() && decoder.is_done();
-    o.client_reusable = end == End::Completed && client_keep;
-    body.finish_metering();
-    o.usage = body.meter.finish(end == End::Completed);
-    o.saw_error = body.meter.saw_error;
-    o.first_output = body.first_output;
-    o
+    (end, decoder.is_done(), client_keep)
 }
 
 /// The caller's response head: the backend's headers minus hop-by-hop ones, our
 /// request id, and framing for what we will actually send.
-fn write_head(
-    out: &mut Vec<u8>,
-    head: &ResponseHead,
-    request_id: &str,
-    chunked: bool,
-    send_length: bool,
-    keep_alive: bool,
-) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(itoa_u64(head.status as u64).as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(head.reason());
-    out.extend_from_slice(b"\r\n");
+fn write_head(out: &mut Vec<u8>, head: &ResponseHead, request_id: &str, plan: &Plan) {
+    let mut w = Head::response(out, head.status, head.reason());
     for (name, value) in head.headers.iter() {
-        if is_hop_by_hop(name) || name.eq_ignore_ascii_case(b"x-request-id") {
-            continue;
+        if !is_hop_by_hop(name) && !name.eq_ignore_ascii_case(b"x-request-id") {
+            w.header(name, value);
         }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"x-request-id: ");
-    out.extend_from_slice(request_id.as_bytes());
-    out.extend_from_slice(b"\r\n");
-    if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    } else if let Some(len) = head.headers.get("content-length").filter(|_| send_length) {
+    w.header(b"x-request-id", request_id.as_bytes());
+    if plan.chunked {
+        w.header(b"transfer-encoding", b"chunked");
+    } else if let Some(len) = head
+        .headers
+        .get("content-length")
+        .filter(|_| plan.send_length)
+    {
         // Length bodies and HEAD answers keep the backend's length.
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(len);
-        out.extend_from_slice(b"\r\n");
+        w.header(b"content-length", len);
     }
-    out.extend_from_slice(if keep_alive {
-        b"connection: keep-alive\r\n\r\n".as_slice()
-    } else {
-        b"connection: close\r\n\r\n".as_slice()
-    });
+    w.end_with_connection(plan.client_keep);
 }

@@ -4,7 +4,7 @@
 //! `stream_options` value is re-serialized, everything else is copied byte for byte.
 
 use crate::config::UsageMode;
-use crate::usage::json::member_span;
+use crate::json::member_span;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::ops::Range;
@@ -179,12 +179,7 @@ fn serde_found(text: &str) -> Result<Found, String> {
 /// every error message, stays serde's. Property-tested against serde.
 mod scan {
     use super::Found;
-    use crate::scan::json_plain_len;
-
-    struct Scan<'a> {
-        b: &'a [u8],
-        i: usize,
-    }
+    use crate::json::Cursor;
 
     /// A boolean member as serde reads an `Option<bool>`: `None` for anything else
     /// (then serde decides, and refuses it).
@@ -198,13 +193,12 @@ mod scan {
     }
 
     pub(super) fn request(b: &[u8]) -> Option<Found> {
-        let mut s = Scan { b, i: 0 };
+        let mut s = Cursor::new(b);
         let mut f = Found::default();
         let mut stream_seen = false;
         let mut background_seen = false;
         let mut seen = [false; 3];
-        s.ws();
-        s.object(0, |key, v| {
+        s.object_strict(0, |key, v| {
             // Each member once (the probe refuses a duplicate); `model` and `user` null
             // are absent, as serde reads an `Option` (`stream_options` null is kept: it
             // is replaced in place).
@@ -214,172 +208,27 @@ mod scan {
                     .then(|| *slot = (keep_null || !null).then(|| v.clone()))
             };
             match &b[key] {
-                b"\"model\"" => once(&mut seen[0], &mut f.model, false),
-                b"\"user\"" => once(&mut seen[1], &mut f.user, false),
-                b"\"stream_options\"" => once(&mut seen[2], &mut f.stream_options, true),
-                b"\"stream\"" if !stream_seen => {
+                b"model" => once(&mut seen[0], &mut f.model, false),
+                b"user" => once(&mut seen[1], &mut f.user, false),
+                b"stream_options" => once(&mut seen[2], &mut f.stream_options, true),
+                b"stream" if !stream_seen => {
                     stream_seen = true;
                     f.stream = bool_or_null(&b[v])?;
                     Some(())
                 }
-                b"\"stream\"" => None,
-                b"\"background\"" if !background_seen => {
+                b"stream" => None,
+                b"background" if !background_seen => {
                     background_seen = true;
                     f.background = bool_or_null(&b[v])?;
                     Some(())
                 }
-                b"\"background\"" => None,
+                b"background" => None,
                 // A member name with an escape may be one of those: serde decides.
                 k if k.contains(&b'\\') => None,
                 _ => Some(()),
             }
         })?;
-        s.ws();
-        (s.i == b.len()).then_some(f)
-    }
-
-    impl Scan<'_> {
-        fn peek(&self) -> Option<u8> {
-            self.b.get(self.i).copied()
-        }
-
-        fn next(&mut self) -> Option<u8> {
-            let c = self.peek()?;
-            self.i += 1;
-            Some(c)
-        }
-
-        fn eat(&mut self, c: u8) -> Option<()> {
-            (self.next()? == c).then_some(())
-        }
-
-        fn ws(&mut self) {
-            while matches!(self.peek(), Some(b' ' | b'\n' | b'\t' | b'\r')) {
-                self.i += 1;
-            }
-        }
-
-        /// A string, quotes included (its range); escapes other than `\\u`.
-        fn string(&mut self) -> Option<std::ops::Range<usize>> {
-            let start = self.i;
-            self.eat(b'"')?;
-            loop {
-                self.i += json_plain_len(&self.b[self.i..]);
-                match self.next()? {
-                    b'"' => return Some(start..self.i),
-                    b'\\' => match self.next()? {
-                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
-                        _ => return None,
-                    },
-                    _ => return None, // a control byte
-                }
-            }
-        }
-
-        /// An object at `depth`; `member(name, value)` gets the ranges of each member's
-        /// name (quotes included) and value, and may give up.
-        fn object(
-            &mut self,
-            depth: u32,
-            mut member: impl FnMut(std::ops::Range<usize>, std::ops::Range<usize>) -> Option<()>,
-        ) -> Option<()> {
-            self.eat(b'{')?;
-            self.ws();
-            if self.peek()? == b'}' {
-                self.i += 1;
-                return Some(());
-            }
-            loop {
-                self.ws();
-                let name = self.string()?;
-                self.ws();
-                self.eat(b':')?;
-                self.ws();
-                let start = self.i;
-                self.value(depth + 1)?;
-                member(name, start..self.i)?;
-                self.ws();
-                match self.next()? {
-                    b',' => {}
-                    b'}' => return Some(()),
-                    _ => return None,
-                }
-            }
-        }
-
-        fn value(&mut self, depth: u32) -> Option<()> {
-            if depth > 64 {
-                return None;
-            }
-            match self.peek()? {
-                b'"' => self.string().map(drop),
-                b'{' => self.object(depth, |_, _| Some(())),
-                b'[' => {
-                    self.i += 1;
-                    self.ws();
-                    if self.peek()? == b']' {
-                        self.i += 1;
-                        return Some(());
-                    }
-                    loop {
-                        self.ws();
-                        self.value(depth + 1)?;
-                        self.ws();
-                        match self.next()? {
-                            b',' => {}
-                            b']' => return Some(()),
-                            _ => return None,
-                        }
-                    }
-                }
-                b't' => self.literal(b"true"),
-                b'f' => self.literal(b"false"),
-                b'n' => self.literal(b"null"),
-                b'-' | b'0'..=b'9' => self.number(),
-                _ => None,
-            }
-        }
-
-        fn literal(&mut self, word: &[u8]) -> Option<()> {
-            let end = self.i + word.len();
-            (self.b.get(self.i..end)? == word).then(|| self.i = end)
-        }
-
-        /// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`
-        fn number(&mut self) -> Option<()> {
-            if self.peek() == Some(b'-') {
-                self.i += 1;
-            }
-            match self.next()? {
-                b'0' => {}
-                b'1'..=b'9' => self.digits(),
-                _ => return None,
-            }
-            if self.peek() == Some(b'.') {
-                self.i += 1;
-                self.digit()?;
-                self.digits();
-            }
-            if matches!(self.peek(), Some(b'e' | b'E')) {
-                self.i += 1;
-                if matches!(self.peek(), Some(b'+' | b'-')) {
-                    self.i += 1;
-                }
-                self.digit()?;
-                self.digits();
-            }
-            Some(())
-        }
-
-        fn digit(&mut self) -> Option<()> {
-            self.next()?.is_ascii_digit().then_some(())
-        }
-
-        fn digits(&mut self) {
-            while self.peek().is_some_and(|c| c.is_ascii_digit()) {
-                self.i += 1;
-            }
-        }
+        s.at_end().then_some(f)
     }
 }
 

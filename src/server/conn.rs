@@ -5,22 +5,24 @@
 use super::{View, Worker, endpoints};
 use crate::access_log::AccessEntry;
 use crate::auth;
-use crate::config::UsageMode;
+use crate::config::{Config, UsageMode};
 use crate::http::body::{BodyDecoder, Framing};
-use crate::http::error::{ProxyError, itoa_u64, write_response};
+use crate::http::error::{ProxyError, write_response};
 use crate::http::head::{HeadError, RequestHead, is_hop_by_hop};
 use crate::http::multipart::{self, MultipartScanner};
+use crate::http::write::{CONTINUE, Head};
 use crate::io::{Io, Wait};
 use crate::relay::body::Edits;
 use crate::relay::response::{self, Buffers, End, Spec};
 use crate::relay::rewrite::{self, RequestInfo};
 use crate::routes::{self, Action, Body, ErrorShape, Metering, Route, StreamShape, UsageAt};
 use crate::tick;
-use crate::upstream::Pick;
 use crate::upstream::pool::{ConnectError, Pool};
+use crate::upstream::{Backend, Pick};
 use crate::usage::{UsageRecord, format_api_key};
 use log::warn;
 use monoio::net::TcpStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Initial read buffer per client connection.
@@ -128,7 +130,10 @@ async fn answer_early(w: &Worker, c: &mut Conn, e: ProxyError) {
 
 /// `req_` + a UUIDv7: milliseconds since the epoch, then 74 random bits. The random
 /// bits come from a per-thread generator seeded once from the OS, so making an id does
-/// not cost a getrandom syscall per request (profiling showed it).
+/// not cost a getrandom syscall per request (profiling showed it). Kept over uuid's
+/// own `Uuid::now_v7()`: that one takes a process-wide `Mutex` (uuid 1.29,
+/// `timestamp.rs`, `CONTEXT_V7`) on every id, a lock all workers would share on the
+/// request path; the uuid crate still builds and formats the id.
 fn new_request_id() -> String {
     new_request_id_at(SystemTime::now())
 }
@@ -331,7 +336,7 @@ async fn read_upload_head(v: &View, c: &mut Conn) -> Result<Upload, Option<Proxy
     let boundary = multipart::boundary(ctype).map_err(|_| Some(ProxyError::FormFieldsTooLate))?;
     let buffered = c.client.data().len() as u64;
     if c.head.expect_continue && buffered < total {
-        let mut cont = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        let mut cont = CONTINUE.to_vec();
         c.client.write_all(&mut cont).await.map_err(|_| None)?;
     }
     let mut scanner = MultipartScanner::new(&boundary);
@@ -411,7 +416,7 @@ async fn read_body(v: &View, c: &mut Conn, max: u64) -> Result<(), Option<ProxyE
     }
     let buffered = c.client.data().len() as u64;
     if c.head.expect_continue && !matches!(framing, Framing::Length(n) if n <= buffered) {
-        let mut cont = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        let mut cont = CONTINUE.to_vec();
         c.client.write_all(&mut cont).await.map_err(|_| None)?;
     }
     let mut decoder = BodyDecoder::new(framing);
@@ -713,62 +718,26 @@ async fn send(
     req: &Inspected,
 ) -> Result<Sent, ProxyError> {
     let cfg = &v.live.config;
-    // An upload's rest streams from the caller: it cannot be sent twice, so it goes on
-    // a fresh connection (a pooled one might turn out closed after the body went).
-    let rest = req.rest;
     let mut tried = 0u64;
     let mut sent_at = rq.arrived; // read only once the request was written
     'route: loop {
-        let bi = match v.up.pick(req.model(), tried) {
-            Pick::NoModel => {
-                return Err(ProxyError::ModelNotFound(
-                    req.model().unwrap_or_default().to_owned(),
-                ));
-            }
-            Pick::Exhausted => return Err(ProxyError::BackendUnavailable),
-            Pick::Backend(i) => i,
-        };
-        tried |= 1 << bi.min(63);
-        let backend = v.up.backends[bi].clone();
-        let pooled = if rest > 0 { None } else { v.up.pool.take(bi) };
-        let (mut up, mut reused) = match pooled {
-            Some(io) => (io, true),
-            None => match Pool::connect(&backend, cfg.limits.connect_timeout.0).await {
-                Ok(io) => (io, false),
-                Err(ConnectError::Unreachable(e)) => {
-                    mark_down(&backend, e);
-                    continue 'route;
-                }
-            },
-        };
+        let (bi, backend, mut up, mut reused) = connect_next(v, req, &mut tried).await?;
         let in_flight = v.up.start(bi, &w.stats);
         rewrite_for(c, rq, req, &backend, v.live.auth.enabled);
         let spec = relay_spec(w, &c.head, &c.body, rq, req, &backend, cfg);
         loop {
-            let written = up.write_keep(&mut c.up_req).await.is_ok();
-            // The rest of an upload: the backend may answer before it has all of it
-            // (an error), so a backend that stops taking it is still read from.
-            let caller_gone = written
-                && rest > 0
-                && stream_upload(
-                    &mut c.client,
-                    &mut up,
-                    rest,
-                    &mut c.bufs.out,
-                    cfg.limits.header_timeout.0,
-                )
-                .await
-                    == Err(true);
-            sent_at = if written { Instant::now() } else { sent_at };
-            let o = if caller_gone {
-                Some(response::Relayed::ended(End::ClientGone))
-            } else if written {
-                Some(response::relay(&mut c.client, &mut up, &spec, &mut c.bufs).await)
-            } else {
-                None
-            };
-            let stale = o.as_ref().is_none_or(|o| o.end == End::NoResponse);
-            if stale && reused {
+            let (o, written_at) = attempt(
+                (&mut c.client, &mut c.up_req, &mut c.bufs),
+                &mut up,
+                req.rest,
+                &spec,
+                cfg,
+            )
+            .await;
+            sent_at = written_at.unwrap_or(sent_at);
+            // The stale-connection retry: a pooled connection that failed before any
+            // response byte gets one fresh connect to the same backend.
+            if reused && o.as_ref().is_none_or(|o| o.end == End::NoResponse) {
                 reused = false;
                 match Pool::connect(&backend, cfg.limits.connect_timeout.0).await {
                     Ok(io) => {
@@ -794,6 +763,67 @@ async fn send(
             });
         }
     }
+}
+
+/// Step of `send`: the next backend for the request's model and a connection to it
+/// (`true`: a pooled one). A backend refusing to connect is marked down and the next
+/// one picked. An upload's rest streams from the caller: it cannot be sent twice, so
+/// it goes on a fresh connection (a pooled one might turn out closed after the body
+/// went).
+async fn connect_next(
+    v: &View,
+    req: &Inspected,
+    tried: &mut u64,
+) -> Result<(usize, Arc<Backend>, Io, bool), ProxyError> {
+    loop {
+        let bi = match v.up.pick(req.model(), *tried) {
+            Pick::NoModel => {
+                return Err(ProxyError::ModelNotFound(
+                    req.model().unwrap_or_default().to_owned(),
+                ));
+            }
+            Pick::Exhausted => return Err(ProxyError::BackendUnavailable),
+            Pick::Backend(i) => i,
+        };
+        *tried |= 1 << bi.min(63);
+        let backend = v.up.backends[bi].clone();
+        if req.rest == 0
+            && let Some(io) = v.up.pool.take(bi)
+        {
+            return Ok((bi, backend, io, true));
+        }
+        match Pool::connect(&backend, v.live.config.limits.connect_timeout.0).await {
+            Ok(io) => return Ok((bi, backend, io, false)),
+            Err(ConnectError::Unreachable(e)) => mark_down(&backend, e),
+        }
+    }
+}
+
+/// Step of `send`: writes the request on `up` (and streams an upload's `rest`), then
+/// relays the response. `None`: the request could not be written. The time is when
+/// it was.
+async fn attempt(
+    (client, up_req, bufs): (&mut Io, &mut Vec<u8>, &mut Buffers),
+    up: &mut Io,
+    rest: u64,
+    spec: &response::Spec<'_>,
+    cfg: &Config,
+) -> (Option<response::Relayed>, Option<Instant>) {
+    if up.write_keep(up_req).await.is_err() {
+        return (None, None);
+    }
+    // The rest of an upload: the backend may answer before it has all of it (an
+    // error), so a backend that stops taking it is still read from.
+    let caller_gone = rest > 0
+        && stream_upload(client, up, rest, &mut bufs.out, cfg.limits.header_timeout.0).await
+            == Err(true);
+    let written = Instant::now();
+    let o = if caller_gone {
+        response::Relayed::ended(End::ClientGone)
+    } else {
+        response::relay(client, up, spec, bufs).await
+    };
+    (Some(o), Some(written))
 }
 
 /// Phase: rewrite the request for `backend` into `c.up_req` (head and the body held;
@@ -1059,13 +1089,13 @@ fn write_upstream_head(
     auth_enabled: bool,
     metered: bool,
 ) {
-    out.extend_from_slice(head.method().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(head.path().as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    out.extend_from_slice(backend.authority.as_bytes());
-    out.extend_from_slice(b"\r\n");
-    let strip_key = auth_enabled || backend.api_key.is_some();
+    let mut w = Head::request(
+        out,
+        head.method().as_bytes(),
+        head.path().as_bytes(),
+        backend.authority.as_bytes(),
+    );
+    let strip_key = auth_enabled || backend.authorization.is_some();
     // Most requests have no Connection header (HTTP/1.1 keep-alive): then no header
     // is scanned against its tokens.
     let has_connection = head
@@ -1090,26 +1120,17 @@ fn write_upstream_head(
             || (metered && name.eq_ignore_ascii_case(b"accept-encoding"))
             || listed_in_connection(name);
         if !skip {
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
+            w.header(name, value);
         }
     }
-    if let Some(k) = &backend.api_key {
-        out.extend_from_slice(b"authorization: Bearer ");
-        out.extend_from_slice(k.as_bytes());
-        out.extend_from_slice(b"\r\n");
+    if let Some(k) = &backend.authorization {
+        w.header(b"authorization", k.as_bytes());
     }
-    out.extend_from_slice(b"x-request-id: ");
-    out.extend_from_slice(request_id.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    w.header(b"x-request-id", request_id.as_bytes());
     if body_len > 0 || matches!(head.method(), "POST" | "PUT" | "PATCH") {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa_u64(body_len).as_bytes());
-        out.extend_from_slice(b"\r\n");
+        w.content_length(body_len);
     }
-    out.extend_from_slice(b"\r\n");
+    w.end();
 }
 
 #[cfg(test)]

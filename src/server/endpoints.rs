@@ -4,6 +4,7 @@ use super::{View, Worker};
 use crate::http::body::BodyDecoder;
 use crate::http::error::ProxyError;
 use crate::http::head::ResponseHead;
+use crate::http::write::Head;
 use crate::io::Wait;
 use crate::upstream::pool::{ConnectError, Pool};
 use log::warn;
@@ -120,19 +121,22 @@ async fn fetch(
         },
     };
     let mut req = Vec::with_capacity(256);
-    req.extend_from_slice(
-        format!("GET {path} HTTP/1.1\r\nhost: {}\r\n", backend.authority).as_bytes(),
+    let mut w = Head::request(
+        &mut req,
+        b"GET",
+        path.as_bytes(),
+        backend.authority.as_bytes(),
     );
-    match (&backend.api_key, authorization) {
-        (Some(k), _) => req.extend_from_slice(format!("authorization: Bearer {k}\r\n").as_bytes()),
-        (None, Some(a)) => {
-            req.extend_from_slice(b"authorization: ");
-            req.extend_from_slice(a);
-            req.extend_from_slice(b"\r\n");
-        }
-        (None, None) => {}
+    if let Some(a) = backend
+        .authorization
+        .as_deref()
+        .map(str::as_bytes)
+        .or(authorization)
+    {
+        w.header(b"authorization", a);
     }
-    req.extend_from_slice(format!("x-request-id: {request_id}\r\n\r\n").as_bytes());
+    w.header(b"x-request-id", request_id.as_bytes());
+    w.end();
     up.write_all(&mut req).await.map_err(|e| e.to_string())?;
     let deadline = crate::tick::now() + limits.first_byte_timeout.0.min(Duration::from_secs(10));
     let mut head = ResponseHead::default();

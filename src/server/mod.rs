@@ -204,7 +204,7 @@ pub fn run(config: Config, config_path: &str) -> Result<(), String> {
         let (sink, handles) = delivery::start(&config.usage_hook, metrics.clone())?;
         info!(
             "usage records go to {} (spool: {})",
-            crate::config::redact_url(&config.usage_hook.url),
+            crate::url::redact(&config.usage_hook.url),
             if config.usage_hook.spool_dir.is_empty() {
                 "DISABLED"
             } else {

@@ -57,8 +57,8 @@ impl HealthChecker {
     /// routed at the next check, with no config change).
     fn discover(&self, b: &Backend) {
         let mut req = self.agent.get(format!("{}/v1/models", b.url));
-        if let Some(k) = &b.api_key {
-            req = req.header("authorization", format!("Bearer {k}"));
+        if let Some(a) = &b.authorization {
+            req = req.header("authorization", a);
         }
         let ids = req
             .call()

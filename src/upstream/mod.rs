@@ -4,7 +4,7 @@
 pub mod health;
 pub mod pool;
 
-use crate::config::{BackendUrl, Config, Models, UsageMode};
+use crate::config::{Config, Models, UsageMode, backend_url};
 use crate::metrics::{Metrics, WorkerMetrics};
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -30,7 +30,8 @@ pub struct Backend {
     /// writes; workers copy it when `discovered_version` moves, never on each request).
     discovered: Mutex<Option<Arc<[String]>>>,
     discovered_version: AtomicU64,
-    pub api_key: Option<String>,
+    /// `Bearer <api_key>` when the backend has a key: the `authorization` value sent.
+    pub authorization: Option<String>,
     pub usage_mode: UsageMode,
     /// Label slot in `llmproxy_requests_total`.
     pub slot: usize,
@@ -52,8 +53,7 @@ impl Backend {
             .iter()
             .enumerate()
             .map(|(i, b)| {
-                let url =
-                    BackendUrl::parse(&b.url).map_err(|e| format!("backends[{i}].url: {e}"))?;
+                let url = backend_url(&b.url).map_err(|e| format!("backends[{i}].url: {e}"))?;
                 let name = b.name.clone().unwrap_or_else(|| url.authority.clone());
                 let full = Arc::<str>::from(b.url.trim_end_matches('/'));
                 if let Some(same) = old.iter().find(|o| {
@@ -61,7 +61,7 @@ impl Backend {
                         && o.url == full
                         && o.weight == b.weight
                         && o.models == b.models
-                        && o.api_key == b.api_key
+                        && o.authorization == bearer(&b.api_key)
                         && o.usage_mode == b.usage_mode
                 }) {
                     return Ok(same.clone());
@@ -84,7 +84,7 @@ impl Backend {
                     models: b.models.clone(),
                     discovered: Mutex::new(None),
                     discovered_version: AtomicU64::new(0),
-                    api_key: b.api_key.clone(),
+                    authorization: bearer(&b.api_key),
                     usage_mode: b.usage_mode,
                     healthy: AtomicBool::new(healthy),
                     last_error: Mutex::new(None),
@@ -295,6 +295,11 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// A backend key as the `authorization` header's value.
+fn bearer(api_key: &Option<String>) -> Option<String> {
+    api_key.as_ref().map(|k| format!("Bearer {k}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,7 +322,7 @@ mod tests {
                     },
                     discovered: Mutex::new(None),
                     discovered_version: AtomicU64::new(0),
-                    api_key: None,
+                    authorization: None,
                     usage_mode: UsageMode::Final,
                     slot: i + 1,
                     healthy: AtomicBool::new(true),

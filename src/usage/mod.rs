@@ -1,7 +1,7 @@
 //! Usage: reading the backend's token counts (streamed and not) and the usage record
 //! that billing receives.
 
-pub mod json;
+pub mod finder;
 pub mod probe;
 pub mod record;
 pub mod stream;

@@ -2,11 +2,11 @@
 //! what metering needs — how many choices, whether any carries output or finished,
 //! the raw `usage` value, an error — without unescaping strings or validating what it
 //! skips. This runs for every event of every stream, so it is hand-written: it costs a
-//! fraction of a serde parse. The `usage` value it finds is still parsed strictly.
+//! fraction of a serde parse. It walks with the lenient `json::Cursor`. The `usage` value it finds is still parsed strictly.
 //! Malformed JSON gives `None`; it never panics (property-tested against a serde
 //! reference in `stream.rs`).
 
-use crate::scan::find_any;
+use crate::json::Cursor;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Choices {
@@ -41,127 +41,6 @@ pub struct TextSlot {
     pub other_output: bool,
 }
 
-struct Cursor<'a> {
-    d: &'a [u8],
-    i: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn ws(&mut self) {
-        while self.i < self.d.len() && matches!(self.d[self.i], b' ' | b'\t' | b'\r' | b'\n') {
-            self.i += 1;
-        }
-    }
-
-    fn peek(&self) -> Option<u8> {
-        self.d.get(self.i).copied()
-    }
-
-    fn eat(&mut self, b: u8) -> Option<()> {
-        self.ws();
-        (self.peek()? == b).then(|| self.i += 1)
-    }
-
-    /// A string starting at the cursor; returns its raw contents (escapes left as is).
-    fn string(&mut self) -> Option<&'a [u8]> {
-        if self.peek()? != b'"' {
-            return None;
-        }
-        let start = self.i + 1;
-        let mut j = start;
-        loop {
-            let k = find_any(&self.d[j..], [b'"', b'\\']);
-            if j + k == self.d.len() {
-                return None;
-            }
-            if self.d[j + k] == b'\\' {
-                j += k + 2;
-                if j > self.d.len() {
-                    return None;
-                }
-            } else {
-                self.i = j + k + 1;
-                return Some(&self.d[start..j + k]);
-            }
-        }
-    }
-
-    /// Skips one value; returns its span.
-    fn value(&mut self) -> Option<&'a [u8]> {
-        self.ws();
-        let start = self.i;
-        match self.peek()? {
-            b'"' => {
-                self.string()?;
-            }
-            b'{' | b'[' => {
-                let mut depth = 0usize;
-                loop {
-                    // Only quotes and brackets matter inside a skipped value.
-                    self.i += find_any(&self.d[self.i..], [b'"', b'{', b'}', b'[', b']']);
-                    match self.peek()? {
-                        b'"' => {
-                            self.string()?;
-                            continue;
-                        }
-                        b'{' | b'[' => depth += 1,
-                        b'}' | b']' => {
-                            depth -= 1;
-                            if depth == 0 {
-                                self.i += 1;
-                                break;
-                            }
-                        }
-                        _ => {}
-                    }
-                    self.i += 1;
-                }
-            }
-            _ => {
-                while self.i < self.d.len()
-                    && !matches!(
-                        self.d[self.i],
-                        b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n'
-                    )
-                {
-                    self.i += 1;
-                }
-                if self.i == start {
-                    return None;
-                }
-            }
-        }
-        Some(&self.d[start..self.i])
-    }
-
-    /// Walks an object's members, calling `f(key, cursor)` positioned at each value;
-    /// `f` must consume the value.
-    fn object(&mut self, mut f: impl FnMut(&'a [u8], &mut Self) -> Option<()>) -> Option<()> {
-        self.eat(b'{')?;
-        self.ws();
-        if self.peek()? == b'}' {
-            self.i += 1;
-            return Some(());
-        }
-        loop {
-            self.ws();
-            let key = self.string()?;
-            self.eat(b':')?;
-            self.ws();
-            f(key, self)?;
-            self.ws();
-            match self.peek()? {
-                b',' => self.i += 1,
-                b'}' => {
-                    self.i += 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
-        }
-    }
-}
-
 /// Where the contents of string value `v` (a slice of `d`, quotes included) are in `d`.
 fn inner(d: &[u8], v: &[u8]) -> std::ops::Range<usize> {
     let at = v.as_ptr() as usize - d.as_ptr() as usize;
@@ -184,6 +63,7 @@ fn non_empty(v: &[u8]) -> bool {
 fn choices(c: &mut Cursor<'_>, text: &mut Option<TextSlot>) -> Option<Choices> {
     let mut out = Choices::default();
     let mut slot: Option<TextSlot>;
+    c.ws();
     c.eat(b'[')?;
     c.ws();
     if c.peek()? == b']' {
@@ -266,7 +146,7 @@ fn choices(c: &mut Cursor<'_>, text: &mut Option<TextSlot>) -> Option<Choices> {
 /// (a name written with an escape never is; malformed JSON never is). The cursor skips
 /// values a SIMD search at a time: it runs on the relay, once a stream.
 pub fn only_members(data: &[u8], allowed: &[&str]) -> bool {
-    let mut c = Cursor { d: data, i: 0 };
+    let mut c = Cursor::new(data);
     let mut all = true;
     let parsed = c.object(|key, c| {
         all &= allowed.iter().any(|a| a.as_bytes() == key);
@@ -277,7 +157,7 @@ pub fn only_members(data: &[u8], allowed: &[&str]) -> bool {
 
 /// Probes one event's data. `None`: not a JSON object.
 pub fn probe(data: &[u8]) -> Option<Probe<'_>> {
-    let mut c = Cursor { d: data, i: 0 };
+    let mut c = Cursor::new(data);
     let mut p = Probe::default();
     c.object(|key, c| {
         match key {
@@ -305,8 +185,7 @@ pub fn probe(data: &[u8]) -> Option<Probe<'_>> {
         }
         Some(())
     })?;
-    c.ws();
-    (c.i == data.len()).then_some(p)
+    c.at_end().then_some(p)
 }
 
 #[cfg(test)]

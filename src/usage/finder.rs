@@ -2,7 +2,7 @@
 //! memory: a 50 MB embeddings response is scanned, never held. Only the usage value
 //! itself is copied (bounded by `MAX_USAGE_BYTES`).
 
-use crate::scan::find_any;
+use crate::json::{Masks, find_quote_or_backslash, prefix_xor, skip_plain};
 
 /// A usage object larger than this is not usage.
 pub const MAX_USAGE_BYTES: usize = 64 * 1024;
@@ -224,178 +224,10 @@ impl UsageFinder {
     }
 }
 
-/// Bit `k` set where byte `k` of a 64-byte block is a quote, a backslash, an opening
-/// or a closing bracket.
-struct Masks {
-    quote: u64,
-    backslash: u64,
-    open: u64,
-    close: u64,
-}
-
-impl Masks {
-    #[inline]
-    fn of(block: &[u8]) -> Masks {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{
-                __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128,
-                _mm_set1_epi8,
-            };
-            assert!(block.len() >= 64);
-            // SAFETY: SSE2 is part of the x86_64 baseline; the four unaligned 16-byte
-            // loads are within `block`, whose length is checked above.
-            unsafe {
-                let set = |b: u8| _mm_set1_epi8(b as i8);
-                let (q, bs, lb, ls, rb, rs) = (
-                    set(b'"'),
-                    set(b'\\'),
-                    set(b'{'),
-                    set(b'['),
-                    set(b'}'),
-                    set(b']'),
-                );
-                let mut m = Masks {
-                    quote: 0,
-                    backslash: 0,
-                    open: 0,
-                    close: 0,
-                };
-                for k in 0..4 {
-                    let v = _mm_loadu_si128(block.as_ptr().add(16 * k).cast::<__m128i>());
-                    let bits = |x| u64::from(_mm_movemask_epi8(x) as u16) << (16 * k);
-                    m.quote |= bits(_mm_cmpeq_epi8(v, q));
-                    m.backslash |= bits(_mm_cmpeq_epi8(v, bs));
-                    m.open |= bits(_mm_or_si128(_mm_cmpeq_epi8(v, lb), _mm_cmpeq_epi8(v, ls)));
-                    m.close |= bits(_mm_or_si128(_mm_cmpeq_epi8(v, rb), _mm_cmpeq_epi8(v, rs)));
-                }
-                m
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let mut m = Masks {
-                quote: 0,
-                backslash: 0,
-                open: 0,
-                close: 0,
-            };
-            for (k, &b) in block[..64].iter().enumerate() {
-                let bit = 1u64 << k;
-                match b {
-                    b'"' => m.quote |= bit,
-                    b'\\' => m.backslash |= bit,
-                    b'{' | b'[' => m.open |= bit,
-                    b'}' | b']' => m.close |= bit,
-                    _ => {}
-                }
-            }
-            m
-        }
-    }
-}
-
-/// Bit `k` of the result is the XOR of bits `0..=k` of `x`: over a block's quote bits
-/// (no escapes), set from an opening quote up to, not including, its closing one.
-#[inline]
-fn prefix_xor(mut x: u64) -> u64 {
-    x ^= x << 1;
-    x ^= x << 2;
-    x ^= x << 4;
-    x ^= x << 8;
-    x ^= x << 16;
-    x ^= x << 32;
-    x
-}
-
-/// How many leading bytes of `bytes` are none of `"`, `[`, `]`, `{`, `}`.
-fn skip_plain(bytes: &[u8]) -> usize {
-    find_any(bytes, [b'"', b'[', b']', b'{', b'}'])
-}
-
-/// Where the first `"` or `\\` in `bytes` is (`bytes.len()` if none).
-fn find_quote_or_backslash(bytes: &[u8]) -> usize {
-    find_any(bytes, [b'"', b'\\'])
-}
-
-/// The bytes to remove to drop top-level member `key` from the JSON object `json`
-/// (with one adjacent comma), or `None` when it has no such member. Used to take the
-/// per-chunk `usage` out of a stream for callers who did not ask for it.
-pub fn member_span(json: &[u8], key: &[u8]) -> Option<std::ops::Range<usize>> {
-    let (mut depth, mut in_str, mut escape, mut expect_key) = (0u32, false, false, false);
-    let mut key_start = None;
-    let mut cur_key = 0..0;
-    let mut member_start = 0;
-    let mut last_comma: Option<usize> = None;
-    let mut target: Option<(usize, Option<usize>)> = None;
-    for (i, &b) in json.iter().enumerate() {
-        if in_str {
-            if escape {
-                escape = false;
-            } else if b == b'\\' {
-                escape = true;
-            } else if b == b'"' {
-                in_str = false;
-                if let Some(ks) = key_start.take() {
-                    cur_key = ks + 1..i;
-                }
-            }
-            continue;
-        }
-        match b {
-            b'"' => {
-                in_str = true;
-                if depth == 1 && expect_key {
-                    key_start = Some(i);
-                    member_start = i;
-                    expect_key = false;
-                }
-            }
-            b'{' | b'[' => {
-                depth += 1;
-                if depth == 1 {
-                    if b != b'{' {
-                        return None;
-                    }
-                    expect_key = true;
-                }
-            }
-            b'}' | b']' | b',' if depth == 1 => {
-                if let Some((from, comma)) = target {
-                    return Some(match comma {
-                        Some(c) => c..i,
-                        None if b == b',' => from..i + 1,
-                        None => from..i,
-                    });
-                }
-                if b == b',' {
-                    last_comma = Some(i);
-                    expect_key = true;
-                } else {
-                    depth -= 1;
-                }
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            b':' if depth == 1 && &json[cur_key.clone()] == key => {
-                target = Some((member_start, last_comma));
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    fn strip(json: &str) -> String {
-        match member_span(json.as_bytes(), b"usage") {
-            Some(r) => format!("{}{}", &json[..r.start], &json[r.end..]),
-            None => json.to_string(),
-        }
-    }
 
     #[test]
     fn finds_coheres_meta_at_every_split() {
@@ -411,65 +243,6 @@ mod tests {
             m.observe_cohere_meta(want);
             let (u, _) = m.finish(true);
             assert_eq!((u.prompt_tokens, u.total_tokens), (7, 7));
-        }
-    }
-
-    #[test]
-    fn skip_plain_stops_at_structure() {
-        for (s, n) in [
-            ("0.1,2.5e-3,", 11),
-            ("0.1,2.5e-3,]x", 11),
-            ("01234567{", 8),
-            ("0123456\"", 7),
-            ("", 0),
-            ("[", 0),
-            ("abcdefghijklmnop}", 16),
-        ] {
-            assert_eq!(skip_plain(s.as_bytes()), n, "{s}");
-        }
-        for b in 0..=255u8 {
-            let v = [b'1', b'2', b'3', b'4', b'5', b'6', b'7', b'8', b, b'0'];
-            let want = if matches!(b, b'"' | b'[' | b']' | b'{' | b'}') {
-                8
-            } else {
-                10
-            };
-            assert_eq!(skip_plain(&v), want, "byte {b}");
-        }
-    }
-
-    #[test]
-    fn strips_usage_member_anywhere() {
-        assert_eq!(
-            strip(r#"{"choices":[1],"usage":{"a":1}}"#),
-            r#"{"choices":[1]}"#
-        );
-        assert_eq!(
-            strip(r#"{"usage":{"a":[1,{"b":"}"}]}, "x":2}"#),
-            r#"{ "x":2}"#
-        );
-        assert_eq!(strip(r#"{"usage":null}"#), r#"{}"#);
-        assert_eq!(
-            strip(r#"{"a":{"usage":1},"b":"usage"}"#),
-            r#"{"a":{"usage":1},"b":"usage"}"#
-        );
-        assert_eq!(
-            strip(r#"{"a":1 , "usage" : {} , "c":3}"#),
-            r#"{"a":1 , "c":3}"#
-        );
-    }
-
-    proptest! {
-        #[test]
-        fn stripping_leaves_the_rest(keys in proptest::collection::btree_map("[a-z\\\"]{1,6}", any::<i32>(), 0..5), with_usage in any::<bool>(), pos in 0usize..6) {
-            let mut pairs: Vec<(String, serde_json::Value)> = keys.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).filter(|(k, _)| k != "usage").collect();
-            let want: serde_json::Map<String, serde_json::Value> = pairs.iter().cloned().collect();
-            if with_usage {
-                pairs.insert(pos.min(pairs.len()), ("usage".into(), serde_json::json!({"prompt_tokens": 1, "x": [1, "}"]})));
-            }
-            let body = format!("{{{}}}", pairs.iter().map(|(k, v)| format!("{}:{}", serde_json::to_string(k).unwrap(), v)).collect::<Vec<_>>().join(","));
-            let out: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&strip(&body)).unwrap();
-            prop_assert_eq!(out, want);
         }
     }
 
@@ -589,12 +362,6 @@ mod tests {
                 .map(|raw| serde_json::from_slice::<serde_json::Value>(&raw).unwrap());
             prop_assert_eq!(got, Some(docs[0].clone()));
         }
-    }
-
-    #[test]
-    fn prefix_xor_marks_strings() {
-        // Quotes at 1, 4 and 7: inside from 1 to 3, and from 7 on.
-        assert_eq!(prefix_xor(0b1001_0010), (u64::MAX << 7) | 0b1110);
     }
 
     proptest! {
