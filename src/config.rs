@@ -250,6 +250,64 @@ pub struct UsageHookConfig {
     /// (`webhook-id`, `webhook-timestamp`, `webhook-signature`). Never printed.
     #[serde(default)]
     pub signing_secret: Option<String>,
+    /// With an `amqp://` or `amqps://` url: where records are published.
+    #[serde(default)]
+    pub amqp: AmqpConfig,
+}
+
+/// `usage_hook.amqp`: the RabbitMQ sink's exchange, routing key and declarations.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    #[serde(default = "default_exchange")]
+    pub exchange: String,
+    #[serde(default = "default_routing_key")]
+    pub routing_key: String,
+    /// Declare a durable topic exchange and a durable quorum queue bound to it.
+    #[serde(default = "default_declare")]
+    pub declare: bool,
+    /// The queue `declare` creates; empty: named after the exchange.
+    #[serde(default)]
+    pub queue: String,
+}
+
+impl AmqpConfig {
+    pub fn queue_name(&self) -> &str {
+        if self.queue.is_empty() {
+            &self.exchange
+        } else {
+            &self.queue
+        }
+    }
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            exchange: default_exchange(),
+            routing_key: default_routing_key(),
+            declare: default_declare(),
+            queue: String::new(),
+        }
+    }
+}
+
+fn default_exchange() -> String {
+    "llmproxy.usage".into()
+}
+fn default_routing_key() -> String {
+    "usage".into()
+}
+fn default_declare() -> bool {
+    true
+}
+
+impl UsageHookConfig {
+    /// Records go to RabbitMQ (`amqp://`, `amqps://`) rather than a webhook.
+    pub fn is_amqp(&self) -> bool {
+        let lower = self.url.get(..8).unwrap_or(&self.url).to_ascii_lowercase();
+        lower.starts_with("amqp://") || lower.starts_with("amqps://")
+    }
 }
 
 fn default_pipeline() -> usize {
@@ -282,6 +340,7 @@ impl Default for UsageHookConfig {
             spool_dir: default_spool_dir(),
             pipeline: default_pipeline(),
             signing_secret: None,
+            amqp: AmqpConfig::default(),
         }
     }
 }
@@ -599,11 +658,25 @@ impl Config {
         if hook.enabled {
             match Url::parse(&hook.url) {
                 Ok(u) if u.scheme == "http" || u.scheme == "https" => {}
+                Ok(u) if u.scheme == "amqp" || u.scheme == "amqps" => {
+                    if hook.signing_secret.is_some() || !hook.headers.is_empty() {
+                        return err(
+                            "usage_hook.url",
+                            "signing_secret and headers apply to webhooks; an amqp:// sink authenticates with the URL's user and password",
+                        );
+                    }
+                    if hook.amqp.exchange.is_empty() && hook.amqp.declare {
+                        return err(
+                            "usage_hook.amqp.exchange",
+                            "declare: true needs a named exchange (the default exchange cannot be declared)",
+                        );
+                    }
+                }
                 Ok(u) => {
                     return err(
                         "usage_hook.url",
                         format!(
-                            "expected an http:// or https:// URL, got \"{}\"",
+                            "expected an http://, https://, amqp:// or amqps:// URL, got \"{}\"",
                             u.redacted()
                         ),
                     );

@@ -16,6 +16,7 @@
 //! (the webhook sender thread, retries), `replay` (the dead-letter command), `spool`
 //! (the files on disk), `webhook` (the pipelining client), `signing`.
 
+mod amqp;
 mod handover;
 mod replay;
 mod sender;

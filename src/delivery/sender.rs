@@ -41,6 +41,8 @@ pub(super) enum Attempt {
 pub(super) struct Outbox {
     /// Plain http:// webhooks: the lean pipelining client; https:// goes through ureq.
     plain: Option<webhook::PlainHttp>,
+    /// `amqp://` and `amqps://`: RabbitMQ with publisher confirms (then no webhook).
+    amqp: Option<super::amqp::Publisher>,
     /// Most records POSTed back to back before reading the answers.
     pipeline: usize,
     agent: ureq::Agent,
@@ -88,7 +90,19 @@ impl Outbox {
             .signing_secret
             .as_deref()
             .and_then(|s| signing::Signer::parse(s).ok());
+        let amqp = if cfg.is_amqp() {
+            match super::amqp::Publisher::new(cfg) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    error!("usage_hook: {e}; records stay in the spool");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Outbox {
+            amqp,
             plain: parsed
                 .as_ref()
                 .and_then(|u| webhook::PlainHttp::new(u, &headers, signer.clone(), cfg.timeout.0)),
@@ -131,7 +145,8 @@ impl Outbox {
                     Delivery::Failed(why) => {
                         self.metrics.records_dropped.fetch_add(1, Relaxed);
                         error!(
-                            "usage webhook: giving up on {id} ({why}); no spool; UNDELIVERED RECORD: {}",
+                            "{}: giving up on {id} ({why}); no spool; UNDELIVERED RECORD: {}",
+                            self.sink_name(),
                             String::from_utf8_lossy(line)
                         );
                     }
@@ -190,7 +205,8 @@ impl Outbox {
                         reader.ack();
                         if !stall.is_zero() {
                             info!(
-                                "usage webhook is taking records again; delivering the spool oldest first"
+                                "{} is taking records again; delivering the spool oldest first",
+                                self.sink_name()
                             );
                             stall = Duration::ZERO;
                         }
@@ -223,7 +239,8 @@ impl Outbox {
                             (stall * 2).min(MAX_STALL_BACKOFF)
                         };
                         warn!(
-                            "usage webhook unavailable ({why}); {id} and later records wait in the spool, next try in {stall:?}"
+                            "{} unavailable ({why}); {id} and later records wait in the spool, next try in {stall:?}",
+                            self.sink_name()
                         );
                         sleep_unless(stall, closing);
                         break;
@@ -241,6 +258,15 @@ impl Outbox {
             );
         }
         info!("usage delivery stopped");
+    }
+
+    /// What the log lines call the sink.
+    fn sink_name(&self) -> &'static str {
+        if self.url.starts_with("amqp") {
+            "usage RabbitMQ sink"
+        } else {
+            "usage webhook"
+        }
     }
 
     /// One record, with `retry` further attempts on retryable failures.
@@ -271,6 +297,16 @@ impl Outbox {
     }
 
     fn post(&mut self, body: &[u8], request_id: &str) -> Attempt {
+        if let Some(amqp) = self.amqp.as_mut() {
+            return match amqp.publish(&[(body, request_id)]).pop() {
+                Some(Ok(())) => Attempt::Delivered,
+                Some(Err(why)) => Attempt::Retryable(why),
+                None => Attempt::Retryable("no answer".into()),
+            };
+        }
+        if self.url.starts_with("amqp") {
+            return Attempt::Retryable("the AMQP sink could not start".into());
+        }
         if let Some(plain) = self.plain.as_mut() {
             return match plain.post_many(&[(body, request_id)]).pop() {
                 Some(answer) => classify(answer),
@@ -312,15 +348,24 @@ impl Outbox {
     /// failed retryably go through `deliver` (with its retries) one by one. Answers
     /// cover a prefix of `lines`: delivery stops at the first record that fails.
     fn deliver_batch(&mut self, lines: &[Vec<u8>], ids: &[Cow<str>]) -> Vec<Delivery> {
-        let first: Vec<Attempt> = match self.plain.as_mut() {
-            Some(plain) if lines.len() > 1 => {
-                let items: Vec<(&[u8], &str)> = lines
-                    .iter()
-                    .zip(ids)
-                    .map(|(l, id)| (&l[..], id.as_ref()))
-                    .collect();
-                plain.post_many(&items).into_iter().map(classify).collect()
-            }
+        let items = || -> Vec<(&[u8], &str)> {
+            lines
+                .iter()
+                .zip(ids)
+                .map(|(l, id)| (&l[..], id.as_ref()))
+                .collect()
+        };
+        let first: Vec<Attempt> = match (self.amqp.as_mut(), self.plain.as_mut()) {
+            (Some(amqp), _) => amqp
+                .publish(&items())
+                .into_iter()
+                .map(|r| r.map_or_else(Attempt::Retryable, |()| Attempt::Delivered))
+                .collect(),
+            (None, Some(plain)) if lines.len() > 1 => plain
+                .post_many(&items())
+                .into_iter()
+                .map(classify)
+                .collect(),
             _ => Vec::new(),
         };
         let mut out = Vec::with_capacity(lines.len());
