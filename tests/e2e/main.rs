@@ -2,6 +2,7 @@
 //! receiver, all on loopback with ports picked at run time. One test crate with
 //! modules, so one binary links.
 
+mod amqp;
 mod cli;
 mod delivery;
 mod errors;
