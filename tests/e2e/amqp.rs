@@ -176,28 +176,7 @@ fn config(url: &str, spool: &Path, backend: &str, amqp: &str) -> String {
 
 /// `n` requests from 8 threads at once, each with a caller id `prefix-i`.
 fn send(addr: &str, n: usize, prefix: &str) -> HashSet<String> {
-    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
-    let handles: Vec<_> = ids
-        .chunks(n.div_ceil(8).max(1))
-        .map(|chunk| {
-            let (addr, chunk) = (addr.to_string(), chunk.to_vec());
-            std::thread::spawn(move || {
-                for id in chunk {
-                    let r = post_json(
-                        &addr,
-                        "/v1/chat/completions",
-                        &[("x-request-id", &id)],
-                        &chat(id.len() % 2 == 0, 2),
-                    );
-                    assert_eq!(r.status, 200);
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
-    ids.into_iter().collect()
+    send_chats(addr, n, prefix).into_iter().collect()
 }
 
 fn caller_ids(records: &[serde_json::Value]) -> HashSet<String> {

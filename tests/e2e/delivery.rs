@@ -13,31 +13,6 @@ fn config(hook_port: u16, spool: &Path, extra: &str, backend: &str) -> String {
     )
 }
 
-fn send(addr: &str, n: usize, prefix: &str) -> Vec<String> {
-    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
-    let handles: Vec<_> = ids
-        .chunks(n.div_ceil(8).max(1))
-        .map(|chunk| {
-            let (addr, chunk) = (addr.to_string(), chunk.to_vec());
-            std::thread::spawn(move || {
-                for id in chunk {
-                    let r = post_json(
-                        &addr,
-                        "/v1/chat/completions",
-                        &[("x-request-id", &id)],
-                        &chat(id.len() % 2 == 0, 2),
-                    );
-                    assert_eq!(r.status, 200);
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
-    ids
-}
-
 /// The callers' ids (`client_request_id`) of `records`; the request id of records
 /// written by hand.
 fn ids_of(records: &[serde_json::Value]) -> HashSet<String> {
@@ -59,7 +34,7 @@ fn receiver_outage_under_load_loses_nothing() {
     let port = free_port();
     let spool = temp_dir().join("spool");
     let proxy = proxy_with_config(&config(port, &spool, "", &mock.addr));
-    let ids = send(&proxy.addr, 120, "t-outage");
+    let ids = send_chats(&proxy.addr, 120, "t-outage");
     wait_until("records spooled", 10, || {
         metric(&proxy.addr, "llmproxy_usage_spooled_total") == 120.0
     });
@@ -119,7 +94,7 @@ fn a_full_queue_with_a_stalled_receiver_loses_no_record_of_a_burst() {
     ));
     let mut ids = HashSet::new();
     for round in 0..3 {
-        ids.extend(send(&proxy.addr, 10, &format!("t-burst{round}")));
+        ids.extend(send_chats(&proxy.addr, 10, &format!("t-burst{round}")));
     }
     let got = wait_records(&receiver, 30);
     assert_eq!(ids_of(&got), ids, "{}", proxy.output());
@@ -137,7 +112,7 @@ fn webhook_errors_are_retried_then_delivered() {
     let port = free_port();
     let receiver = receiver_on(port, &["--fail-status", "503", "--fail-count", "3"]);
     let proxy = proxy_with_config(&config(port, &temp_dir().join("spool"), "", &mock.addr));
-    let ids = send(&proxy.addr, 5, "t-retry");
+    let ids = send_chats(&proxy.addr, 5, "t-retry");
     let got = wait_records(&receiver, 5);
     assert_eq!(ids_of(&got), ids.iter().cloned().collect::<HashSet<_>>());
     assert!(metric(&proxy.addr, "llmproxy_webhook_retries_total") >= 1.0);
@@ -150,7 +125,7 @@ fn kill_9_then_restart_delivers_what_was_spooled() {
     let port = free_port();
     let spool = temp_dir().join("spool");
     let mut first = proxy_with_config(&config(port, &spool, "", &mock.addr));
-    let ids = send(&first.addr, 30, "t-crash");
+    let ids = send_chats(&first.addr, 30, "t-crash");
     wait_until("records spooled", 10, || {
         metric(&first.addr, "llmproxy_usage_spooled_total") == 30.0
     });
@@ -172,7 +147,7 @@ fn kill_9_then_restart_delivers_what_was_spooled() {
     // sentinel request through the third process is delivered after any re-delivery.
     drop(second);
     let third = proxy_with_config(&config(port, &spool, "", &mock.addr));
-    send(&third.addr, 1, "t-crash-sentinel");
+    send_chats(&third.addr, 1, "t-crash-sentinel");
     wait_record(&receiver, "t-crash-sentinel-0");
     assert_eq!(raw_posts(&receiver).len(), 31);
     drop(third);
@@ -184,7 +159,7 @@ fn sigterm_with_webhook_down_spools_and_exits_0() {
     let port = free_port();
     let spool = temp_dir().join("spool");
     let mut proxy = proxy_with_config(&config(port, &spool, "", &mock.addr));
-    let ids = send(&proxy.addr, 10, "t-term");
+    let ids = send_chats(&proxy.addr, 10, "t-term");
     proxy.signal(libc::SIGTERM);
     assert_eq!(
         proxy.wait_exit(Duration::from_secs(20)),
@@ -223,7 +198,7 @@ fn torn_last_line_is_skipped_and_the_rest_delivered() {
     .unwrap();
     let proxy = proxy_with_config(&config(port, &spool, "", &mock.addr));
     // Sentinel: a new request's record comes after everything in the old segment.
-    send(&proxy.addr, 1, "t-torn-sentinel");
+    send_chats(&proxy.addr, 1, "t-torn-sentinel");
     wait_record(&receiver, "t-torn-sentinel-0");
     let got = fetch_records(&receiver);
     assert_eq!(
@@ -325,7 +300,7 @@ fn every_webhook_post_is_signed_as_the_standard_webhooks_library_verifies() {
     let port: u16 = verifier.addr.rsplit(':').next().unwrap().parse().unwrap();
     let extra = format!("  signing_secret: \"{secret}\"\n");
     let proxy = proxy_with_config(&config(port, &temp_dir().join("spool"), &extra, &mock.addr));
-    let ids = send(&proxy.addr, 12, "t-signed");
+    let ids = send_chats(&proxy.addr, 12, "t-signed");
     let got = wait_records(&verifier, 12);
     assert_eq!(ids_of(&got), ids.iter().cloned().collect::<HashSet<_>>());
     let failures = request(&verifier.addr, "GET", "/failures", &[], b"").json();
@@ -348,7 +323,7 @@ fn every_webhook_post_is_signed_as_the_standard_webhooks_library_verifies() {
     let port: u16 = wrong.addr.rsplit(':').next().unwrap().parse().unwrap();
     let spool = temp_dir().join("spool");
     let proxy = proxy_with_config(&config(port, &spool, &extra, &mock.addr));
-    send(&proxy.addr, 2, "t-forged");
+    send_chats(&proxy.addr, 2, "t-forged");
     wait_until("two dead letters", 15, || {
         metric(&proxy.addr, "llmproxy_usage_dead_letter_total") == 2.0
     });
@@ -371,14 +346,14 @@ fn the_example_receiver_verifies_signatures_when_given_the_secret() {
         &format!("  signing_secret: \"{secret}\"\n"),
         &mock.addr,
     ));
-    let ids = send(&signed.addr, 3, "t-rx-signed");
+    let ids = send_chats(&signed.addr, 3, "t-rx-signed");
     assert_eq!(
         ids_of(&wait_records(&rx, 3)),
         ids.iter().cloned().collect::<HashSet<_>>()
     );
     // Unsigned: refused (401), dead-lettered.
     let unsigned = proxy_with_config(&config(port, &temp_dir().join("spool"), "", &mock.addr));
-    send(&unsigned.addr, 1, "t-rx-unsigned");
+    send_chats(&unsigned.addr, 1, "t-rx-unsigned");
     wait_until("a dead letter", 15, || {
         metric(&unsigned.addr, "llmproxy_usage_dead_letter_total") == 1.0
     });

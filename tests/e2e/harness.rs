@@ -518,3 +518,30 @@ pub fn chat(stream: bool, max_tokens: u64) -> Value {
         "stream": stream,
     })
 }
+
+/// `n` chat requests (stream or not, alternately) from 8 threads at once, each with
+/// the caller id `prefix-i`; each must be answered 200. Returns the ids.
+pub fn send_chats(addr: &str, n: usize, prefix: &str) -> Vec<String> {
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    let handles: Vec<_> = ids
+        .chunks(n.div_ceil(8).max(1))
+        .map(|chunk| {
+            let (addr, chunk) = (addr.to_string(), chunk.to_vec());
+            std::thread::spawn(move || {
+                for id in chunk {
+                    let r = post_json(
+                        &addr,
+                        "/v1/chat/completions",
+                        &[("x-request-id", &id)],
+                        &chat(id.len() % 2 == 0, 2),
+                    );
+                    assert_eq!(r.status, 200);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    ids
+}
