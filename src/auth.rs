@@ -1,49 +1,75 @@
-//! API keys: which header carries the caller's key, and which user it belongs to.
+//! API keys: which header carries the caller's key, which user it belongs to, and
+//! its limits with their counters.
 //!
-//! Keys are compared as SHA-256 digests in constant time against every configured key,
-//! so response timing says nothing about how much of a guessed key was right.
+//! Keys are looked up by their SHA-256 digest in a hash map: the lookup's timing
+//! depends on the digest of what the caller sent, which says nothing about how much
+//! of a configured key a guess got right (a guess cannot aim at a digest's prefix),
+//! and a 10,000-key config costs one lookup, not 10,000 comparisons.
 
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, LimitsConfig};
 use crate::http::head::Headers;
+use crate::limits::Counters;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A configured key.
+pub struct Key {
+    pub user_id: String,
+    /// Its limits (its own, else `auth.default_limits`); empty when unlimited.
+    pub limits: LimitsConfig,
+    /// Shared by every worker; kept across a reload while the key stays.
+    pub counters: Arc<Counters>,
+}
 
 pub struct Auth {
     pub enabled: bool,
-    keys: Vec<([u8; 32], String)>,
+    keys: HashMap<[u8; 32], Key>,
 }
 
 impl Auth {
-    pub fn new(cfg: &AuthConfig) -> Self {
+    /// The keys of `cfg`; those also in `old` keep their counters (a reload does not
+    /// reset a customer's minute or budget).
+    pub fn new(cfg: &AuthConfig, old: Option<&Auth>) -> Self {
+        let mut keys = HashMap::with_capacity(cfg.keys.len());
+        for k in &cfg.keys {
+            let digest: [u8; 32] = Sha256::digest(k.key.as_bytes()).into();
+            let counters = old
+                .and_then(|o| o.keys.get(&digest))
+                .map_or_else(Arc::default, |o| o.counters.clone());
+            keys.insert(
+                digest,
+                Key {
+                    user_id: k.user_id.clone(),
+                    limits: k.limits(&cfg.default_limits),
+                    counters,
+                },
+            );
+        }
         Auth {
             enabled: cfg.enabled,
-            keys: cfg
-                .keys
-                .iter()
-                .map(|k| (Sha256::digest(k.key.as_bytes()).into(), k.user_id.clone()))
-                .collect(),
+            keys,
         }
+    }
+
+    /// The configured key `key`, or `None` when it is missing or unknown.
+    pub fn key(&self, key: Option<&str>) -> Option<&Key> {
+        let digest: [u8; 32] = Sha256::digest(key?.as_bytes()).into();
+        self.keys.get(&digest)
     }
 
     /// The user id for `key`, or `None` when the key is missing or unknown.
     pub fn user_for(&self, key: Option<&str>) -> Option<&str> {
-        let key = key?;
-        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        let mut found = None;
-        for (k, user) in &self.keys {
-            if ct_eq(k, &digest) {
-                found = Some(user.as_str());
-            }
-        }
-        found
+        self.key(key).map(|k| k.user_id.as_str())
     }
-}
 
-fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    let mut diff = 0u8;
-    for i in 0..32 {
-        diff |= a[i] ^ b[i];
+    pub fn len(&self) -> usize {
+        self.keys.len()
     }
-    std::hint::black_box(diff) == 0
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
 }
 
 /// The caller's key: `Authorization: Bearer KEY`, else `x-api-key: KEY`.
@@ -71,22 +97,37 @@ mod tests {
 
     #[test]
     fn maps_keys_to_users() {
-        let auth = Auth::new(&AuthConfig {
+        let key = |k: &str, u: &str| KeyConfig {
+            key: k.into(),
+            user_id: u.into(),
+            rpm: None,
+            tpm: None,
+            max_concurrent: None,
+            budget: None,
+        };
+        let cfg = AuthConfig {
             enabled: true,
-            keys: vec![
-                KeyConfig {
-                    key: "sk-alice".into(),
-                    user_id: "alice".into(),
-                },
-                KeyConfig {
-                    key: "sk-bob".into(),
-                    user_id: "bob".into(),
-                },
-            ],
-        });
+            keys: vec![key("sk-alice", "alice"), key("sk-bob", "bob")],
+            default_limits: LimitsConfig {
+                rpm: Some(5),
+                ..LimitsConfig::default()
+            },
+        };
+        let auth = Auth::new(&cfg, None);
         assert_eq!(auth.user_for(Some("sk-bob")), Some("bob"));
         assert_eq!(auth.user_for(Some("sk-bo")), None);
         assert_eq!(auth.user_for(None), None);
+        // A reload keeps the counters of the keys that stay.
+        let bob = auth.key(Some("sk-bob")).unwrap().counters.clone();
+        let mut cfg2 = cfg.clone();
+        cfg2.keys.remove(0);
+        let again = Auth::new(&cfg2, Some(&auth));
+        assert!(Arc::ptr_eq(
+            &again.key(Some("sk-bob")).unwrap().counters,
+            &bob
+        ));
+        assert_eq!(again.key(Some("sk-bob")).unwrap().limits.rpm, Some(5));
+        assert!(again.key(Some("sk-alice")).is_none());
     }
 
     #[test]

@@ -385,6 +385,65 @@ pub struct KeyConfig {
     pub key: String,
     #[serde(default)]
     pub user_id: String,
+    /// Requests per minute (fixed window, UTC minute).
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    /// Tokens (prompt + completion) per minute, charged when usage is known.
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// Requests in flight at once.
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+    #[serde(default)]
+    pub budget: Option<Budget>,
+}
+
+/// Limits for a key: each unset one is unlimited (see `src/limits.rs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+    #[serde(default)]
+    pub budget: Option<Budget>,
+}
+
+impl LimitsConfig {
+    pub fn is_empty(&self) -> bool {
+        *self == LimitsConfig::default()
+    }
+}
+
+/// `budget: {tokens: N, period: day|month|total}` (UTC day, calendar month, or ever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    pub tokens: u64,
+    pub period: BudgetPeriod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    Day,
+    Month,
+    Total,
+}
+
+impl KeyConfig {
+    /// This key's limits: its own, else `auth.default_limits`', field by field.
+    pub fn limits(&self, default: &LimitsConfig) -> LimitsConfig {
+        LimitsConfig {
+            rpm: self.rpm.or(default.rpm),
+            tpm: self.tpm.or(default.tpm),
+            max_concurrent: self.max_concurrent.or(default.max_concurrent),
+            budget: self.budget.or(default.budget),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -394,6 +453,9 @@ pub struct AuthConfig {
     pub enabled: bool,
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    /// Limits for every key that does not set its own.
+    #[serde(default)]
+    pub default_limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

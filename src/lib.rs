@@ -11,6 +11,7 @@ pub mod delivery;
 pub mod http;
 pub mod io;
 pub mod json;
+pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod relay;

@@ -213,6 +213,8 @@ pub struct Metrics {
     pub records_dropped: AtomicU64,
     pub dead_letter: AtomicU64,
     pub connections_rejected: AtomicU64,
+    /// Requests refused by a key's limits: rpm, tpm, concurrency, budget.
+    pub rate_limited: [AtomicU64; 4],
     pub spooled: AtomicU64,
     /// Records workers spooled themselves because the queue was full.
     pub overflowed: AtomicU64,
@@ -320,6 +322,7 @@ impl Metrics {
             records_dropped: zero(),
             dead_letter: zero(),
             connections_rejected: zero(),
+            rate_limited: [zero(), zero(), zero(), zero()],
             spooled: zero(),
             overflowed: zero(),
             redelivered: zero(),
@@ -528,6 +531,17 @@ impl Metrics {
                 o,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
                 c.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP llmproxy_rate_limited_total Requests refused with 429 by a key's limits (not forwarded, no usage record).\n# TYPE llmproxy_rate_limited_total counter"
+        );
+        for (i, reason) in ["rpm", "tpm", "concurrency", "budget"].iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "llmproxy_rate_limited_total{{reason=\"{reason}\"}} {}",
+                self.rate_limited[i].load(Relaxed)
             );
         }
         let _ = writeln!(

@@ -23,6 +23,8 @@ pub enum ProxyError {
     ShuttingDown,
     TooManyConnections,
     HeaderTimeout,
+    /// Over a key's limit (429): which one, and the standing for the headers.
+    RateLimited(crate::limits::Refusal, crate::limits::Standing),
 }
 
 impl ProxyError {
@@ -35,6 +37,7 @@ impl ProxyError {
             ProxyError::ModelNotFound(_) | ProxyError::NotFound => 404,
             ProxyError::HeaderTimeout => 408,
             ProxyError::RequestTooLarge => 413,
+            ProxyError::RateLimited(..) => 429,
             ProxyError::HeadersTooLarge => 431,
             ProxyError::NotImplemented(_) => 501,
             ProxyError::BackendUnavailable => 502,
@@ -58,12 +61,16 @@ impl ProxyError {
             ProxyError::BackendTimeout => "backend_timeout",
             ProxyError::ShuttingDown => "shutting_down",
             ProxyError::TooManyConnections => "too_many_connections",
+            ProxyError::RateLimited(crate::limits::Refusal::Budget, _) => "insufficient_quota",
+            ProxyError::RateLimited(..) => "rate_limit_exceeded",
         }
     }
 
     fn kind(&self) -> &'static str {
         match self.status() {
             401 => "authentication_error",
+            429 if self.code() == "insufficient_quota" => "insufficient_quota",
+            429 => "requests",
             400..=499 => "invalid_request_error",
             _ => "server_error",
         }
@@ -89,6 +96,21 @@ impl ProxyError {
             ProxyError::BackendTimeout => "The backend did not answer in time.".into(),
             ProxyError::ShuttingDown => "The proxy is shutting down.".into(),
             ProxyError::TooManyConnections => "Too many open connections.".into(),
+            ProxyError::RateLimited(r, st) => {
+                use crate::limits::Refusal;
+                let what = match r {
+                    Refusal::Requests => "requests per minute",
+                    Refusal::Tokens => "tokens per minute",
+                    Refusal::Concurrency => "requests in flight",
+                    Refusal::Budget => {
+                        return "This key's token budget is spent; it renews at the start of its next period (or when the operator raises it).".into();
+                    }
+                };
+                format!(
+                    "Rate limit reached for {what} on this key. Try again in {}.",
+                    crate::limits::reset_text(st.retry_after_ms)
+                )
+            }
         }
     }
 
@@ -144,6 +166,10 @@ impl ProxyError {
             }),
         };
         let body = body.to_string();
+        let mut extra = Vec::new();
+        if let ProxyError::RateLimited(r, st) = self {
+            crate::limits::write_headers(&mut extra, st, Some(*r));
+        }
         write_response(
             out,
             self.status(),
@@ -151,6 +177,7 @@ impl ProxyError {
             body.as_bytes(),
             request_id,
             keep_alive && !self.must_close(),
+            &extra,
         );
     }
 }
@@ -184,8 +211,10 @@ pub fn write_response(
     body: &[u8],
     request_id: &str,
     keep_alive: bool,
+    extra_lines: &[u8],
 ) {
     let mut head = Head::response(out, status, reason(status).as_bytes());
+    head.lines().extend_from_slice(extra_lines);
     head.header(b"content-type", content_type.as_bytes())
         .content_length(body.len() as u64);
     if !request_id.is_empty() {

@@ -40,6 +40,8 @@ pub struct Spec<'a> {
     pub write_stall: Duration,
     /// Set when shutdown_timeout expired: stop relaying (the record says `timeout`).
     pub cut: &'a std::cell::Cell<bool>,
+    /// Header lines the proxy adds to the caller's head (the key's `x-ratelimit-*`).
+    pub extra_headers: &'a [u8],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,7 +138,7 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
     o.is_sse = plan.is_sse;
     o.status = Some(bufs.head.status);
     bufs.out.clear();
-    write_head(&mut bufs.out, &bufs.head, spec.request_id, &plan);
+    write_head(&mut bufs.out, &bufs.head, spec, &plan);
     bufs.body
         .start(plan.mode, plan.chunked, spec.shape, spec.usage_at);
     let upstream_keep = bufs.head.keep_alive;
@@ -366,14 +368,19 @@ async fn relay_body(
 
 /// The caller's response head: the backend's headers minus hop-by-hop ones, our
 /// request id, and framing for what we will actually send.
-fn write_head(out: &mut Vec<u8>, head: &ResponseHead, request_id: &str, plan: &Plan) {
+fn write_head(out: &mut Vec<u8>, head: &ResponseHead, spec: &Spec<'_>, plan: &Plan) {
     let mut w = Head::response(out, head.status, head.reason());
     for (name, value) in head.headers.iter() {
-        if !is_hop_by_hop(name) && !name.eq_ignore_ascii_case(b"x-request-id") {
+        // The proxy's own rate-limit headers replace a backend's.
+        let theirs_limits = !spec.extra_headers.is_empty()
+            && name.len() > 12
+            && name[..12].eq_ignore_ascii_case(b"x-ratelimit-");
+        if !is_hop_by_hop(name) && !name.eq_ignore_ascii_case(b"x-request-id") && !theirs_limits {
             w.header(name, value);
         }
     }
-    w.header(b"x-request-id", request_id.as_bytes());
+    w.header(b"x-request-id", spec.request_id.as_bytes());
+    w.lines().extend_from_slice(spec.extra_headers);
     if plan.chunked {
         w.header(b"transfer-encoding", b"chunked");
     } else if let Some(len) = head

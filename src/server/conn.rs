@@ -12,6 +12,7 @@ use crate::http::head::{HeadError, RequestHead, is_hop_by_hop};
 use crate::http::multipart::{self, MultipartScanner};
 use crate::http::write::{CONTINUE, Head};
 use crate::io::{Io, Wait};
+use crate::limits;
 use crate::relay::body::Edits;
 use crate::relay::response::{self, Buffers, End, Spec};
 use crate::relay::rewrite::{self, RequestInfo};
@@ -200,6 +201,8 @@ struct Request {
     errors: ErrorShape,
     /// The key's user, once authenticated (for the access log).
     user: Option<String>,
+    /// The key's `x-ratelimit-*` header lines for the response (empty: no limits).
+    limit_headers: Vec<u8>,
 }
 
 /// Handles one request whose head is parsed. Returns whether to keep the connection.
@@ -219,6 +222,7 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
         path: route.label,
         errors: route.errors,
         user: None,
+        limit_headers: Vec::new(),
     };
     c.client.consume(head_len);
 
@@ -247,16 +251,16 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
         Action::Models | Action::Metered(_) | Action::Recorded => {
             // Phase: authenticate.
             let auth = &v.live.auth;
-            let user = if auth.enabled {
-                match auth.user_for(rq.key.as_deref()) {
-                    Some(u) => Some(u.to_owned()),
+            let key = if auth.enabled {
+                match auth.key(rq.key.as_deref()) {
+                    Some(k) => Some(k),
                     None => return answer(w, c, &rq, ProxyError::InvalidApiKey, false).await,
                 }
             } else {
                 None
             };
             if w.shared.access_log.enabled() {
-                rq.user.clone_from(&user);
+                rq.user = key.map(|k| k.user_id.clone());
             }
             if route.action == Action::Models {
                 let forward = if auth.enabled {
@@ -269,7 +273,40 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
                     Err(e) => answer(w, c, &rq, e, false).await,
                 };
             }
-            proxy(w, &v, c, &rq, &route, user, upload).await
+            // Phase: the key's limits. A refused request reaches no backend and gets no
+            // record; an admitted one holds its in-flight slot until it ends.
+            let limited = key.filter(|k| !k.limits.is_empty());
+            let _permit = match limited {
+                Some(k) => match admit(w, k, &mut rq) {
+                    Ok(p) => Some(p),
+                    Err(e) => return answer(w, c, &rq, e, false).await,
+                },
+                None => None,
+            };
+            proxy(w, &v, c, &rq, &route, upload, key).await
+        }
+    }
+}
+
+/// Step of the limits phase: admits the request under its key's limits (its headers
+/// go into `rq.limit_headers`), or the 429 to answer.
+fn admit<'a>(
+    w: &Worker,
+    key: &'a auth::Key,
+    rq: &mut Request,
+) -> Result<limits::Permit<'a>, ProxyError> {
+    let (admitted, standing) = key
+        .counters
+        .admit(&key.limits, &limits::Clock::at(rq.timestamp));
+    match admitted {
+        Ok(permit) => {
+            limits::write_headers(&mut rq.limit_headers, &standing, None);
+            Ok(permit)
+        }
+        Err(refusal) => {
+            w.shared.metrics.rate_limited[refusal.index()]
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(ProxyError::RateLimited(refusal, standing))
         }
     }
 }
@@ -548,7 +585,7 @@ async fn reply(
     } else {
         body
     };
-    write_response(out, status, ctype, body, &rq.id, keep);
+    write_response(out, status, ctype, body, &rq.id, keep, b"");
     w.stats.count_request(rq.path, false, None, status);
     log_access(w, c, rq, status, false, None);
     let out = &mut c.bufs.out;
@@ -564,9 +601,11 @@ async fn proxy(
     c: &mut Conn,
     rq: &Request,
     route: &Route,
-    user: Option<String>,
     upload: Option<Upload>,
+    key: Option<&auth::Key>,
 ) -> bool {
+    let user = key.map(|k| k.user_id.clone());
+    let limited = key.filter(|k| !k.limits.is_empty());
     let req = match inspect(&v.live.config, route, &c.head, &c.body, upload) {
         Ok(r) => r,
         Err(e) => return answer(w, c, rq, e, false).await,
@@ -588,6 +627,12 @@ async fn proxy(
     );
     let stream = req.stream();
     let record = usage_record(c, rq, route, req, &sent, user, status, end, &v.live.config);
+    if let Some(k) = limited {
+        // Tokens count against the key when they are known: now.
+        let clock = limits::Clock::at(SystemTime::now());
+        k.counters
+            .charge(&k.limits, &clock, record.usage.total_tokens);
+    }
     if sent.o.as_ref().is_some_and(|o| o.upstream_reusable) {
         v.up.pool.put(sent.bi, sent.up);
     }
@@ -890,6 +935,7 @@ fn relay_spec<'a>(
         read_timeout: cfg.limits.first_byte_timeout.0,
         write_stall: cfg.limits.idle_timeout.0,
         cut: &w.cutting,
+        extra_headers: &rq.limit_headers,
     }
 }
 

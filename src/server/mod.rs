@@ -93,7 +93,7 @@ impl Shared {
         cfg.access_log = old.config.access_log.clone();
         crate::log::set_level(cfg.log_level);
         let live = Live {
-            auth: Auth::new(&cfg.auth),
+            auth: Auth::new(&cfg.auth, Some(&old.auth)),
             backends: backends.into(),
             config: cfg,
         };
@@ -223,7 +223,7 @@ pub fn run(config: Config, config_path: &str) -> Result<(), String> {
     let connect_timeout = config.limits.connect_timeout.0;
     let shared = Arc::new(Shared {
         live: Mutex::new(Arc::new(Live {
-            auth: Auth::new(&config.auth),
+            auth: Auth::new(&config.auth, None),
             config,
             backends,
         })),
