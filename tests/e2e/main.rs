@@ -8,6 +8,7 @@ mod delivery;
 mod errors;
 mod harness;
 mod hostile;
+mod limits;
 mod llamacpp;
 mod metering;
 mod routes;
