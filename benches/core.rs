@@ -1,7 +1,8 @@
 //! Micro-benchmarks of the per-byte and per-request work: the SSE scanner, the stream
 //! meter, the JSON usage finder, the request rewrite, head parsing, record
 //! serialization, the continuous-mode usage strip, and a request's metrics counting
-//! (one worker, and two on two cores next to the shared-line design it replaced).
+//! (one worker, and two on two cores next to the shared-line design it replaced), and
+//! the per-key limits (admission, lookup among 10,000 keys, loading them).
 //!
 //!     cargo bench --bench core
 //!
@@ -259,12 +260,69 @@ fn metrics(c: &mut Criterion) {
     g.finish();
 }
 
+/// Per-key limits: a request's admission and charge (goal: under 1 us), the key lookup
+/// in a 10,000-key config, and loading and reloading that config's keys (a reload
+/// keeps the counters of the keys that stay).
+fn limits(c: &mut Criterion) {
+    use llmproxy::auth::Auth;
+    use llmproxy::config::{AuthConfig, Budget, BudgetPeriod, KeyConfig, LimitsConfig};
+    use llmproxy::limits::{Clock, Counters};
+    let limits = LimitsConfig {
+        rpm: Some(u64::MAX >> 30),
+        tpm: Some(u64::MAX >> 30),
+        max_concurrent: Some(1_000_000),
+        budget: Some(Budget {
+            tokens: u64::MAX >> 30,
+            period: BudgetPeriod::Month,
+        }),
+    };
+    let counters = Counters::default();
+    let clock = Clock::at(std::time::SystemTime::now());
+    c.bench_function("limits/admit_and_charge_all_four", |b| {
+        b.iter(|| {
+            let (permit, standing) = counters.admit(black_box(&limits), &clock);
+            black_box(&standing);
+            drop(black_box(permit));
+            counters.charge(&limits, &clock, black_box(271));
+        })
+    });
+    c.bench_function("limits/clock_read", |b| {
+        b.iter(|| black_box(Clock::at(std::time::SystemTime::now())))
+    });
+    let cfg = AuthConfig {
+        enabled: true,
+        keys: (0..10_000)
+            .map(|i| KeyConfig {
+                key: format!("sk-customer-{i:08}-0123456789abcdef"),
+                user_id: format!("user-{i}"),
+                rpm: Some(60),
+                tpm: Some(100_000),
+                max_concurrent: Some(4),
+                budget: None,
+            })
+            .collect(),
+        default_limits: limits,
+    };
+    let auth = Auth::new(&cfg, None);
+    c.bench_function("limits/key_lookup_in_10k", |b| {
+        b.iter(|| black_box(auth.key(Some(black_box("sk-customer-00004711-0123456789abcdef")))))
+    });
+    let mut g = c.benchmark_group("limits/10k_keys");
+    g.sample_size(20);
+    g.bench_function("load", |b| b.iter(|| black_box(Auth::new(&cfg, None))));
+    g.bench_function("reload_keeping_counters", |b| {
+        b.iter(|| black_box(Auth::new(&cfg, Some(&auth))))
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     sse,
     usage_json,
     rewrite_bodies,
     heads_and_records,
-    metrics
+    metrics,
+    limits
 );
 criterion_main!(benches);

@@ -416,6 +416,24 @@ impl LimitsConfig {
     pub fn is_empty(&self) -> bool {
         *self == LimitsConfig::default()
     }
+
+    /// A limit of 0 would refuse everything: leave it out for "no limit".
+    fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        let zero = "must be at least 1 (leave it out for no limit)";
+        if self.rpm == Some(0) {
+            return Err(("rpm", zero));
+        }
+        if self.tpm == Some(0) {
+            return Err(("tpm", zero));
+        }
+        if self.max_concurrent == Some(0) {
+            return Err(("max_concurrent", zero));
+        }
+        if self.budget.is_some_and(|b| b.tokens == 0) {
+            return Err(("budget.tokens", zero));
+        }
+        Ok(())
+    }
 }
 
 /// `budget: {tokens: N, period: day|month|total}` (UTC day, calendar month, or ever).
@@ -766,6 +784,25 @@ impl Config {
             if !seen.insert(k.key.as_str()) {
                 return err(&format!("auth.keys[{i}].key"), "duplicate key");
             }
+            k.limits(&LimitsConfig::default())
+                .check()
+                .or_else(|(field, msg)| err(&format!("auth.keys[{i}].{field}"), msg))?;
+        }
+        self.auth
+            .default_limits
+            .check()
+            .or_else(|(field, msg)| err(&format!("auth.default_limits.{field}"), msg))?;
+        let limited = self
+            .auth
+            .keys
+            .iter()
+            .filter(|k| !k.limits(&self.auth.default_limits).is_empty())
+            .count();
+        if limited > 0 && !self.auth.enabled {
+            return err(
+                "auth.enabled",
+                "limits are configured but auth is disabled: limits apply per key, so enable auth",
+            );
         }
         if self.limits.max_header_bytes.0 < 1024 {
             return err("limits.max_header_bytes", "must be at least 1KiB");
@@ -848,13 +885,18 @@ impl Config {
         );
         let _ = writeln!(
             s,
-            "auth: {} ({} keys)",
+            "auth: {} ({} keys, {} with limits)",
             if self.auth.enabled {
                 "enabled"
             } else {
                 "disabled"
             },
-            self.auth.keys.len()
+            self.auth.keys.len(),
+            self.auth
+                .keys
+                .iter()
+                .filter(|k| !k.limits(&self.auth.default_limits).is_empty())
+                .count()
         );
         let l = &self.limits;
         let _ = writeln!(
