@@ -11,6 +11,8 @@ to core 0, everything else to core 1. Every server listens on 127.0.0.1 only.
 import os, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
+# usage_hook.pipeline: records in flight per batch (PIPELINE=1024 benches/sinks.sh).
+PIPELINE = int(os.environ.get("PIPELINE", "128"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 W = tempfile.mkdtemp(prefix="llmproxy-sinks-")
@@ -66,6 +68,7 @@ usage_hook:
   url: "{sink_url}"
   timeout: 2s
   spool_dir: "{spool}"
+  pipeline: {PIPELINE}
 {amqp}""")
     p = start([f"{REL}/llmproxy", "--config", cfg], 0, f"proxy-{port}.log")
     wait_port(port, "llmproxy")
@@ -125,7 +128,7 @@ try:
         subprocess.run(["epmd", "-kill"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     else:
         print("rabbitmq-server is not installed: the AMQP sink is not measured", file=sys.stderr)
-    print(f"\n{N} spooled records delivered by one proxy (pipeline 128), proxy on core 0, sink on core 1")
+    print(f"\n{N} spooled records delivered by one proxy (pipeline {PIPELINE}), proxy on core 0, sink on core 1")
     print(f"{'sink':36} {'records/s':>10} {'proxy CPU us/record':>20}")
     for name, rate, cpu in results:
         print(f"{name:36} {rate:10.0f} {cpu:20.1f}")

@@ -71,25 +71,30 @@ impl Publisher {
             let stamp = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            let mut pending = Vec::with_capacity(items.len());
-            for (body, id) in items {
+            // Every publish of the batch at once: lapin queues a publish's frames (and
+            // numbers it for confirms) when it is first polled, in this order, and
+            // resolves it once written; awaiting each before the next cost a socket
+            // write and two wake-ups per record.
+            let publishes = items.iter().map(|(body, id)| {
                 let props = BasicProperties::default()
                     .with_delivery_mode(2)
                     .with_content_type("application/json".into())
                     .with_message_id((*id).into())
                     .with_timestamp(stamp);
-                let sent = channel
-                    .basic_publish(
-                        cfg.exchange.as_str().into(),
-                        cfg.routing_key.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        body,
-                        props,
-                    )
-                    .await;
+                channel.basic_publish(
+                    cfg.exchange.as_str().into(),
+                    cfg.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    props,
+                )
+            });
+            let sent_all = futures_util::future::join_all(publishes).await;
+            let mut pending = Vec::with_capacity(items.len());
+            for sent in sent_all {
                 match sent {
                     Ok(confirm) => pending.push(confirm),
                     Err(e) => {
