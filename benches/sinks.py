@@ -125,7 +125,7 @@ try:
         wait_port(RABBIT_PORT, "rabbitmq-server", 90)
         url = f"amqp://guest:guest@127.0.0.1:{RABBIT_PORT}/%2f"
         results.append(("RabbitMQ, confirms, quorum queue",) + drain("amqp", url, "  amqp: {exchange: bench}\n"))
-        subprocess.run(["epmd", "-kill"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        EPMD_ENV = env
     else:
         print("rabbitmq-server is not installed: the AMQP sink is not measured", file=sys.stderr)
     print(f"\n{N} spooled records delivered by one proxy (pipeline {PIPELINE}), proxy on core 0, sink on core 1")
@@ -139,4 +139,11 @@ finally:
     for p in procs:
         try: p.wait(timeout=30)
         except Exception: p.kill()
+    # The broker's own epmd: it refuses -kill while the node is still registered.
+    if "EPMD_ENV" in globals():
+        for _ in range(50):
+            out = subprocess.run(["epmd", "-kill"], env=EPMD_ENV, capture_output=True, text=True)
+            if "Killed" in out.stdout or (out.returncode != 0 and not out.stdout):
+                break
+            time.sleep(0.1)
     shutil.rmtree(W, ignore_errors=True)

@@ -51,7 +51,8 @@ if [ "$RABBIT" = 1 ]; then
         RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
         /usr/lib/rabbitmq/bin/rabbitmq-server >"$LOGS/rabbit.log" 2>&1 &
     pids+=($!)
-    trap 'cleanup; ERL_EPMD_PORT=4370 epmd -kill >/dev/null 2>&1 || true' EXIT
+    # epmd refuses -kill while the node is still registered: try for a few seconds.
+    trap 'cleanup; for _ in $(seq 1 50); do ERL_EPMD_PORT=4370 epmd -kill 2>/dev/null | grep -q Killed && break; ERL_EPMD_PORT=4370 epmd -names >/dev/null 2>&1 || break; sleep 0.1; done' EXIT
     for _ in $(seq 1 60); do (exec 3<>/dev/tcp/127.0.0.1/5673) 2>/dev/null && break; sleep 0.5; done
     wait_port 127.0.0.1:5673 rabbit
     CONFIG=$LOGS/config-rabbitmq.yaml

@@ -157,13 +157,20 @@ impl Rabbit {
 impl Drop for Rabbit {
     fn drop(&mut self) {
         self.stop();
-        // Its own epmd, on its own port.
-        let _ = Command::new("epmd")
-            .arg("-kill")
-            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        // Its own epmd, on its own port. epmd refuses `-kill` while the node is still
+        // registered, which it may be for a moment after the broker's script exits.
+        for _ in 0..50 {
+            let out = Command::new("epmd")
+                .arg("-kill")
+                .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+                .output();
+            match out {
+                Ok(o) if String::from_utf8_lossy(&o.stdout).contains("Killed") => break,
+                Ok(o) if !o.status.success() && o.stdout.is_empty() => break, // not running
+                Err(_) => break,
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
     }
 }
 
