@@ -248,10 +248,7 @@ impl Counters {
                 return (Err(Refusal::Budget), st);
             }
         }
-        if let Some((limit, remaining, reset)) = st.tokens
-            && remaining == 0
-        {
-            let _ = limit;
+        if let Some((_, 0, reset)) = st.tokens {
             st.retry_after_ms = reset;
             return (Err(Refusal::Tokens), st);
         }
@@ -306,50 +303,56 @@ impl Counters {
     }
 }
 
-/// A duration as OpenAI's reset headers write it: `1s`, `6m0s`, `250ms`.
-pub fn reset_text(ms: u64) -> String {
-    let d = Duration::from_millis(ms);
-    let s = d.as_secs();
-    match s {
-        0 => format!("{ms}ms"),
-        1..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{}s", s / 60, s % 60),
-        _ => format!("{}h{}m{}s", s / 3600, s / 60 % 60, s % 60),
+/// A duration as OpenAI's reset headers write it: `1s`, `6m0s`, `250ms` (formatted
+/// in place, no string of its own).
+pub struct ResetText(u64);
+
+pub fn reset_text(ms: u64) -> ResetText {
+    ResetText(ms)
+}
+
+impl std::fmt::Display for ResetText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = Duration::from_millis(self.0).as_secs();
+        match s {
+            0 => write!(f, "{}ms", self.0),
+            1..=59 => write!(f, "{s}s"),
+            60..=3599 => write!(f, "{}m{}s", s / 60, s % 60),
+            _ => write!(f, "{}h{}m{}s", s / 3600, s / 60 % 60, s % 60),
+        }
     }
 }
 
-/// The `x-ratelimit-*` header lines (and, when `refused`, `retry-after` and
-/// `retry-after-ms`) for `st`.
+/// Appends the `x-ratelimit-*` header lines (and, when `refused`, `retry-after` and
+/// `retry-after-ms`) for `st` to `out`, written straight into it.
 pub fn write_headers(out: &mut Vec<u8>, st: &Standing, refused: Option<Refusal>) {
-    use std::fmt::Write;
-    let mut s = String::new();
+    use std::io::Write;
     if let Some((limit, remaining, reset)) = st.requests {
         let _ = write!(
-            s,
+            out,
             "x-ratelimit-limit-requests: {limit}\r\nx-ratelimit-remaining-requests: {remaining}\r\nx-ratelimit-reset-requests: {}\r\n",
             reset_text(reset)
         );
     }
     if let Some((limit, remaining, reset)) = st.tokens {
         let _ = write!(
-            s,
+            out,
             "x-ratelimit-limit-tokens: {limit}\r\nx-ratelimit-remaining-tokens: {remaining}\r\nx-ratelimit-reset-tokens: {}\r\n",
             reset_text(reset)
         );
     }
     if let Some(r) = refused {
         let _ = write!(
-            s,
+            out,
             "retry-after: {}\r\nretry-after-ms: {}\r\n",
             st.retry_after_ms.div_ceil(1000),
             st.retry_after_ms
         );
         // A spent budget does not come back by retrying (OpenAI's SDKs read this).
         if r == Refusal::Budget {
-            s.push_str("x-should-retry: false\r\n");
+            out.extend_from_slice(b"x-should-retry: false\r\n");
         }
     }
-    out.extend_from_slice(s.as_bytes());
 }
 
 #[cfg(test)]
@@ -465,7 +468,8 @@ mod tests {
         assert!(text.contains("x-ratelimit-reset-tokens: 1m1s\r\n"));
         assert!(text.contains("retry-after: 13\r\nretry-after-ms: 12300\r\n"));
         assert!(!text.contains("x-should-retry"));
-        assert_eq!(reset_text(250), "250ms");
+        assert_eq!(reset_text(250).to_string(), "250ms");
+        assert_eq!(reset_text(3_723_000).to_string(), "1h2m3s");
     }
 
     proptest! {
