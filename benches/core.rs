@@ -280,7 +280,7 @@ fn limits(c: &mut Criterion) {
     let clock = Clock::at(std::time::SystemTime::now());
     c.bench_function("limits/admit_and_charge_all_four", |b| {
         b.iter(|| {
-            let (permit, standing) = counters.admit(black_box(&limits), &clock);
+            let (permit, standing) = counters.admit(black_box(&limits), &clock, false);
             black_box(&standing);
             drop(black_box(permit));
             counters.charge(&limits, &clock, black_box(271));

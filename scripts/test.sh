@@ -32,6 +32,17 @@ if [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
     export LLMPROXY_REQUIRE_RABBITMQ=1
 fi
 
+# A real Redis for the shared limits' tests (tests/e2e/cluster.rs starts its own
+# servers on free loopback ports, without persistence); Debian's package, installed
+# once. The service it would start is not used.
+if [ ! -x /usr/bin/redis-server ] && command -v apt-get >/dev/null; then
+    echo "==> installing redis-server"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+fi
+if [ -x /usr/bin/redis-server ]; then
+    export LLMPROXY_REQUIRE_REDIS=1
+fi
+
 # The end-to-end tests start the example binaries (mock vLLM, webhook receiver).
 echo "==> cargo build --examples"
 cargo build --examples

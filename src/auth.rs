@@ -63,6 +63,11 @@ impl Auth {
         self.key(key).map(|k| k.user_id.as_str())
     }
 
+    /// Every key, by its SHA-256 digest.
+    pub fn keys(&self) -> impl Iterator<Item = (&[u8; 32], &Key)> {
+        self.keys.iter()
+    }
+
     pub fn len(&self) -> usize {
         self.keys.len()
     }

@@ -444,7 +444,7 @@ pub struct Budget {
     pub period: BudgetPeriod,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BudgetPeriod {
     Day,
@@ -570,6 +570,25 @@ pub struct Config {
     /// `error`, `warn`, `info` (default), `debug`, `trace` or `off`; `RUST_LOG` wins.
     #[serde(default = "default_log_level", deserialize_with = "log_level")]
     pub log_level: log::LevelFilter,
+    /// Shares the keys' limit counters across proxies: `redis://[:PASSWORD@]HOST:PORT/DB`
+    /// (`${ENV}` for the password). Empty: each proxy counts alone.
+    #[serde(default)]
+    pub limits_store: String,
+    /// How often counts are pushed to and pulled from `limits_store` [100ms].
+    #[serde(default = "default_limits_sync_interval")]
+    pub limits_sync_interval: Dur,
+    /// With `limits_store` unreachable, refuse limited keys' requests (503) instead of
+    /// serving on this proxy's own counts [false].
+    #[serde(default)]
+    pub limits_fail_closed: bool,
+    /// Without `limits_store`: where budgets are kept across restarts
+    /// [`usage_hook.spool_dir`/limits-state.json, else ./llmproxy-limits-state.json].
+    #[serde(default)]
+    pub limits_state_file: String,
+}
+
+fn default_limits_sync_interval() -> Dur {
+    Dur(Duration::from_millis(100))
 }
 
 fn default_log_level() -> log::LevelFilter {
@@ -810,7 +829,41 @@ impl Config {
         if self.limits.max_connections == 0 {
             return err("limits.max_connections", "must be at least 1");
         }
+        if !self.limits_store.is_empty() {
+            if !self.limits_store.starts_with("redis://") {
+                return err(
+                    "limits_store",
+                    format!(
+                        "expected redis://[:PASSWORD@]HOST:PORT/DB, got \"{}\" (rediss:// is not supported yet)",
+                        crate::url::redact(&self.limits_store)
+                    ),
+                );
+            }
+            if let Err(e) = redis::Client::open(self.limits_store.as_str()) {
+                return err(
+                    "limits_store",
+                    format!("{} ({e})", crate::url::redact(&self.limits_store)),
+                );
+            }
+        } else if self.limits_fail_closed {
+            return err("limits_fail_closed", "needs limits_store");
+        }
+        let sync = self.limits_sync_interval.0;
+        if sync < Duration::from_millis(10) || sync > Duration::from_secs(10) {
+            return err("limits_sync_interval", "must be between 10ms and 10s");
+        }
         Ok(())
+    }
+
+    /// Where budgets are kept across restarts when there is no `limits_store`.
+    pub fn limits_state_path(&self) -> std::path::PathBuf {
+        if !self.limits_state_file.is_empty() {
+            self.limits_state_file.clone().into()
+        } else if self.usage_hook.enabled && !self.usage_hook.spool_dir.is_empty() {
+            std::path::Path::new(&self.usage_hook.spool_dir).join("limits-state.json")
+        } else {
+            "llmproxy-limits-state.json".into()
+        }
     }
 
     /// `workers`, or for 0 one per CPU the process may use: its affinity set (taskset,
@@ -898,6 +951,25 @@ impl Config {
                 .filter(|k| !k.limits(&self.auth.default_limits).is_empty())
                 .count()
         );
+        if self.limits_store.is_empty() {
+            let _ = writeln!(
+                s,
+                "limits_store: none (each proxy counts alone; budgets kept in {})",
+                self.limits_state_path().display()
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "limits_store: {} sync every {} fail_{}",
+                crate::url::redact(&self.limits_store),
+                self.limits_sync_interval,
+                if self.limits_fail_closed {
+                    "closed"
+                } else {
+                    "open"
+                }
+            );
+        }
         let l = &self.limits;
         let _ = writeln!(
             s,

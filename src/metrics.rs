@@ -213,8 +213,11 @@ pub struct Metrics {
     pub records_dropped: AtomicU64,
     pub dead_letter: AtomicU64,
     pub connections_rejected: AtomicU64,
-    /// Requests refused by a key's limits: rpm, tpm, concurrency, budget.
-    pub rate_limited: [AtomicU64; 4],
+    /// Requests refused by a key's limits: rpm, tpm, concurrency, budget, store down.
+    pub rate_limited: [AtomicU64; 5],
+    /// The shared limits store: 0 none configured, 1 reachable, 2 unreachable.
+    pub limits_store: std::sync::atomic::AtomicU8,
+    pub limits_sync_failures: AtomicU64,
     pub spooled: AtomicU64,
     /// Records workers spooled themselves because the queue was full.
     pub overflowed: AtomicU64,
@@ -322,7 +325,9 @@ impl Metrics {
             records_dropped: zero(),
             dead_letter: zero(),
             connections_rejected: zero(),
-            rate_limited: [zero(), zero(), zero(), zero()],
+            rate_limited: std::array::from_fn(|_| zero()),
+            limits_store: std::sync::atomic::AtomicU8::new(0),
+            limits_sync_failures: zero(),
             spooled: zero(),
             overflowed: zero(),
             redelivered: zero(),
@@ -535,13 +540,25 @@ impl Metrics {
         }
         let _ = writeln!(
             o,
-            "# HELP llmproxy_rate_limited_total Requests refused with 429 by a key's limits (not forwarded, no usage record).\n# TYPE llmproxy_rate_limited_total counter"
+            "# HELP llmproxy_rate_limited_total Requests refused by a key's limits (429; 503 for store_down), not forwarded, no usage record.\n# TYPE llmproxy_rate_limited_total counter"
         );
-        for (i, reason) in ["rpm", "tpm", "concurrency", "budget"].iter().enumerate() {
+        for (i, reason) in ["rpm", "tpm", "concurrency", "budget", "store_down"]
+            .iter()
+            .enumerate()
+        {
             let _ = writeln!(
                 o,
                 "llmproxy_rate_limited_total{{reason=\"{reason}\"}} {}",
                 self.rate_limited[i].load(Relaxed)
+            );
+        }
+        let store = self.limits_store.load(Relaxed);
+        if store != 0 {
+            let _ = writeln!(
+                o,
+                "# HELP llmproxy_limits_store_up Whether the last sync with the shared limits store (limits_store) succeeded.\n# TYPE llmproxy_limits_store_up gauge\nllmproxy_limits_store_up {}\n# HELP llmproxy_limits_sync_failures_total Syncs with the limits store that failed (the proxy served on its own counts meanwhile).\n# TYPE llmproxy_limits_sync_failures_total counter\nllmproxy_limits_sync_failures_total {}",
+                u8::from(store == 1),
+                self.limits_sync_failures.load(Relaxed)
             );
         }
         let _ = writeln!(

@@ -37,6 +37,7 @@ impl ProxyError {
             ProxyError::ModelNotFound(_) | ProxyError::NotFound => 404,
             ProxyError::HeaderTimeout => 408,
             ProxyError::RequestTooLarge => 413,
+            ProxyError::RateLimited(crate::limits::Refusal::Store, _) => 503,
             ProxyError::RateLimited(..) => 429,
             ProxyError::HeadersTooLarge => 431,
             ProxyError::NotImplemented(_) => 501,
@@ -62,6 +63,7 @@ impl ProxyError {
             ProxyError::ShuttingDown => "shutting_down",
             ProxyError::TooManyConnections => "too_many_connections",
             ProxyError::RateLimited(crate::limits::Refusal::Budget, _) => "insufficient_quota",
+            ProxyError::RateLimited(crate::limits::Refusal::Store, _) => "limits_unavailable",
             ProxyError::RateLimited(..) => "rate_limit_exceeded",
         }
     }
@@ -104,6 +106,9 @@ impl ProxyError {
                     Refusal::Concurrency => "requests in flight",
                     Refusal::Budget => {
                         return "This key's token budget is spent; it renews at the start of its next period (or when the operator raises it).".into();
+                    }
+                    Refusal::Store => {
+                        return "The shared rate-limit store is unreachable and this proxy refuses limited keys meanwhile (limits_fail_closed). Try again shortly.".into();
                     }
                 };
                 format!(

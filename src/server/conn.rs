@@ -277,7 +277,7 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
             // record; an admitted one holds its in-flight slot until it ends.
             let limited = key.filter(|k| !k.limits.is_empty());
             let _permit = match limited {
-                Some(k) => match admit(w, k, &mut rq) {
+                Some(k) => match admit(w, k, &mut rq, v.live.config.limits_fail_closed) {
                     Ok(p) => Some(p),
                     Err(e) => return answer(w, c, &rq, e, false).await,
                 },
@@ -294,10 +294,17 @@ fn admit<'a>(
     w: &Worker,
     key: &'a auth::Key,
     rq: &mut Request,
+    fail_closed: bool,
 ) -> Result<limits::Permit<'a>, ProxyError> {
-    let (admitted, standing) = key
-        .counters
-        .admit(&key.limits, &limits::Clock::at(rq.timestamp));
+    let store_down = fail_closed
+        && w.shared
+            .metrics
+            .limits_store
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 2;
+    let (admitted, standing) =
+        key.counters
+            .admit(&key.limits, &limits::Clock::at(rq.timestamp), store_down);
     match admitted {
         Ok(permit) => {
             limits::write_headers(&mut rq.limit_headers, &standing, None);

@@ -30,7 +30,8 @@ use std::time::Instant;
 pub struct Live {
     pub config: Config,
     pub backends: Arc<[Arc<Backend>]>,
-    pub auth: Auth,
+    /// Shared with the limits sync thread.
+    pub auth: Arc<Auth>,
 }
 
 /// What every worker reads.
@@ -78,6 +79,19 @@ impl Shared {
             ("usage_hook", cfg.usage_hook != old.config.usage_hook),
             ("health_check", cfg.health_check != old.config.health_check),
             ("access_log", cfg.access_log != old.config.access_log),
+            ("limits_store", cfg.limits_store != old.config.limits_store),
+            (
+                "limits_sync_interval",
+                cfg.limits_sync_interval != old.config.limits_sync_interval,
+            ),
+            (
+                "limits_fail_closed",
+                cfg.limits_fail_closed != old.config.limits_fail_closed,
+            ),
+            (
+                "limits_state_file",
+                cfg.limits_state_file != old.config.limits_state_file,
+            ),
         ];
         for (key, changed) in fixed {
             if changed {
@@ -91,9 +105,13 @@ impl Shared {
         cfg.usage_hook = old.config.usage_hook.clone();
         cfg.health_check = old.config.health_check.clone();
         cfg.access_log = old.config.access_log.clone();
+        cfg.limits_store = old.config.limits_store.clone();
+        cfg.limits_sync_interval = old.config.limits_sync_interval;
+        cfg.limits_fail_closed = old.config.limits_fail_closed;
+        cfg.limits_state_file = old.config.limits_state_file.clone();
         crate::log::set_level(cfg.log_level);
         let live = Live {
-            auth: Auth::new(&cfg.auth, Some(&old.auth)),
+            auth: Arc::new(Auth::new(&cfg.auth, Some(&old.auth))),
             backends: backends.into(),
             config: cfg,
         };
@@ -223,7 +241,7 @@ pub fn run(config: Config, config_path: &str) -> Result<(), String> {
     let connect_timeout = config.limits.connect_timeout.0;
     let shared = Arc::new(Shared {
         live: Mutex::new(Arc::new(Live {
-            auth: Auth::new(&config.auth, None),
+            auth: Arc::new(Auth::new(&config.auth, None)),
             config,
             backends,
         })),
@@ -234,6 +252,13 @@ pub fn run(config: Config, config_path: &str) -> Result<(), String> {
         access_log,
         shutdown: Arc::new(AtomicBool::new(false)),
     });
+    // Budgets spent before this start are read before the first request.
+    let source = shared.clone();
+    let limits_sync = crate::limits::store::start(
+        &shared.live().config,
+        Box::new(move || source.live().auth.clone()),
+        shared.metrics.clone(),
+    )?;
     watch_signals(shared.clone())?;
 
     let source = shared.clone();
@@ -296,6 +321,9 @@ pub fn run(config: Config, config_path: &str) -> Result<(), String> {
         if h.join().is_err() {
             error!("a worker thread panicked");
         }
+    }
+    if let Some(sync) = limits_sync {
+        sync.stop();
     }
     info!("workers stopped; delivering queued usage records");
     health_stop.store(true, Relaxed);

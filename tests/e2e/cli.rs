@@ -64,6 +64,39 @@ fn invalid_configs_exit_2_naming_the_key() {
     let (code, _, err) = run_with("backends:\n  - url: \"ftp://x\"\n", &[]);
     assert_eq!(code, 2);
     assert!(err.contains("backends[0].url"), "{err}");
+    let one = "backends:\n  - url: \"http://localhost:8000\"\n";
+    let (code, _, err) = run_with(
+        &format!("{one}limits_store: \"rediss://:hunter2@cache:6380/0\"\n"),
+        &["--check"],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("limits_store: expected redis://"), "{err}");
+    assert!(
+        !err.contains("hunter2"),
+        "the password is never printed: {err}"
+    );
+    let (code, _, err) = run_with(&format!("{one}limits_fail_closed: true\n"), &["--check"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("limits_fail_closed: needs limits_store"),
+        "{err}"
+    );
+    let (code, _, err) = run_with(
+        &format!("{one}limits_store: \"redis://127.0.0.1:6379\"\nlimits_sync_interval: 1ms\n"),
+        &["--check"],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("limits_sync_interval"), "{err}");
+    let (code, out, _) = run_with(
+        &format!("{one}limits_store: \"redis://:hunter2@127.0.0.1:6379/2\"\n"),
+        &["--check"],
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("limits_store: redis://127.0.0.1:6379/2 sync every 100ms fail_open"),
+        "{out}"
+    );
+    assert!(!out.contains("hunter2"));
 }
 
 #[test]

@@ -15,7 +15,7 @@ fn stack(limits: &str) -> Stack {
     )
 }
 
-fn call(addr: &str, key: &str, id: &str, stream: bool) -> Response {
+pub fn call(addr: &str, key: &str, id: &str, stream: bool) -> Response {
     post_json(
         addr,
         "/v1/chat/completions",
@@ -29,7 +29,7 @@ fn call(addr: &str, key: &str, id: &str, stream: bool) -> Response {
 
 /// Waits until the current UTC minute has at least `secs` left, so a test's requests
 /// all fall in one rpm/tpm window.
-fn with_minute_left(secs: u64) {
+pub fn with_minute_left(secs: u64) {
     let ms = |t: SystemTime| {
         t.duration_since(SystemTime::UNIX_EPOCH)
             .unwrap()
@@ -224,4 +224,37 @@ fn in_flight_limit_frees_when_a_stream_ends_and_the_sdk_retries_as_told() {
     );
     assert_eq!(holder.join().unwrap().status, 200);
     s.record("sdk-limited");
+}
+
+#[test]
+fn without_a_store_a_budget_survives_a_restart() {
+    let mut s = stack("      budget: {tokens: 14, period: day}\n");
+    for id in ["keep-0", "keep-1"] {
+        assert_eq!(call(s.addr(), KEY, id, false).status, 200);
+        s.record(id);
+    }
+    // A clean stop writes the budgets to the state file beside the spool (the
+    // default ./usage-spool here), and the next start reads them back.
+    s.proxy.signal(libc::SIGTERM);
+    let t = std::time::Instant::now();
+    assert_eq!(s.proxy.wait_exit(Duration::from_secs(20)), Some(0));
+    eprintln!("stopped in {:?}", t.elapsed());
+    let state = std::fs::read_to_string(s.proxy.dir.join("usage-spool/limits-state.json")).unwrap();
+    assert!(state.contains("\"tokens\":14"), "{state}");
+    assert!(!state.contains(KEY), "the state file holds no key");
+    let mut cmd = std::process::Command::new(proxy_bin());
+    cmd.arg("--config")
+        .arg(s.proxy.dir.join("config.yaml"))
+        .current_dir(&s.proxy.dir);
+    let dir = s.proxy.dir.clone();
+    s.proxy = spawn(cmd);
+    s.proxy.dir = dir;
+    assert!(
+        s.proxy.output().contains("1 budgets restored"),
+        "{}",
+        s.proxy.output()
+    );
+    let r = call(s.addr(), KEY, "keep-2", false);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "insufficient_quota");
 }

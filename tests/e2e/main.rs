@@ -4,6 +4,7 @@
 
 mod amqp;
 mod cli;
+mod cluster;
 mod delivery;
 mod errors;
 mod harness;

@@ -18,6 +18,13 @@
 //! checks what was charged so far: requests in flight when a token limit is crossed
 //! still finish. The overshoot is at most what those requests use. A stream in
 //! progress is never cut for a limit.
+//!
+//! Across proxies (`limits_store: redis://…`), each count is this proxy's own plus
+//! everyone else's as the store last said (`Tally`); `store.rs` syncs the two every
+//! `limits_sync_interval` off the request path. Without a store, `store.rs` keeps
+//! budgets in a state file so a restart resets nothing.
+
+pub mod store;
 
 use crate::config::{Budget, BudgetPeriod, LimitsConfig};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -84,6 +91,11 @@ impl Window {
         }
     }
 
+    /// Sets the count in `window` (the sync thread's view of the other proxies).
+    pub fn set(&self, window: u64, count: u64) {
+        self.0.store(pack(window, count), Relaxed);
+    }
+
     /// Takes `n` back from `window` (a request counted, then refused by a later
     /// check), never below zero.
     pub fn sub(&self, window: u64, n: u64) {
@@ -138,7 +150,7 @@ impl Clock {
         }
     }
 
-    fn budget_window(&self, period: BudgetPeriod) -> (u64, Option<u64>) {
+    pub fn budget_window(&self, period: BudgetPeriod) -> (u64, Option<u64>) {
         match period {
             BudgetPeriod::Day => (self.day, Some(self.day_left_ms)),
             BudgetPeriod::Month => (self.month, Some(self.month_left_ms)),
@@ -171,13 +183,33 @@ fn days_from_civil(y: i64, m: u32) -> u64 {
     (era * 146_097 + doe - 719_468).max(0) as u64
 }
 
+/// One limit's count: this proxy's own, and the other proxies' as the store last said
+/// (zero without a store). Only the sync thread writes `others` and `written`.
+#[derive(Default, Debug)]
+pub struct Tally {
+    pub local: Window,
+    pub others: Window,
+    /// The local count the store last took.
+    pub written: Window,
+}
+
+impl Tally {
+    pub fn total(&self, window: u64) -> u64 {
+        self.local
+            .get(window)
+            .saturating_add(self.others.get(window))
+    }
+}
+
 /// One key's counters. Kept across a reload while the key stays configured.
 #[derive(Default, Debug)]
 pub struct Counters {
-    requests: Window,
-    tokens: Window,
-    budget: Window,
+    pub requests: Tally,
+    pub tokens: Tally,
+    pub budget: Tally,
     in_flight: AtomicU32,
+    /// The minute (+1) this key was last admitted: the sync pulls the keys in use.
+    last_used: AtomicU64,
 }
 
 /// Why a request was refused.
@@ -187,6 +219,8 @@ pub enum Refusal {
     Tokens,
     Concurrency,
     Budget,
+    /// `limits_fail_closed` and the store unreachable: a 503, not a 429.
+    Store,
 }
 
 impl Refusal {
@@ -201,6 +235,7 @@ impl Refusal {
             Refusal::Tokens => "tpm",
             Refusal::Concurrency => "concurrency",
             Refusal::Budget => "budget",
+            Refusal::Store => "store_down",
         }
     }
 }
@@ -230,20 +265,29 @@ impl Drop for Permit<'_> {
 
 impl Counters {
     /// Admits a request under `limits` at `clock`, or says which limit refused it. The
-    /// standing is for the response headers either way.
+    /// standing is for the response headers either way. `store_down`: refuse all
+    /// (`limits_fail_closed` with the store unreachable).
     pub fn admit<'a>(
         &'a self,
         limits: &LimitsConfig,
         clock: &Clock,
+        store_down: bool,
     ) -> (Result<Permit<'a>, Refusal>, Standing) {
         let mut st = Standing::default();
+        if self.last_used.load(Relaxed) != clock.minute + 1 {
+            self.last_used.store(clock.minute + 1, Relaxed);
+        }
+        if store_down {
+            st.retry_after_ms = 1000;
+            return (Err(Refusal::Store), st);
+        }
         if let Some(tpm) = limits.tpm {
-            let used = self.tokens.get(clock.minute);
+            let used = self.tokens.total(clock.minute);
             st.tokens = Some((tpm, tpm.saturating_sub(used), clock.minute_left_ms));
         }
         if let Some(Budget { tokens, period }) = limits.budget {
             let (w, left) = clock.budget_window(period);
-            if self.budget.get(w) >= tokens {
+            if self.budget.total(w) >= tokens {
                 st.retry_after_ms = left.unwrap_or(0);
                 return (Err(Refusal::Budget), st);
             }
@@ -277,8 +321,16 @@ impl Counters {
             concurrent,
         };
         if let Some(rpm) = limits.rpm {
-            match self.requests.try_add(clock.minute, 1, rpm) {
-                Ok(count) => st.requests = Some((rpm, rpm - count.min(rpm), clock.minute_left_ms)),
+            let others = self.requests.others.get(clock.minute);
+            match self
+                .requests
+                .local
+                .try_add(clock.minute, 1, rpm.saturating_sub(others))
+            {
+                Ok(count) => {
+                    let used = count.saturating_add(others).min(rpm);
+                    st.requests = Some((rpm, rpm - used, clock.minute_left_ms));
+                }
                 Err(_) => {
                     st.requests = Some((rpm, 0, clock.minute_left_ms));
                     st.retry_after_ms = clock.minute_left_ms;
@@ -295,11 +347,18 @@ impl Counters {
             return;
         }
         if limits.tpm.is_some() {
-            self.tokens.add(clock.minute, tokens);
+            self.tokens.local.add(clock.minute, tokens);
         }
         if let Some(b) = limits.budget {
-            self.budget.add(clock.budget_window(b.period).0, tokens);
+            self.budget
+                .local
+                .add(clock.budget_window(b.period).0, tokens);
         }
+    }
+
+    /// The minute this key was last admitted in, if ever.
+    pub fn last_used(&self) -> Option<u64> {
+        self.last_used.load(Relaxed).checked_sub(1)
     }
 }
 
@@ -384,15 +443,15 @@ mod tests {
         let l = limits(Some(3), None, None, None);
         let t = clock(1_700_000_000_000);
         for left in [2, 1, 0] {
-            let (r, st) = c.admit(&l, &t);
+            let (r, st) = c.admit(&l, &t, false);
             assert!(r.is_ok());
             assert_eq!(st.requests.unwrap().1, left);
         }
-        let (r, st) = c.admit(&l, &t);
+        let (r, st) = c.admit(&l, &t, false);
         assert_eq!(r.err(), Some(Refusal::Requests));
         assert_eq!(st.retry_after_ms, t.minute_left_ms);
         let next = clock(1_700_000_000_000 + t.minute_left_ms);
-        assert!(c.admit(&l, &next).0.is_ok());
+        assert!(c.admit(&l, &next, false).0.is_ok());
     }
 
     #[test]
@@ -400,11 +459,11 @@ mod tests {
         let c = Counters::default();
         let l = limits(None, None, Some(2), None);
         let t = clock(0);
-        let a = c.admit(&l, &t).0.unwrap();
-        let _b = c.admit(&l, &t).0.unwrap();
-        assert_eq!(c.admit(&l, &t).0.err(), Some(Refusal::Concurrency));
+        let a = c.admit(&l, &t, false).0.unwrap();
+        let _b = c.admit(&l, &t, false).0.unwrap();
+        assert_eq!(c.admit(&l, &t, false).0.err(), Some(Refusal::Concurrency));
         drop(a);
-        assert!(c.admit(&l, &t).0.is_ok());
+        assert!(c.admit(&l, &t, false).0.is_ok());
     }
 
     #[test]
@@ -413,8 +472,8 @@ mod tests {
         let l = limits(Some(10), Some(100), Some(1), None);
         let t = clock(0);
         c.charge(&l, &t, 100);
-        assert_eq!(c.admit(&l, &t).0.err(), Some(Refusal::Tokens));
-        assert_eq!(c.requests.get(t.minute), 0);
+        assert_eq!(c.admit(&l, &t, false).0.err(), Some(Refusal::Tokens));
+        assert_eq!(c.requests.total(t.minute), 0);
         assert_eq!(c.in_flight.load(Relaxed), 0);
     }
 
@@ -427,17 +486,49 @@ mod tests {
         };
         let l = limits(None, Some(500), None, Some(b));
         let t = clock(1_700_000_000_000);
-        assert!(c.admit(&l, &t).0.is_ok());
+        assert!(c.admit(&l, &t, false).0.is_ok());
         c.charge(&l, &t, 600); // one request may overshoot
-        let (r, st) = c.admit(&l, &t);
+        let (r, st) = c.admit(&l, &t, false);
         assert_eq!(r.err(), Some(Refusal::Tokens));
         assert_eq!(st.tokens, Some((500, 0, t.minute_left_ms)));
         let later = clock(1_700_000_000_000 + 60_000);
-        assert!(c.admit(&l, &later).0.is_ok());
+        assert!(c.admit(&l, &later, false).0.is_ok());
         c.charge(&l, &later, 400);
-        let (r, st) = c.admit(&l, &later);
+        let (r, st) = c.admit(&l, &later, false);
         assert_eq!(r.err(), Some(Refusal::Budget));
         assert_eq!(st.retry_after_ms, later.month_left_ms);
+    }
+
+    #[test]
+    fn other_proxies_counts_take_their_share_of_every_limit() {
+        let c = Counters::default();
+        let b = Budget {
+            tokens: 100,
+            period: BudgetPeriod::Day,
+        };
+        let l = limits(Some(5), Some(50), None, Some(b));
+        let t = clock(1_700_000_000_000);
+        c.requests.others.set(t.minute, 3);
+        let (r, st) = c.admit(&l, &t, false);
+        assert!(r.is_ok());
+        assert_eq!(st.requests.unwrap().1, 1);
+        assert!(c.admit(&l, &t, false).0.is_ok());
+        assert_eq!(c.admit(&l, &t, false).0.err(), Some(Refusal::Requests));
+        // More others than the limit (a sync after a burst elsewhere): refused, and
+        // nothing counted here.
+        c.requests.others.set(t.minute, 9);
+        assert_eq!(c.admit(&l, &t, false).0.err(), Some(Refusal::Requests));
+        assert_eq!(c.requests.local.get(t.minute), 2);
+        let next = clock(1_700_000_000_000 + t.minute_left_ms);
+        c.tokens.others.set(next.minute, 50);
+        assert_eq!(c.admit(&l, &next, false).0.err(), Some(Refusal::Tokens));
+        c.budget.others.set(next.day, 60);
+        c.charge(&l, &next, 40);
+        assert_eq!(c.admit(&l, &next, false).0.err(), Some(Refusal::Budget));
+        // A stale view (an older window) counts nothing.
+        let later = clock(1_700_000_000_000 + 86_400_000);
+        assert!(c.admit(&l, &later, false).0.is_ok());
+        assert_eq!(c.admit(&l, &later, true).0.err(), Some(Refusal::Store));
     }
 
     #[test]
