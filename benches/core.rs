@@ -314,6 +314,80 @@ fn limits(c: &mut Criterion) {
         b.iter(|| black_box(Auth::new(&cfg, Some(&auth))))
     });
     g.finish();
+    sync_with_redis(c, &cfg, &clock);
+}
+
+/// One sync of the limits store with all 10,000 keys in use (rpm, tpm and a budget
+/// each: 30,000 counts) against a real redis-server on loopback, started here (Debian's
+/// package; skipped when it is not installed). This is the limits-sync thread's work
+/// per interval, Redis's share included: it bounds how short `limits_sync_interval`
+/// can be for that many active keys.
+fn sync_with_redis(
+    c: &mut Criterion,
+    cfg: &llmproxy::config::AuthConfig,
+    clock: &llmproxy::limits::Clock,
+) {
+    use llmproxy::auth::Auth;
+    use llmproxy::limits::store::Syncer;
+    const SERVER: &str = "/usr/bin/redis-server";
+    if !std::path::Path::new(SERVER).exists() {
+        eprintln!("limits/sync: skipped (redis-server is not installed)");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let dir = std::env::temp_dir().join(format!("llmproxy-bench-redis-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let mut server = std::process::Command::new(SERVER)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let auth = Arc::new(Auth::new(cfg, None));
+    for (_, key) in auth.keys() {
+        let (permit, _) = key.counters.admit(&key.limits, clock, false);
+        drop(permit);
+        key.counters.charge(&key.limits, clock, 271);
+    }
+    let config = llmproxy::config::Config::from_yaml(&format!(
+        "backends:\n  - url: \"http://127.0.0.1:1\"\nlimits_store: \"redis://127.0.0.1:{port}/0\"\n"
+    ))
+    .expect("config");
+    let source = auth.clone();
+    let metrics = Arc::new(Metrics::new(1));
+    let mut syncer =
+        Syncer::new(&config, Box::new(move || source.clone()), metrics.clone()).expect("syncer");
+    let mut g = c.benchmark_group("limits/sync_redis_10k_keys_30k_counts");
+    g.sample_size(10);
+    // Every key served a request since the last sync: each count is written and read.
+    g.bench_function("all_changed", |b| {
+        b.iter(|| {
+            for (_, key) in auth.keys() {
+                drop(key.counters.admit(&key.limits, clock, false).0);
+                key.counters.charge(&key.limits, clock, 271);
+            }
+            syncer.tick()
+        })
+    });
+    // Keys in use but idle since the last sync: each count is only read.
+    g.bench_function("unchanged", |b| b.iter(|| syncer.tick()));
+    g.finish();
+    assert_eq!(
+        metrics.limits_sync_failures.load(Relaxed),
+        0,
+        "syncs failed"
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 criterion_group!(

@@ -51,17 +51,16 @@ pub type AuthSource = Box<dyn Fn() -> Arc<Auth> + Send>;
 const BATCH: usize = 256;
 
 /// For each KEYS[i]: sets this proxy's field (ARGV[1]) to its count ARGV[2i] unless it
-/// is 0, gives a new hash its expiry ARGV[2i+1] (seconds; 0: none), and returns the
-/// sum over all fields. Counts are passed and stored as the strings the proxy wrote
+/// is `-` (unchanged since the last sync, or 0), sets the hash's expiry to ARGV[2i+1]
+/// (seconds; 0: none) when that field is new, and returns the sum over all fields. Counts are passed and stored as the strings the proxy wrote
 /// (Lua 5.1 would print large numbers in exponent form); sums stay below 2^53.
 const SYNC_SCRIPT: &str = r"
 local out = {}
 for i, k in ipairs(KEYS) do
   local mine = ARGV[2 * i]
-  if mine ~= '0' then
-    redis.call('HSET', k, ARGV[1], mine)
+  if mine ~= '-' then
     local ttl = tonumber(ARGV[2 * i + 1])
-    if ttl > 0 and redis.call('TTL', k) == -1 then
+    if redis.call('HSET', k, ARGV[1], mine) == 1 and ttl > 0 then
       redis.call('EXPIRE', k, ttl)
     end
   end
@@ -162,7 +161,13 @@ impl Redis {
             let mut call = self.script.prepare_invoke();
             call.arg(&self.field);
             for e in batch {
-                call.key(&e.name).arg(e.local).arg(e.ttl_secs);
+                call.key(&e.name);
+                if e.local == 0 || e.local == e.tally.written.get(e.window) {
+                    call.arg("-");
+                } else {
+                    call.arg(e.local);
+                }
+                call.arg(e.ttl_secs);
             }
             call.invoke(con)
         };
