@@ -535,23 +535,42 @@ fn caller_hanging_up_mid_stream_still_gets_a_record() {
     assert!(rec["duration_ms"].as_u64().unwrap() < 3000);
 }
 
-#[test]
-fn every_metric_the_docs_list_is_served() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md"))
-        .expect("docs/metrics.md");
-    let section = readme
-        .split("\n## Metrics")
+/// The metric names a section of docs/metrics.md lists.
+fn listed_in(docs: &str, heading: &str) -> std::collections::BTreeSet<String> {
+    docs.split(&format!("\n## {heading}\n"))
         .nth(1)
         .and_then(|s| s.split("\n## ").next())
-        .expect("a Metrics section");
-    let listed: std::collections::BTreeSet<&str> = section
+        .unwrap_or_else(|| panic!("a section {heading}"))
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| w.starts_with("llmproxy_"))
-        .collect();
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn every_metric_the_docs_list_is_served() {
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md"))
+        .expect("docs/metrics.md");
+    let listed = listed_in(&docs, "Metrics");
     assert!(listed.len() >= 15, "{listed:?}");
     let s = Stack::start();
     let m = request(s.addr(), "GET", "/metrics", &[], b"").text();
     for name in listed {
+        assert!(
+            m.contains(&format!("# TYPE {name} ")),
+            "docs/metrics.md lists {name}, /metrics does not serve it:\n{m}"
+        );
+    }
+    // The optional parts' metrics, with those parts on (a limits store that is not
+    // there still has its gauge); the TLS ones are read in tests/e2e/tls.rs.
+    let optional = listed_in(&docs, "Metrics of optional parts");
+    assert!(optional.len() >= 2, "{optional:?}");
+    let s = Stack::with(
+        &format!("limits_store: \"redis://127.0.0.1:{}/0\"\n", free_port()),
+        &[],
+    );
+    let m = request(s.addr(), "GET", "/metrics", &[], b"").text();
+    for name in optional.iter().filter(|n| !n.starts_with("llmproxy_tls_")) {
         assert!(
             m.contains(&format!("# TYPE {name} ")),
             "docs/metrics.md lists {name}, /metrics does not serve it:\n{m}"
