@@ -43,6 +43,16 @@ if [ -x /usr/bin/redis-server ]; then
     export LLMPROXY_REQUIRE_REDIS=1
 fi
 
+# nginx (Debian's) as a TLS backend for tests/e2e/tls.rs, started by the test on a
+# free loopback port with its own prefix; the service the package starts is not used.
+if [ ! -x /usr/sbin/nginx ] && command -v apt-get >/dev/null; then
+    echo "==> installing nginx-light"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
+fi
+if [ -x /usr/sbin/nginx ]; then
+    export LLMPROXY_REQUIRE_NGINX=1
+fi
+
 # The end-to-end tests start the example binaries (mock vLLM, webhook receiver).
 echo "==> cargo build --examples"
 cargo build --examples

@@ -217,6 +217,13 @@ pub struct BackendConfig {
     pub api_key: Option<String>,
     #[serde(default)]
     pub usage_mode: UsageMode,
+    /// `https://` backends: a PEM bundle to verify the backend's certificate against
+    /// instead of the compiled-in Mozilla roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// `https://` backends: accept any certificate (warned at every start).
+    #[serde(default)]
+    pub tls_insecure_skip_verify: bool,
 }
 
 fn one() -> u32 {
@@ -570,6 +577,9 @@ pub struct Config {
     /// `error`, `warn`, `info` (default), `debug`, `trace` or `off`; `RUST_LOG` wins.
     #[serde(default = "default_log_level", deserialize_with = "log_level")]
     pub log_level: log::LevelFilter,
+    /// TLS on the listener: `{cert, key, client_ca}` (PEM files).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Shares the keys' limit counters across proxies: `redis://[:PASSWORD@]HOST:PORT/DB`
     /// (`${ENV}` for the password). Empty: each proxy counts alone.
     #[serde(default)]
@@ -585,6 +595,17 @@ pub struct Config {
     /// [`usage_hook.spool_dir`/limits-state.json, else ./llmproxy-limits-state.json].
     #[serde(default)]
     pub limits_state_file: String,
+}
+
+/// The listener's TLS: a certificate chain and its key (PEM), and optionally the CA
+/// whose certificates callers must present.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: String,
+    pub key: String,
+    #[serde(default)]
+    pub client_ca: Option<String>,
 }
 
 fn default_limits_sync_interval() -> Dur {
@@ -639,15 +660,16 @@ fn default_listen() -> String {
 /// `api_key`).
 pub fn backend_url(text: &str) -> Result<Url, String> {
     let url = Url::parse(text)?;
-    if url.scheme != "http" {
+    if url.scheme != "http" && url.scheme != "https" {
         return Err(format!(
-            "expected an http:// URL, got \"{}\"",
+            "expected an http:// or https:// URL, got \"{}\"",
             url.redacted()
         ));
     }
     if url.path != "/" {
         return Err(format!(
-            "expected http://host:port with no path, got \"{}\"",
+            "expected {}://host:port with no path, got \"{}\"",
+            url.scheme,
             url.redacted()
         ));
     }
@@ -707,6 +729,15 @@ impl Config {
             let url = backend_url(&b.url).or_else(|e| err(&format!("backends[{i}].url"), e))?;
             if b.weight == 0 {
                 return err(&format!("backends[{i}].weight"), "must be at least 1");
+            }
+            if url.scheme == "https" {
+                crate::tls::client(&url.host, b.ca_file.as_deref(), b.tls_insecure_skip_verify)
+                    .or_else(|e| err(&format!("backends[{i}]"), e))?;
+            } else if b.ca_file.is_some() || b.tls_insecure_skip_verify {
+                return err(
+                    &format!("backends[{i}]"),
+                    "ca_file and tls_insecure_skip_verify are for https:// backends",
+                );
             }
             let name = b.name.clone().unwrap_or(url.authority);
             if name == "none" || name == "other" {
@@ -829,6 +860,9 @@ impl Config {
         if self.limits.max_connections == 0 {
             return err("limits.max_connections", "must be at least 1");
         }
+        if let Some(tls) = &self.tls {
+            crate::tls::listener(tls).or_else(|e| err("tls", e))?;
+        }
         if !self.limits_store.is_empty() {
             if !self.limits_store.starts_with("redis://") {
                 return err(
@@ -882,6 +916,27 @@ impl Config {
         use std::fmt::Write;
         let mut s = String::new();
         let _ = writeln!(s, "listen: {}", self.listen);
+        if let Some(tls) = &self.tls {
+            match crate::tls::listener(tls) {
+                Ok(l) => {
+                    let days = l.cert.seconds_left() / 86_400;
+                    let _ = writeln!(
+                        s,
+                        "tls: {} (subject {}; expires in {days} days{}){}",
+                        tls.cert,
+                        l.cert.subject,
+                        if days < 14 { " WARNING: renew it" } else { "" },
+                        match &tls.client_ca {
+                            Some(ca) => format!(" client certificates from {ca} required"),
+                            None => String::new(),
+                        }
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(s, "tls: {e}");
+                }
+            }
+        }
         let _ = writeln!(s, "workers: {}", self.worker_count());
         let _ = writeln!(s, "log_level: {}", self.log_level.as_str().to_lowercase());
         for b in &self.backends {
@@ -1186,7 +1241,8 @@ health_check:
         let u = backend_url("http://localhost:8000").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("localhost", 8000));
         assert_eq!(backend_url("http://vllm/").unwrap().port, 80);
-        assert!(backend_url("https://x:1").is_err());
+        assert_eq!(backend_url("https://vllm.internal").unwrap().port, 443);
+        assert!(backend_url("ftp://x:1").is_err());
         assert!(backend_url("http://x:1/v1").is_err());
         assert_eq!(backend_url("http://[::1]:9").unwrap().host, "::1");
     }

@@ -11,6 +11,10 @@
 //! an answer to write), so nothing is lost by shutting it. This costs nothing per
 //! operation, where monoio's `Canceller` costs a hash-set insert and removal on every
 //! read and write.
+//!
+//! Over TLS the same methods carry plaintext: a `rustls::Connection` sits beside the
+//! socket, ciphertext goes through two buffers of the connection's own (reused like
+//! the read buffer), and the handshake is driven by the first reads (`handshake`).
 
 use crate::tick::{self, Either, first_of};
 use monoio::buf::{IoBuf, IoBufMut};
@@ -25,6 +29,24 @@ pub struct Io {
     buf: Vec<u8>,
     /// Bytes before `start` have been consumed.
     start: usize,
+    tls: Option<Box<Tls>>,
+}
+
+/// A TLS connection's state beside its socket.
+struct Tls {
+    conn: rustls::Connection,
+    /// Ciphertext read from the socket; bytes before `cin_start` were given to rustls.
+    cin: Vec<u8>,
+    cin_start: usize,
+    /// Ciphertext on its way out.
+    cout: Vec<u8>,
+}
+
+/// Ciphertext read per socket read: one full TLS record and its header.
+const TLS_READ: usize = 16 * 1024 + 325;
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 /// What a non-blocking peek at a socket found.
@@ -44,6 +66,61 @@ impl Io {
             stream,
             buf: Vec::with_capacity(capacity),
             start: 0,
+            tls: None,
+        }
+    }
+
+    /// A connection that speaks TLS over `stream` (as a server or a client): call
+    /// `handshake` before anything else.
+    pub fn with_tls(stream: TcpStream, capacity: usize, mut conn: rustls::Connection) -> Self {
+        // Each write is encrypted and sent at once: the relay's own buffers bound it.
+        conn.set_buffer_limit(None);
+        Io {
+            tls: Some(Box::new(Tls {
+                conn,
+                cin: Vec::new(),
+                cin_start: 0,
+                cout: Vec::new(),
+            })),
+            ..Io::new(stream, capacity)
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Drops the TLS layer to answer in plain text (to a plain-HTTP request on a TLS
+    /// port, before any handshake).
+    pub fn into_plain(mut self) -> Io {
+        self.tls = None;
+        self
+    }
+
+    /// Completes a TLS handshake by `deadline` (a stalled one is given up like a
+    /// stalled request head). Plaintext that came with the last flight is kept.
+    pub async fn handshake(&mut self, deadline: Instant) -> Result<(), Wait> {
+        while self.tls.as_ref().is_some_and(|t| t.conn.is_handshaking()) {
+            match self.fill_until(deadline, || false).await {
+                Wait::Data => {}
+                other => return Err(other),
+            }
+        }
+        Ok(())
+    }
+
+    /// The ALPN protocol and TLS version agreed, for tests and logs.
+    pub fn tls_version(&self) -> Option<rustls::ProtocolVersion> {
+        self.tls.as_ref()?.conn.protocol_version()
+    }
+
+    /// Over TLS: says goodbye (close_notify) before the connection is dropped, so a
+    /// caller reading to the end sees a clean end. Best effort, bounded by `stall`.
+    pub async fn close(&mut self, stall: std::time::Duration) {
+        if let Some(t) = self.tls.as_mut() {
+            t.conn.send_close_notify();
+            let mut none = Vec::new();
+            let _ = self.write_within(&mut none, Some(stall)).await;
         }
     }
 
@@ -62,14 +139,25 @@ impl Io {
 
     /// Writes all of `out`, keeping its contents.
     pub async fn write_keep(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
-        if out.is_empty() {
-            return Ok(());
+        self.write_within(out, None).await
+    }
+
+    /// Writes `out` (encrypted first over TLS), keeping its contents; with `stall`,
+    /// gives up when the peer takes nothing for that long.
+    async fn write_within(
+        &mut self,
+        out: &mut Vec<u8>,
+        stall: Option<std::time::Duration>,
+    ) -> io::Result<()> {
+        let Some(t) = self.tls.as_mut() else {
+            let (res, buf) = send(&mut self.stream, std::mem::take(out), stall).await;
+            *out = buf;
+            return res;
+        };
+        if !out.is_empty() {
+            std::io::Write::write_all(&mut t.conn.writer(), out)?;
         }
-        let buf = std::mem::take(out);
-        let end = buf.len();
-        let (res, slice) = AsyncWriteRentExt::write_all(&mut self.stream, buf.slice(0..end)).await;
-        *out = slice.into_inner();
-        res.map(|_| ())
+        flush(&mut self.stream, t, stall).await
     }
 
     /// Writes all of `out` (then clears it) unless the peer takes nothing for `stall`:
@@ -81,38 +169,9 @@ impl Io {
         out: &mut Vec<u8>,
         stall: std::time::Duration,
     ) -> io::Result<()> {
-        if out.is_empty() {
-            return Ok(());
-        }
-        let buf = std::mem::take(out);
-        let end = buf.len();
-        let fd = self.stream.as_raw_fd();
-        let deadline = tick::now() + stall;
-        let fut = AsyncWriteRentExt::write_all(&mut self.stream, buf.slice(0..end));
-        let mut fut = std::pin::pin!(fut);
-        let mut timed_out = false;
-        let (res, slice) = loop {
-            match first_of(fut.as_mut(), tick::next_tick()).await {
-                Either::Done(r) => break r,
-                Either::Tick if tick::now() < deadline => {}
-                Either::Tick => {
-                    // The connection is given up: both directions end, the write fails.
-                    shutdown(fd, libc::SHUT_RDWR);
-                    timed_out = true;
-                    break fut.as_mut().await;
-                }
-            }
-        };
-        *out = slice.into_inner();
+        let res = self.write_within(out, Some(stall)).await;
         out.clear();
-        match res {
-            Ok(_) => Ok(()),
-            Err(_) if timed_out => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "peer stopped reading",
-            )),
-            Err(e) => Err(e),
-        }
+        res
     }
 
     /// Writes all of `out`, then clears it (keeping its capacity).
@@ -122,21 +181,91 @@ impl Io {
         res
     }
 
-    /// Looks at the socket without consuming or blocking.
+    /// Looks at the socket without consuming or blocking. Over TLS, ciphertext not
+    /// yet decrypted counts as data.
     pub fn peek(&self) -> PeerState {
-        peek_fd(self.stream.as_raw_fd())
+        match &self.tls {
+            Some(t) if t.cin_start < t.cin.len() => PeerState::Data,
+            _ => peek_fd(self.stream.as_raw_fd()),
+        }
     }
 }
 
+/// Writes all of `buf` to the socket (its contents kept): with `stall`, gives up when
+/// the peer takes nothing for that long (to within one `TICK`).
+async fn send(
+    stream: &mut TcpStream,
+    buf: Vec<u8>,
+    stall: Option<std::time::Duration>,
+) -> (io::Result<()>, Vec<u8>) {
+    if buf.is_empty() {
+        return (Ok(()), buf);
+    }
+    let end = buf.len();
+    let fd = stream.as_raw_fd();
+    let fut = AsyncWriteRentExt::write_all(stream, buf.slice(0..end));
+    let Some(stall) = stall else {
+        let (res, slice) = fut.await;
+        return (res.map(|_| ()), slice.into_inner());
+    };
+    let deadline = tick::now() + stall;
+    let mut fut = std::pin::pin!(fut);
+    let mut timed_out = false;
+    let (res, slice) = loop {
+        match first_of(fut.as_mut(), tick::next_tick()).await {
+            Either::Done(r) => break r,
+            Either::Tick if tick::now() < deadline => {}
+            Either::Tick => {
+                // The connection is given up: both directions end, the write fails.
+                shutdown(fd, libc::SHUT_RDWR);
+                timed_out = true;
+                break fut.as_mut().await;
+            }
+        }
+    };
+    let res = match res {
+        Ok(_) => Ok(()),
+        Err(_) if timed_out => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "peer stopped reading",
+        )),
+        Err(e) => Err(e),
+    };
+    (res, slice.into_inner())
+}
+
+/// Sends what rustls has queued (records, alerts, handshake messages).
+async fn flush(
+    stream: &mut TcpStream,
+    t: &mut Tls,
+    stall: Option<std::time::Duration>,
+) -> io::Result<()> {
+    let mut out = std::mem::take(&mut t.cout);
+    out.clear();
+    while t.conn.wants_write() {
+        t.conn.write_tls(&mut out)?;
+    }
+    let (res, mut out) = send(stream, out, stall).await;
+    out.clear();
+    t.cout = out;
+    res
+}
+
 /// Reads into the spare capacity after `buf`'s contents (compacting or growing first).
+/// Over TLS: plaintext, reading and decrypting records until some comes; a positive
+/// count with no bytes means the handshake just completed.
 async fn fill_into(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
     start: &mut usize,
+    tls: &mut Option<Box<Tls>>,
 ) -> io::Result<usize> {
     if *start > 0 && buf.capacity() - buf.len() < 2048 {
         buf.drain(..*start);
         *start = 0;
+    }
+    if let Some(t) = tls {
+        return fill_tls(stream, buf, t).await;
     }
     if buf.capacity() - buf.len() < 2048 {
         buf.reserve(buf.capacity().max(4096));
@@ -146,6 +275,65 @@ async fn fill_into(
     let (res, slice) = stream.read(owned.slice_mut(len..cap)).await;
     *buf = slice.into_inner();
     res
+}
+
+/// What `handshake` fails with when the peer spoke plain HTTP to a TLS port.
+pub const PLAIN_HTTP: &str = "a plain HTTP request on a TLS port";
+
+async fn fill_tls(stream: &mut TcpStream, buf: &mut Vec<u8>, t: &mut Tls) -> io::Result<usize> {
+    loop {
+        // A TLS record starts with its type (0x14..=0x18); a request line with a
+        // method's capital letter. Caught before rustls answers it with an alert.
+        if t.conn.is_handshaking() && t.cin.get(t.cin_start).is_some_and(u8::is_ascii_uppercase) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, PLAIN_HTTP));
+        }
+        let was_handshaking = t.conn.is_handshaking();
+        let state = match t.conn.process_new_packets() {
+            Ok(s) => s,
+            Err(e) => {
+                // rustls queued an alert saying why: send it, then end.
+                let _ = flush(stream, t, Some(std::time::Duration::from_secs(1))).await;
+                return Err(tls_error(e));
+            }
+        };
+        let n = state.plaintext_bytes_to_read();
+        let closed = state.peer_has_closed();
+        if t.conn.wants_write() {
+            flush(stream, t, None).await?;
+        }
+        if n > 0 {
+            let len = buf.len();
+            buf.resize(len + n, 0);
+            std::io::Read::read_exact(&mut t.conn.reader(), &mut buf[len..])?;
+            return Ok(n);
+        }
+        if closed {
+            return Ok(0);
+        }
+        if was_handshaking && !t.conn.is_handshaking() {
+            return Ok(1);
+        }
+        if t.cin_start < t.cin.len() {
+            let mut rest = &t.cin[t.cin_start..];
+            let used = t.conn.read_tls(&mut rest)?;
+            t.cin_start += used;
+            if t.cin_start == t.cin.len() {
+                t.cin.clear();
+                t.cin_start = 0;
+            }
+            continue;
+        }
+        let mut owned = std::mem::take(&mut t.cin);
+        owned.clear();
+        owned.reserve(TLS_READ);
+        let cap = owned.capacity();
+        let (res, slice) = stream.read(owned.slice_mut(0..cap)).await;
+        t.cin = slice.into_inner();
+        t.cin_start = 0;
+        if res? == 0 {
+            return Ok(0);
+        }
+    }
 }
 
 /// Ends one or both directions of a socket; an io_uring read or write pending on that
@@ -175,6 +363,19 @@ pub fn peek_fd(fd: i32) -> PeerState {
             _ => PeerState::Closed,
         },
     }
+}
+
+/// Whether the peer has shut its side (FIN received), even with bytes still unread
+/// before it (POLLRDHUP): a TLS caller's close_notify and FIN.
+pub fn peer_shut_write(fd: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one valid pollfd with a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 /// Why waiting for bytes ended.
@@ -212,8 +413,13 @@ impl Io {
         mut on_tick: impl FnMut() -> bool,
     ) -> Wait {
         let fd = self.stream.as_raw_fd();
-        let Io { stream, buf, start } = self;
-        let fut = fill_into(stream, buf, start);
+        let Io {
+            stream,
+            buf,
+            start,
+            tls,
+        } = self;
+        let fut = fill_into(stream, buf, start, tls);
         let mut fut = std::pin::pin!(fut);
         let mut stopped = None;
         let r = loop {

@@ -22,6 +22,7 @@ pub mod sse;
 #[cfg(test)]
 mod testing;
 pub mod tick;
+pub mod tls;
 pub mod upstream;
 pub mod url;
 pub mod usage;

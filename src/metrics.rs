@@ -218,6 +218,9 @@ pub struct Metrics {
     /// The shared limits store: 0 none configured, 1 reachable, 2 unreachable.
     pub limits_store: std::sync::atomic::AtomicU8,
     pub limits_sync_failures: AtomicU64,
+    /// The listener certificate's expiry (unix seconds); 0 without TLS.
+    pub tls_cert_not_after: std::sync::atomic::AtomicI64,
+    pub tls_handshake_failures: AtomicU64,
     pub spooled: AtomicU64,
     /// Records workers spooled themselves because the queue was full.
     pub overflowed: AtomicU64,
@@ -328,6 +331,8 @@ impl Metrics {
             rate_limited: std::array::from_fn(|_| zero()),
             limits_store: std::sync::atomic::AtomicU8::new(0),
             limits_sync_failures: zero(),
+            tls_cert_not_after: std::sync::atomic::AtomicI64::new(0),
+            tls_handshake_failures: zero(),
             spooled: zero(),
             overflowed: zero(),
             redelivered: zero(),
@@ -550,6 +555,14 @@ impl Metrics {
                 o,
                 "llmproxy_rate_limited_total{{reason=\"{reason}\"}} {}",
                 self.rate_limited[i].load(Relaxed)
+            );
+        }
+        let not_after = self.tls_cert_not_after.load(Relaxed);
+        if not_after != 0 {
+            let _ = writeln!(
+                o,
+                "# HELP llmproxy_tls_cert_expiry_seconds When the listener's certificate expires (Unix time; alert on it minus time()).\n# TYPE llmproxy_tls_cert_expiry_seconds gauge\nllmproxy_tls_cert_expiry_seconds {not_after}\n# HELP llmproxy_tls_handshake_failures_total TLS handshakes that failed or stalled past header_timeout (the connection was closed).\n# TYPE llmproxy_tls_handshake_failures_total counter\nllmproxy_tls_handshake_failures_total {}",
+                self.tls_handshake_failures.load(Relaxed)
             );
         }
         let store = self.limits_store.load(Relaxed);

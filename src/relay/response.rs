@@ -125,7 +125,7 @@ impl Relayed {
 /// body.
 pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buffers) -> Relayed {
     let mut o = Relayed::ended(End::NoResponse);
-    let mut watch = Watch::new(client.stream.as_raw_fd());
+    let mut watch = Watch::new(client.stream.as_raw_fd(), client.is_tls());
     if let Err(end) = read_head(up, spec, &mut bufs.head, &mut watch).await {
         o.end = end;
         return o;
@@ -160,6 +160,9 @@ pub async fn relay(client: &mut Io, up: &mut Io, spec: &Spec<'_>, bufs: &mut Buf
 /// caller who hung up.
 struct Watch {
     client_fd: std::os::fd::RawFd,
+    /// Over TLS, bytes waiting may be the caller's close_notify: look for the end of
+    /// its stream behind them instead.
+    tls: bool,
     /// Off once a pipelined request is seen (the caller is there).
     watch_client: bool,
     /// Bytes went to the caller since the last tick: a caller who hung up makes the
@@ -170,9 +173,10 @@ struct Watch {
 }
 
 impl Watch {
-    fn new(client_fd: std::os::fd::RawFd) -> Self {
+    fn new(client_fd: std::os::fd::RawFd, tls: bool) -> Self {
         Watch {
             client_fd,
+            tls,
             watch_client: true,
             wrote: false,
             cut_hit: false,
@@ -190,6 +194,7 @@ impl Watch {
         }
         match peek_fd(self.client_fd) {
             PeerState::Closed => true,
+            PeerState::Data if self.tls => crate::io::peer_shut_write(self.client_fd),
             // A pipelined request: the caller is there; stop looking until next time.
             PeerState::Data => {
                 self.watch_client = false;

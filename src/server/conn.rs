@@ -40,8 +40,44 @@ struct Conn {
 
 pub async fn serve(w: &Worker, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    let v = w.view();
+    let client = match &v.live.tls {
+        None => Io::new(stream, CLIENT_BUF),
+        Some(tls) => {
+            // The handshake is bounded like a request head; one that fails or stalls
+            // (a plain-HTTP request, garbage, a slowloris) ends here with a close.
+            let Ok(conn) = rustls::ServerConnection::new(tls.config.clone()) else {
+                return;
+            };
+            let mut io = Io::with_tls(stream, CLIENT_BUF, conn.into());
+            let deadline = tick::now() + v.live.config.limits.header_timeout.0;
+            match io.handshake(deadline).await {
+                Ok(()) => io,
+                Err(why) => {
+                    w.shared
+                        .metrics
+                        .tls_handshake_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // As nginx does: tell a plain-HTTP caller in plain HTTP, then close.
+                    if let Wait::Error(e) = why
+                        && e.to_string() == crate::io::PLAIN_HTTP
+                    {
+                        let mut io = io.into_plain();
+                        let mut out = Vec::new();
+                        ProxyError::BadRequest("This port speaks TLS: use https:// to reach it.")
+                            .write_response(&mut out, &new_request_id(), false);
+                        let _ = io
+                            .write_all_within(&mut out, std::time::Duration::from_secs(1))
+                            .await;
+                    }
+                    return;
+                }
+            }
+        }
+    };
+    drop(v);
     let mut c = Conn {
-        client: Io::new(stream, CLIENT_BUF),
+        client,
         head: RequestHead::default(),
         body: Vec::new(),
         up_req: Vec::new(),
@@ -57,10 +93,15 @@ pub async fn serve(w: &Worker, stream: TcpStream) {
             break;
         }
     }
+    c.client.close(std::time::Duration::from_secs(1)).await;
 }
 
 /// Over `limits.max_connections`: a 503 and close.
-pub async fn reject(stream: TcpStream) {
+pub async fn reject(w: &Worker, stream: TcpStream) {
+    if w.view().live.tls.is_some() {
+        // An answer would cost a handshake, the work being refused: just close.
+        return;
+    }
     let mut io = Io::new(stream, 0);
     let mut out = Vec::new();
     ProxyError::TooManyConnections.write_response(&mut out, &new_request_id(), false);

@@ -32,6 +32,8 @@ pub struct Live {
     pub backends: Arc<[Arc<Backend>]>,
     /// Shared with the limits sync thread.
     pub auth: Arc<Auth>,
+    /// The listener's TLS (`tls`), read from its files at start and at each reload.
+    pub tls: Option<Arc<crate::tls::Listener>>,
 }
 
 /// What every worker reads.
@@ -109,8 +111,37 @@ impl Shared {
         cfg.limits_sync_interval = old.config.limits_sync_interval;
         cfg.limits_fail_closed = old.config.limits_fail_closed;
         cfg.limits_state_file = old.config.limits_state_file.clone();
+        let tls = match (&cfg.tls, &old.tls) {
+            (Some(t), Some(_)) => match crate::tls::listener(t) {
+                Ok(l) => {
+                    info!(
+                        "tls: {} loaded (subject {}, expires in {} days)",
+                        t.cert,
+                        l.cert.subject,
+                        l.cert.seconds_left() / 86_400
+                    );
+                    self.metrics
+                        .tls_cert_not_after
+                        .store(l.cert.not_after, Relaxed);
+                    Some(Arc::new(l))
+                }
+                Err(e) => {
+                    error!("reload refused, keeping the running configuration: {e}");
+                    return;
+                }
+            },
+            (None, None) => None,
+            _ => {
+                warn!(
+                    "reload: turning tls on or off takes effect at the next restart; keeping the running value"
+                );
+                cfg.tls = old.config.tls.clone();
+                old.tls.clone()
+            }
+        };
         crate::log::set_level(cfg.log_level);
         let live = Live {
+            tls,
             auth: Arc::new(Auth::new(&cfg.auth, Some(&old.auth))),
             backends: backends.into(),
             config: cfg,
@@ -239,8 +270,24 @@ pub fn run(config: Config, config_path: &str) -> Result<(), String> {
     raise_fd_limit(workers as u64 * config.limits.max_connections as u64);
     let health_cfg = config.health_check.clone();
     let connect_timeout = config.limits.connect_timeout.0;
+    let tls = match &config.tls {
+        Some(t) => {
+            let l = crate::tls::listener(t)?;
+            let days = l.cert.seconds_left() / 86_400;
+            if days < 14 {
+                warn!(
+                    "tls: the certificate {} ({}) expires in {days} days",
+                    t.cert, l.cert.subject
+                );
+            }
+            metrics.tls_cert_not_after.store(l.cert.not_after, Relaxed);
+            Some(Arc::new(l))
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         live: Mutex::new(Arc::new(Live {
+            tls,
             auth: Arc::new(Auth::new(&config.auth, None)),
             config,
             backends,
@@ -513,7 +560,8 @@ async fn accept_loop(w: &Rc<Worker>, listener: TcpListener) {
 fn admit(w: &Rc<Worker>, stream: TcpStream, max: usize) {
     if w.conns.get() >= max {
         w.shared.metrics.connections_rejected.fetch_add(1, Relaxed);
-        monoio::spawn(conn::reject(stream));
+        let w = w.clone();
+        monoio::spawn(async move { conn::reject(&w, stream).await });
         return;
     }
     w.conns.set(w.conns.get() + 1);

@@ -17,6 +17,7 @@ pub struct HealthChecker {
     backends: BackendSource,
     cfg: HealthCheckConfig,
     agent: ureq::Agent,
+    timeouts: (Duration, Duration),
 }
 
 impl HealthChecker {
@@ -32,12 +33,44 @@ impl HealthChecker {
             backends,
             cfg,
             agent,
+            timeouts: (timeout, connect_timeout.min(timeout)),
         }
+    }
+
+    /// The client for `b`: the shared one (plain http, or https verified against the
+    /// Mozilla roots, as the workers do), or one with `b`'s own `ca_file` or
+    /// `tls_insecure_skip_verify`.
+    fn agent_for(&self, b: &Backend) -> std::borrow::Cow<'_, ureq::Agent> {
+        use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
+        let (ca_file, insecure) = &b.tls_settings;
+        if ca_file.is_none() && !insecure {
+            return std::borrow::Cow::Borrowed(&self.agent);
+        }
+        let mut tls = TlsConfig::builder().disable_verification(*insecure);
+        if let Some(path) = ca_file {
+            let pem = std::fs::read(path).unwrap_or_default();
+            let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(PemItem::Certificate(c)) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            tls = tls.root_certs(RootCerts::new_with_certs(&certs));
+        }
+        std::borrow::Cow::Owned(
+            ureq::Agent::config_builder()
+                .timeout_global(Some(self.timeouts.0))
+                .timeout_connect(Some(self.timeouts.1))
+                .http_status_as_error(false)
+                .tls_config(tls.build())
+                .build()
+                .into(),
+        )
     }
 
     fn probe(&self, b: &Backend) -> Result<(), String> {
         let url = format!("{}{}", b.url, self.cfg.path);
-        match self.agent.get(&url).call() {
+        match self.agent_for(b).get(&url).call() {
             Ok(resp) if resp.status().is_success() => {
                 if b.models == Models::Auto {
                     self.discover(b);
@@ -56,7 +89,8 @@ impl HealthChecker {
     /// `models: auto`: the backend's own model list (a LoRA adapter added to vLLM is
     /// routed at the next check, with no config change).
     fn discover(&self, b: &Backend) {
-        let mut req = self.agent.get(format!("{}/v1/models", b.url));
+        let agent = self.agent_for(b);
+        let mut req = agent.get(format!("{}/v1/models", b.url));
         if let Some(a) = &b.authorization {
             req = req.header("authorization", a);
         }

@@ -32,6 +32,10 @@ pub struct Backend {
     discovered_version: AtomicU64,
     /// `Bearer <api_key>` when the backend has a key: the `authorization` value sent.
     pub authorization: Option<String>,
+    /// `https://` backends: the TLS client configuration and the name to verify.
+    pub tls: Option<crate::tls::Client>,
+    /// `(ca_file, tls_insecure_skip_verify)` as configured (a reload compares them).
+    pub(crate) tls_settings: (Option<String>, bool),
     pub usage_mode: UsageMode,
     /// Label slot in `llmproxy_requests_total`.
     pub slot: usize,
@@ -63,9 +67,23 @@ impl Backend {
                         && o.models == b.models
                         && o.authorization == bearer(&b.api_key)
                         && o.usage_mode == b.usage_mode
+                        && o.tls_settings == (b.ca_file.clone(), b.tls_insecure_skip_verify)
                 }) {
                     return Ok(same.clone());
                 }
+                let tls = if url.scheme == "https" {
+                    if b.tls_insecure_skip_verify {
+                        log::warn!(
+                            "backend {name}: tls_insecure_skip_verify is set: its certificate is not verified, so anyone on the path can pose as it"
+                        );
+                    }
+                    Some(
+                        crate::tls::client(&url.host, b.ca_file.as_deref(), b.tls_insecure_skip_verify)
+                            .map_err(|e| format!("backends[{i}]: {e}"))?,
+                    )
+                } else {
+                    None
+                };
                 let addrs = url
                     .resolve()
                     .map_err(|e| format!("backends[{i}].url: cannot resolve {}: {e}", url.host))?;
@@ -85,6 +103,8 @@ impl Backend {
                     discovered: Mutex::new(None),
                     discovered_version: AtomicU64::new(0),
                     authorization: bearer(&b.api_key),
+                    tls,
+                    tls_settings: (b.ca_file.clone(), b.tls_insecure_skip_verify),
                     usage_mode: b.usage_mode,
                     healthy: AtomicBool::new(healthy),
                     last_error: Mutex::new(None),
@@ -323,6 +343,8 @@ mod tests {
                     discovered: Mutex::new(None),
                     discovered_version: AtomicU64::new(0),
                     authorization: None,
+                    tls: None,
+                    tls_settings: (None, false),
                     usage_mode: UsageMode::Final,
                     slot: i + 1,
                     healthy: AtomicBool::new(true),

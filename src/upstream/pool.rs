@@ -82,7 +82,18 @@ impl Pool {
             match monoio::time::timeout(timeout, TcpStream::connect_addr(*addr)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
-                    return Ok(Io::new(stream, UPSTREAM_BUF));
+                    let Some(tls) = &backend.tls else {
+                        return Ok(Io::new(stream, UPSTREAM_BUF));
+                    };
+                    // The handshake is part of connecting: within the same timeout,
+                    // and a failure is "unreachable" (nothing was sent).
+                    let conn = rustls::ClientConnection::new(tls.config.clone(), tls.name.clone())
+                        .map_err(|e| ConnectError::Unreachable(format!("tls {addr}: {e}")))?;
+                    let mut io = Io::with_tls(stream, UPSTREAM_BUF, conn.into());
+                    match io.handshake(crate::tick::now() + timeout).await {
+                        Ok(()) => return Ok(io),
+                        Err(w) => last = format!("tls handshake with {addr}: {w:?}"),
+                    }
                 }
                 Ok(Err(e)) => last = format!("connect {addr}: {e}"),
                 Err(_) => last = format!("connect {addr}: timed out after {timeout:?}"),

@@ -15,3 +15,4 @@ mod metering;
 mod routes;
 mod routing;
 mod sdk;
+mod tls;
