@@ -2,10 +2,16 @@
 nginx (one worker, core 0), llmproxy (one worker, whole process on core 0, metering and
 webhook on, spool on), and the load generator on core 1. Runs are interleaved across
 targets and repeated; medians are reported, because this machine is shared and noisy.
+
+TLS=1: nginx and llmproxy terminate TLS (an ECDSA P-256 certificate made here with
+openssl; TLS 1.3 on both: wrk's OpenSSL and rustls agree on it) and wrk speaks https;
+the "no keep-alive" scenario is then a full handshake per request. The mock ("direct")
+stays plain: its row is only a reference.
 """
 import json, os, re, resource, urllib.request, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
 DUR, ROUNDS = int(sys.argv[1]), int(sys.argv[2])
+TLS = os.environ.get("TLS") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 W = tempfile.mkdtemp(prefix="llmproxy-load-")
@@ -52,6 +58,13 @@ def cleanup(*_):
 
 
 MOCK, HOOK, NGINX, PROXY = free_port(), free_port(), free_port(), free_port()
+if TLS:
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", f"{W}/key.pem", "-out", f"{W}/cert.pem", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+SSL = "ssl" if TLS else ""
+NGINX_TLS = f"ssl_certificate {W}/cert.pem; ssl_certificate_key {W}/key.pem; ssl_protocols TLSv1.3; ssl_session_tickets off;" if TLS else ""
+PROXY_TLS = f'tls: {{cert: "{W}/cert.pem", key: "{W}/key.pem"}}' if TLS else ""
 # The slow-stream scenario's backend: a paced mock (one pacer thread feeds every stream a
 # token every 50 ms), reached through its own nginx server block and, in llmproxy, by
 # model name.
@@ -85,7 +98,8 @@ http {{
     }}
   }}
   server {{
-    listen 127.0.0.1:{NGINX} reuseport backlog=4096;
+    listen 127.0.0.1:{NGINX} reuseport backlog=4096 {SSL};
+    {NGINX_TLS}
     keepalive_requests 1000000;
     location / {{
       proxy_pass http://backend;
@@ -102,6 +116,7 @@ open(f"{W}/llmproxy.yaml", "w").write(f"""
 listen: "127.0.0.1:{PROXY}"
 workers: 1
 access_log: "off"
+{PROXY_TLS}
 backends:
   - url: "http://127.0.0.1:{MOCK}"
     models: [mock-model]
@@ -178,7 +193,9 @@ def drained(port):
     end = time.time() + 15
     while time.time() < end:
         try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            import ssl
+            ctx = ssl._create_unverified_context()
+            text = urllib.request.urlopen(f"{'https' if TLS else 'http'}://127.0.0.1:{port}/metrics", timeout=2, context=ctx).read().decode()
             vals = {l.split()[0]: float(l.split()[1]) for l in text.splitlines()
                     if l.startswith(("llmproxy_usage_spool_bytes ", "llmproxy_usage_queue_depth "))}
             if vals and all(v == 0 for v in vals.values()):
@@ -202,7 +219,7 @@ def to_ms(v):
 
 def wrk(target, lua, conns=64, dur=None, port=None):
     out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{dur or DUR}s", "--timeout", "15s", "--latency", "-s", f"{W}/{lua}.lua",
-                          f"http://127.0.0.1:{port or PORTS[target]}/v1/chat/completions"], capture_output=True, text=True).stdout
+                          f"{'https' if TLS and target != 'direct' else 'http'}://127.0.0.1:{port or PORTS[target]}/v1/chat/completions"], capture_output=True, text=True).stdout
     lat = dict(re.findall(r"^\s+(\d+)%\s+(\S+)", out, re.M))
     n = int(re.search(r"(\d+) requests in", out).group(1))
     errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -234,6 +251,9 @@ SCENARIOS = [
 ]
 # ONLY=json,sse,... runs a subset (json, sse, rate, churn, slow), to measure one change.
 KEYS = ["json", "sse", "rate", "churn", "slow"]
+if TLS:  # the paced and fixed-rate scenarios are the plain run's
+    SCENARIOS = [sc for k, sc in zip(KEYS, SCENARIOS) if k in ("json", "sse", "churn")]
+    KEYS = ["json", "sse", "churn"]
 if os.environ.get("ONLY"):
     SCENARIOS = [sc for k, sc in zip(KEYS, SCENARIOS) if k in os.environ["ONLY"].split(",")]
 results = {s: {t: [] for t in PORTS} for s, _ in SCENARIOS}
@@ -257,7 +277,7 @@ try:
                 time.sleep(0.5)
         print(f"round {r + 1}/{ROUNDS} done", file=sys.stderr)
     med = lambda xs: statistics.median(xs)
-    print(f"\nllmproxy vs nginx, one worker each on core 0; load generator and mock on core 1; {DUR}s runs, median of {ROUNDS}")
+    print(f"\nllmproxy vs nginx{' over TLS 1.3 (ECDSA P-256)' if TLS else ''}, one worker each on core 0; load generator and mock on core 1; {DUR}s runs, median of {ROUNDS}")
     print(f"{'scenario':28} {'target':9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50':>7} {'+p99':>7} {'CPU us/req':>10} {'errors':>7}")
     for name, _ in SCENARIOS:
         row = {t: {k: med([x[k] for x in results[name][t]]) for k in ("rps", "p50", "p99", "cpu_us", "relay_us", "user_us")} for t in PORTS}

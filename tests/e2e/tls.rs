@@ -429,6 +429,15 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
+        // SIGTERM: the master stops its workers (SIGKILL would leave them running).
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -472,10 +481,56 @@ fn an_https_backend_behind_nginx_is_relayed_metered_and_its_connections_reused()
         .max()
         .unwrap_or(0);
     assert!(most >= 4, "connections not reused: {log}");
+    // TLS at both ends (caller -> proxy -> nginx -> mock): the stream's bytes are the
+    // backend's, byte for byte, however the records cut them.
+    let both = proxy_with_config(&format!("{}{}", config(&pki.path("ca.pem")), pki.yaml("")));
+    let cfg = client_config(&pki.root.pem(), None);
+    let mut body = chat(true, 40);
+    body["stream_options"] = serde_json::json!({"include_usage": true});
+    let direct = post_json(
+        &backend.addr,
+        "/v1/chat/completions",
+        &[("x-mock-token-delay-ms", "2")],
+        &body,
+    );
+    assert_eq!(direct.status, 200);
+    let text = body.to_string();
+    let (_, raw) = tls_request(
+        &both.addr,
+        &cfg,
+        &format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nx-mock-token-delay-ms: 2\r\nX-Request-Id: tls-both\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+            text.len()
+        ),
+    )
+    .unwrap();
+    let (head, rest) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    assert_eq!(dechunk(rest), direct.text());
+    assert_eq!(wait_record(&receiver, "tls-both")["completion_tokens"], 40);
     // A backend whose certificate is not from the configured CA is not trusted.
     let other = temp_dir().join("other.pem");
     std::fs::write(&other, Ca::new("Someone Else").pem()).unwrap();
     let proxy2 = proxy_with_config(&config(&other));
     let r = post_json(&proxy2.addr, "/v1/chat/completions", &[], &chat(false, 1));
     assert_eq!(r.status, 502, "{}", r.text());
+}
+
+/// The payload of a chunked body.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("a chunk size line");
+        let n = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
 }
