@@ -3,7 +3,7 @@
 use crate::harness::*;
 use std::process::Command;
 
-fn run_with(yaml: &str, extra: &[&str]) -> (i32, String, String) {
+pub fn run_with(yaml: &str, extra: &[&str]) -> (i32, String, String) {
     let dir = temp_dir();
     let path = dir.join("config.yaml");
     std::fs::write(&path, yaml).unwrap();

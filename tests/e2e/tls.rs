@@ -44,9 +44,17 @@ impl Ca {
 
     /// A certificate for localhost and 127.0.0.1 (or a client): (cert PEM, key PEM).
     fn leaf(&self, cn: &str, client: bool) -> (String, String) {
+        self.leaf_until(cn, client, None)
+    }
+
+    /// `leaf`, valid until the UTC day `until` (year, month, day) if given.
+    fn leaf_until(&self, cn: &str, client: bool, until: Option<(i32, u8, u8)>) -> (String, String) {
         let mut p =
             CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
         p.distinguished_name.push(DnType::CommonName, cn);
+        if let Some((y, m, d)) = until {
+            p.not_after = rcgen::date_time_ymd(y, m, d);
+        }
         p.extended_key_usages = vec![if client {
             ExtendedKeyUsagePurpose::ClientAuth
         } else {
@@ -533,4 +541,45 @@ fn dechunk(mut body: &str) -> String {
         out.push_str(&rest[..n]);
         body = &rest[n + 2..];
     }
+}
+
+/// The UTC date `days` from now (Howard Hinnant's civil_from_days).
+fn date_in(days: u64) -> (i32, u8, u8) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let z = (now / 86_400 + days) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    ((yoe + era * 400 + i64::from(m <= 2)) as i32, m, d)
+}
+
+#[test]
+fn check_names_the_certificate_and_warns_two_weeks_before_it_expires() {
+    let pki = Pki::new();
+    let backend = "backends:\n  - url: \"http://127.0.0.1:9\"\n";
+    let (code, out, _) = crate::cli::run_with(&format!("{backend}{}", pki.yaml("")), &["--check"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("subject CN=first"), "{out}");
+    assert!(!out.contains("WARNING"), "{out}");
+    assert!(!out.contains("PRIVATE KEY"), "{out}");
+    let (cert, key) = pki.inter.leaf_until("soon", false, Some(date_in(5)));
+    write_atomically(&pki.path("cert.pem"), &cert);
+    write_atomically(&pki.path("key.pem"), &key);
+    let (code, out, _) = crate::cli::run_with(&format!("{backend}{}", pki.yaml("")), &["--check"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("subject CN=soon"), "{out}");
+    assert!(out.contains("WARNING: renew it"), "{out}");
+    // A key file that is not a key: named by path, its contents never shown.
+    std::fs::write(pki.path("key.pem"), "secret-ish garbage").unwrap();
+    let (code, _, err) = crate::cli::run_with(&format!("{backend}{}", pki.yaml("")), &["--check"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("tls") && err.contains("key.pem"), "{err}");
+    assert!(!err.contains("secret-ish"), "{err}");
 }
