@@ -468,6 +468,12 @@ fn an_https_backend_behind_nginx_is_relayed_metered_and_its_connections_reused()
         )
     };
     let proxy = proxy_with_config(&config(&pki.path("ca.pem")));
+    // The health check speaks TLS to it too, with the same CA.
+    assert!(
+        proxy.output().contains(") is healthy"),
+        "{}",
+        proxy.output()
+    );
     for i in 0..5 {
         let id = format!("via-nginx-{i}");
         let r = post_json(
@@ -525,8 +531,23 @@ fn an_https_backend_behind_nginx_is_relayed_metered_and_its_connections_reused()
     let other = temp_dir().join("other.pem");
     std::fs::write(&other, Ca::new("Someone Else").pem()).unwrap();
     let proxy2 = proxy_with_config(&config(&other));
+    assert!(proxy2.output().contains(") is down"), "{}", proxy2.output());
     let r = post_json(&proxy2.addr, "/v1/chat/completions", &[], &chat(false, 1));
     assert_eq!(r.status, 502, "{}", r.text());
+    // Unless verification is off for that backend, which is warned about.
+    let insecure = proxy_with_config(&config(&other).replace(
+        &format!("    ca_file: \"{}\"\n", other.display()),
+        "    tls_insecure_skip_verify: true\n",
+    ));
+    assert!(
+        insecure
+            .output()
+            .contains("tls_insecure_skip_verify is set"),
+        "{}",
+        insecure.output()
+    );
+    let r = post_json(&insecure.addr, "/v1/chat/completions", &[], &chat(false, 1));
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 /// The payload of a chunked body.
