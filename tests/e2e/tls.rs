@@ -604,3 +604,34 @@ fn check_names_the_certificate_and_warns_two_weeks_before_it_expires() {
     assert!(err.contains("tls") && err.contains("key.pem"), "{err}");
     assert!(!err.contains("secret-ish"), "{err}");
 }
+
+#[test]
+fn a_tls_caller_who_hangs_up_during_prefill_is_noticed_and_billed() {
+    let pki = Pki::new();
+    let s = Stack::with(&pki.yaml(""), &[]);
+    let cfg = client_config(&pki.root.pem(), None);
+    let tcp = TcpStream::connect(s.addr()).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(cfg, name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let req = chat_request("tls-gone", true, 5, 0).replace(
+        "Connection: close\r\n",
+        "Connection: close\r\nx-mock-prefill-ms: 5000\r\n",
+    );
+    tls.write_all(req.as_bytes()).unwrap();
+    tls.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // A polite goodbye (close_notify, then FIN): bytes wait in the proxy's socket
+    // ahead of the end, which a plain peek would take for a pipelined request.
+    tls.conn.send_close_notify();
+    tls.conn.complete_io(&mut tls.sock).unwrap();
+    tls.sock.shutdown(std::net::Shutdown::Both).unwrap();
+    let t = Instant::now();
+    let rec = s.record("tls-gone");
+    assert_eq!(rec["outcome"], "client_disconnected", "{rec}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "noticed after {:?}, not during the 5 s prefill",
+        t.elapsed()
+    );
+}
