@@ -112,6 +112,36 @@ http {{
 }}
 """)
 nginx_master = start(["nginx", "-c", f"{W}/nginx.conf", "-p", W], 0, "nginx.log")
+# haproxy, the second anchor: one thread on core 0, keep-alive to the backends,
+# connections reused across callers (http-reuse always), as nginx's keepalive pool.
+HAPROXY, HAPROXY_SLOW = free_port(), free_port()
+if TLS:
+    open(f"{W}/combined.pem", "w").write(open(f"{W}/cert.pem").read() + open(f"{W}/key.pem").read())
+HA_SSL = f" ssl crt {W}/combined.pem ssl-min-ver TLSv1.3" if TLS else ""
+open(f"{W}/haproxy.cfg", "w").write(f"""
+global
+  nbthread 1
+  maxconn 20000
+  log stderr format raw local0 emerg
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  http-reuse always
+frontend main
+  bind 127.0.0.1:{HAPROXY}{HA_SSL}
+  default_backend mock
+frontend slow
+  bind 127.0.0.1:{HAPROXY_SLOW}
+  default_backend slow
+backend mock
+  server s1 127.0.0.1:{MOCK}
+backend slow
+  server s1 127.0.0.1:{SLOW_MOCK}
+""")
+haproxy = start(["haproxy", "-f", f"{W}/haproxy.cfg", "-db"], 0, "haproxy.log")
 open(f"{W}/llmproxy.yaml", "w").write(f"""
 listen: "127.0.0.1:{PROXY}"
 workers: 1
@@ -128,7 +158,7 @@ usage_hook:
   spool_dir: "{W}/spool"
 """)
 proxy = start([f"{REL}/llmproxy", "--config", f"{W}/llmproxy.yaml"], 0, "llmproxy.log")
-wait_port(NGINX, "nginx"); wait_port(PROXY, "llmproxy")
+wait_port(NGINX, "nginx"); wait_port(PROXY, "llmproxy"); wait_port(HAPROXY, "haproxy")
 # BASE=path/to/another/llmproxy adds that build as a fourth target ("base"), measured
 # in the same interleaved rounds: an A/B of a change that the machine's noise between
 # separate runs would hide.
@@ -141,8 +171,8 @@ if BASE:
     wait_port(BASE_PORT, "base llmproxy")
 time.sleep(0.3)
 nginx_worker = int(subprocess.check_output(["pgrep", "-P", str(nginx_master.pid)]).split()[0])
-PIDS = {"direct": None, "nginx": nginx_worker, "llmproxy": proxy.pid}
-PORTS = {"direct": MOCK, "nginx": NGINX, "llmproxy": PROXY}
+PIDS = {"direct": None, "nginx": nginx_worker, "haproxy": haproxy.pid, "llmproxy": proxy.pid}
+PORTS = {"direct": MOCK, "nginx": NGINX, "haproxy": HAPROXY, "llmproxy": PROXY}
 if BASE:
     PIDS["base"], PORTS["base"] = base.pid, BASE_PORT
 PROXIES = {"llmproxy": PROXY, "base": BASE_PORT}
@@ -154,7 +184,7 @@ BODY = {
 open(f"{W}/slow.lua", "w").write(
     f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["x-mock-token-delay-ms"] = "{SLOW_DELAY_MS}"\n'
     f'wrk.body = {json.dumps(json.dumps({"model": "slow-model", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": SLOW_TOKENS, "stream": True, "stream_options": {"include_usage": True}}))}\n')
-SLOW_PORTS = {"direct": SLOW_MOCK, "nginx": NGINX_SLOW, "llmproxy": PROXY, "base": BASE_PORT}
+SLOW_PORTS = {"direct": SLOW_MOCK, "nginx": NGINX_SLOW, "haproxy": HAPROXY_SLOW, "llmproxy": PROXY, "base": BASE_PORT}
 for name, body in BODY.items():
     for close in (False, True):
         extra = 'wrk.headers["Connection"] = "close"\n' if close else ""
@@ -296,6 +326,10 @@ try:
             ratio_relay = med([l["relay_us"] / n["cpu_us"] for l, n in pairs if n["cpu_us"]] or [float("nan")])
             print(f"{'':28} {'ratio':9} {who}/nginx (median of per-round ratios) req/s {ratio_rps:.2f}x, CPU per request {ratio_cpu:.2f}x "
                   f"(worker thread alone {row[who]['relay_us']:.1f} us/req, {ratio_relay:.2f}x)")
+            hpairs = [(l, h) for l, h in zip(results[name][who], results[name]["haproxy"]) if h["cpu_us"]]
+            if hpairs:
+                print(f"{'':28} {'':9} {who}/haproxy: req/s {med([l['rps'] / h['rps'] for l, h in hpairs]):.2f}x, "
+                      f"CPU per request {med([l['cpu_us'] / h['cpu_us'] for l, h in hpairs]):.2f}x")
             rounds = " ".join(f"{l['cpu_us'] / n['cpu_us']:.2f}" for l, n in pairs if n["cpu_us"])
             # The p99 added, round by round against the direct run of the same round (a
             # median of differences, steadier than the difference of medians above).
@@ -307,6 +341,7 @@ try:
             print(f"{'':28} {'':9} p99 added, median of per-round differences: {med(added[who]):.3f} ms (nginx {med(added['nginx']):.3f}); "
                   f"rounds {' '.join(f'{a:.3f}' for a in added[who])}")
         print()
-    print(f"peak RSS: nginx worker {rss_kib(nginx_worker) / 1024:.1f} MiB, llmproxy {rss_kib(proxy.pid) / 1024:.1f} MiB")
+    print(f"peak RSS: nginx worker {rss_kib(nginx_worker) / 1024:.1f} MiB, haproxy {rss_kib(haproxy.pid) / 1024:.1f} MiB, "
+          f"llmproxy {rss_kib(proxy.pid) / 1024:.1f} MiB")
 finally:
     cleanup()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The load benchmark: llmproxy against nginx as a plain reverse proxy, same backend,
-# same core. Installs what it needs (nginx, wrk from Debian; oha from crates.io),
+# The load benchmark: llmproxy against nginx and haproxy as plain reverse proxies, same
+# backend, same core. Installs what it needs (nginx, haproxy, wrk from Debian; oha from
+# crates.io),
 # builds, then runs benches/load.py. Every server listens on 127.0.0.1 only.
 #   benches/load.sh [seconds per run, default 5] [rounds, default 3]
 # ONLY=json,sse,rate,churn,slow runs a subset of the scenarios. TLS=1: both proxies
@@ -9,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 command -v nginx >/dev/null || need+=(nginx-light)
+command -v haproxy >/dev/null || need+=(haproxy)
 command -v wrk >/dev/null || need+=(wrk)
 command -v taskset >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then

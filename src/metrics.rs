@@ -218,6 +218,7 @@ pub struct Metrics {
     /// The shared limits store: 0 none configured, 1 reachable, 2 unreachable.
     pub limits_store: std::sync::atomic::AtomicU8,
     pub limits_sync_failures: AtomicU64,
+    pub limits_syncs: AtomicU64,
     /// The listener certificate's expiry (unix seconds); 0 without TLS.
     pub tls_cert_not_after: std::sync::atomic::AtomicI64,
     pub tls_handshake_failures: AtomicU64,
@@ -331,6 +332,7 @@ impl Metrics {
             rate_limited: std::array::from_fn(|_| zero()),
             limits_store: std::sync::atomic::AtomicU8::new(0),
             limits_sync_failures: zero(),
+            limits_syncs: zero(),
             tls_cert_not_after: std::sync::atomic::AtomicI64::new(0),
             tls_handshake_failures: zero(),
             spooled: zero(),
@@ -569,9 +571,10 @@ impl Metrics {
         if store != 0 {
             let _ = writeln!(
                 o,
-                "# HELP llmproxy_limits_store_up Whether the last sync with the shared limits store (limits_store) succeeded.\n# TYPE llmproxy_limits_store_up gauge\nllmproxy_limits_store_up {}\n# HELP llmproxy_limits_sync_failures_total Syncs with the limits store that failed (the proxy served on its own counts meanwhile).\n# TYPE llmproxy_limits_sync_failures_total counter\nllmproxy_limits_sync_failures_total {}",
+                "# HELP llmproxy_limits_store_up Whether the last sync with the shared limits store (limits_store) succeeded.\n# TYPE llmproxy_limits_store_up gauge\nllmproxy_limits_store_up {}\n# HELP llmproxy_limits_sync_failures_total Syncs with the limits store that failed (the proxy served on its own counts meanwhile).\n# TYPE llmproxy_limits_sync_failures_total counter\nllmproxy_limits_sync_failures_total {}\n# HELP llmproxy_limits_syncs_total Syncs with the limits store that succeeded.\n# TYPE llmproxy_limits_syncs_total counter\nllmproxy_limits_syncs_total {}",
                 u8::from(store == 1),
-                self.limits_sync_failures.load(Relaxed)
+                self.limits_sync_failures.load(Relaxed),
+                self.limits_syncs.load(Relaxed)
             );
         }
         let _ = writeln!(

@@ -385,6 +385,7 @@ impl Syncer {
                     self.up = Some(true);
                 }
                 self.metrics.limits_store.store(1, Relaxed);
+                self.metrics.limits_syncs.fetch_add(1, Relaxed);
             }
             Some(e) => {
                 self.metrics.limits_sync_failures.fetch_add(1, Relaxed);

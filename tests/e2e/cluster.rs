@@ -128,16 +128,31 @@ impl Cluster {
         self.proxies[i % self.proxies.len()].addr.clone()
     }
 
-    /// `n` requests with `key`, one after another, alternating between the proxies and
-    /// paced `gap_ms` apart: the statuses.
-    fn paced(&self, key: &str, n: usize, gap_ms: u64, prefix: &str) -> Vec<u16> {
+    /// `n` requests with `key`, one after another, alternating between the proxies,
+    /// each sent once the other proxy has seen the one before: the statuses. With
+    /// this pacing the shared limits are exact.
+    fn paced(&self, key: &str, n: usize, prefix: &str) -> Vec<u16> {
         (0..n)
             .map(|i| {
-                let r = call(&self.addr(i), key, &format!("{prefix}-{i}"), false);
-                std::thread::sleep(Duration::from_millis(gap_ms));
+                let id = format!("{prefix}-{i}");
+                let r = call(&self.addr(i), key, &id, false);
+                if r.status == 200 {
+                    // Charged (tpm) when its record is made.
+                    wait_record(&self.receiver, &id);
+                }
+                self.synced(i);
+                self.synced(i + 1);
                 r.status
             })
             .collect()
+    }
+
+    /// Waits until proxy `i` has finished a sync that began after this call: two more
+    /// than now (the one in progress may have begun before).
+    fn synced(&self, i: usize) {
+        let name = "llmproxy_limits_syncs_total";
+        let now = metric(&self.addr(i), name);
+        wait_until("a sync", 10, || metric(&self.addr(i), name) >= now + 2.0);
     }
 
     fn store_up(&self, i: usize) -> f64 {
@@ -154,31 +169,19 @@ fn ok(statuses: &[u16]) -> usize {
 }
 
 #[test]
-fn two_proxies_share_a_keys_rpm_and_tpm_within_one_sync_interval() {
+fn two_proxies_share_a_keys_rpm_and_tpm_exactly_once_synced() {
     let Some(redis) = Redis::start() else {
         return;
     };
     let c = Cluster::start(&redis, "");
     assert_eq!((c.store_up(0), c.store_up(1)), (1.0, 1.0));
-    with_minute_left(15);
+    with_minute_left(20);
     // 20 requests, 10 through each proxy: alone, each would admit all of its 10.
-    // Shared, 10 in all, give or take what one sync interval (50 ms) lets through;
-    // paced 150 ms apart, each sees the other's count before its next request.
-    let rpm = c.paced("sk-rpm-0123456789abcdef", 20, 150, "rpm");
-    assert!(
-        (10..=11).contains(&ok(&rpm)),
-        "admitted {} of 20: {rpm:?}",
-        ok(&rpm)
-    );
+    // Shared, 10 in all: each request is sent once the other proxy has synced the
+    // one before (what arrives within one interval is the documented overshoot).
+    let rpm = c.paced("sk-rpm-0123456789abcdef", 20, "rpm");
+    assert_eq!(ok(&rpm), 10, "{rpm:?}");
     assert!(rpm[..10].iter().all(|&s| s == 200), "{rpm:?}");
-    // Tokens are charged from each record's usage (7 a request): 70 a minute is ten
-    // requests, across both proxies.
-    let tpm = c.paced("sk-tpm-0123456789abcdef", 20, 150, "tpm");
-    assert!(
-        (10..=11).contains(&ok(&tpm)),
-        "admitted {} of 20: {tpm:?}",
-        ok(&tpm)
-    );
     // A refusal from one proxy counts the other's requests in its headers.
     let r = call(&c.addr(1), "sk-rpm-0123456789abcdef", "rpm-last", false);
     assert_eq!(r.status, 429);
@@ -186,6 +189,11 @@ fn two_proxies_share_a_keys_rpm_and_tpm_within_one_sync_interval() {
     let refused = metric(&c.addr(0), "llmproxy_rate_limited_total{reason=\"rpm\"}")
         + metric(&c.addr(1), "llmproxy_rate_limited_total{reason=\"rpm\"}");
     assert_eq!(refused as usize, 20 - ok(&rpm) + 1);
+    // Tokens are charged from each record's usage (7 a request): 70 a minute is ten
+    // requests, across both proxies.
+    with_minute_left(20);
+    let tpm = c.paced("sk-tpm-0123456789abcdef", 20, "tpm");
+    assert_eq!(ok(&tpm), 10, "{tpm:?}");
 }
 
 #[test]
@@ -244,7 +252,7 @@ fn redis_killed_under_load_both_proxies_keep_serving_and_enforcement_resumes() {
         .arg(&closed_cfg)
         .current_dir(closed_cfg.parent().unwrap());
     let closed = spawn(cmd);
-    with_minute_left(20);
+    with_minute_left(40);
 
     // Steady load on both proxies for the whole test: every request must succeed.
     let stop = Arc::new(AtomicBool::new(false));
@@ -272,7 +280,7 @@ fn redis_killed_under_load_both_proxies_keep_serving_and_enforcement_resumes() {
         .collect();
 
     // 8 of the rpm key's 10 used, 4 through each proxy.
-    let before = c.paced("sk-rpm-0123456789abcdef", 8, 150, "pre");
+    let before = c.paced("sk-rpm-0123456789abcdef", 8, "pre");
     assert_eq!(ok(&before), 8);
     let served_before = sent.load(Relaxed);
 
@@ -300,10 +308,14 @@ fn redis_killed_under_load_both_proxies_keep_serving_and_enforcement_resumes() {
     wait_until("both proxies resynced", 10, || {
         c.store_up(0) == 1.0 && c.store_up(1) == 1.0
     });
-    std::thread::sleep(Duration::from_millis(100)); // one more sync: both counts in
-    let after = c.paced("sk-rpm-0123456789abcdef", 6, 150, "post");
-    assert!((2..=3).contains(&ok(&after)), "after the restart {after:?}");
-    assert_eq!(&after[..2], &[200, 200]);
+    c.synced(0); // both wrote their counts again
+    c.synced(1);
+    let after = c.paced("sk-rpm-0123456789abcdef", 6, "post");
+    assert_eq!(
+        after,
+        vec![200, 200, 429, 429, 429, 429],
+        "after the restart"
+    );
     wait_until("the fail-closed proxy resynced", 10, || {
         metric(&closed.addr, "llmproxy_limits_store_up") == 1.0
     });

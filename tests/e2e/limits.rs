@@ -156,7 +156,7 @@ fn tokens_per_minute_and_budgets_are_charged_from_usage() {
 }
 
 #[test]
-fn in_flight_limit_frees_when_a_stream_ends_and_the_sdk_retries_as_told() {
+fn in_flight_limit_frees_when_a_request_ends_and_the_sdk_retries_as_told() {
     let s = stack(
         "      max_concurrent: 1\n    - key: sk-spent-0123456789abcdef\n      user_id: spent\n      budget: {tokens: 1, period: day}\n",
     );
@@ -166,21 +166,24 @@ fn in_flight_limit_frees_when_a_stream_ends_and_the_sdk_retries_as_told() {
         200
     );
     s.record("spend");
-    // A slow stream holds the key's only slot for ~2 s.
-    let addr = s.addr().to_string();
-    let holder = std::thread::spawn(move || {
-        let mut body = chat(true, 20);
-        body["stream"] = true.into();
-        post_json(
-            &addr,
-            "/v1/chat/completions",
-            &[
-                ("authorization", &format!("Bearer {KEY}")),
-                ("x-mock-token-delay-ms", "100"),
-            ],
-            &body,
-        )
-    });
+    // A slow stream (200 tokens, 100 ms apart) holds the key's only slot until its
+    // caller hangs up below: the test decides when the slot frees, not a timer.
+    let mut holder = std::net::TcpStream::connect(s.addr()).unwrap();
+    let mut body = chat(true, 200);
+    body["stream"] = true.into();
+    write_request(
+        &mut holder,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("authorization", &format!("Bearer {KEY}")),
+            ("content-type", "application/json"),
+            ("x-request-id", "holder"),
+            ("x-mock-token-delay-ms", "100"),
+        ],
+        body.to_string().as_bytes(),
+        false,
+    );
     wait_until("the slow stream holds the slot", 10, || {
         metric(
             s.addr(),
@@ -190,17 +193,25 @@ fn in_flight_limit_frees_when_a_stream_ends_and_the_sdk_retries_as_told() {
     let r = call(s.addr(), KEY, "busy", false);
     assert_eq!(r.status, 429);
     assert_eq!(r.header("retry-after"), Some("1"));
-    // The SDK gets the same 429, waits as told, retries, and succeeds once the stream
-    // ended; the spent key's 429 is not retried.
-    let out = std::process::Command::new(python())
+    // The SDK gets the same 429 and waits as told; the slot frees meanwhile (the
+    // holder hangs up), so its retry succeeds. The spent key's 429 is not retried.
+    let sdk = std::process::Command::new(python())
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk_limits.py"))
         .args([
             &format!("http://{}/v1", s.addr()),
             KEY,
             "sk-spent-0123456789abcdef",
         ])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let busy = "llmproxy_rate_limited_total{reason=\"concurrency\"}";
+    wait_until("the SDK's first try is refused", 60, || {
+        metric(s.addr(), busy) >= 2.0
+    });
+    drop(holder);
+    let out = sdk.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{}{}",
@@ -213,16 +224,13 @@ fn in_flight_limit_frees_when_a_stream_ends_and_the_sdk_retries_as_told() {
         .and_then(|t| t.split_whitespace().next())
         .and_then(|t| t.parse().ok())
         .unwrap();
-    // Our own 429 and at least the SDK's first try; it waited as Retry-After said
-    // (its own first backoff would be ~0.5 s).
-    let busy = "llmproxy_rate_limited_total{reason=\"concurrency\"}";
-    assert!(metric(s.addr(), busy) >= 2.0);
+    // It waited as Retry-After said (its own first backoff would be ~0.5 s).
     assert!(waited >= 0.9, "waited {waited}");
     assert_eq!(
         metric(s.addr(), "llmproxy_rate_limited_total{reason=\"budget\"}"),
         1.0
     );
-    assert_eq!(holder.join().unwrap().status, 200);
+    assert_eq!(s.record("holder")["outcome"], "client_disconnected");
     s.record("sdk-limited");
 }
 
