@@ -121,7 +121,7 @@ HA_SSL = f" ssl crt {W}/combined.pem ssl-min-ver TLSv1.3" if TLS else ""
 open(f"{W}/haproxy.cfg", "w").write(f"""
 global
   nbthread 1
-  maxconn 20000
+  maxconn 8000
   log stderr format raw local0 emerg
 defaults
   mode http

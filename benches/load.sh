@@ -16,7 +16,9 @@ command -v taskset >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-# oha drives the fixed-rate scenario, which a TLS=1 run leaves out.
-[ "${TLS:-}" = 1 ] || command -v oha >/dev/null || cargo install oha --locked
+# oha drives the fixed-rate scenario, which a TLS=1 run leaves out (and ONLY= may).
+if [ "${TLS:-}" != 1 ] && { [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",rate,"* ]]; }; then
+    command -v oha >/dev/null || cargo install oha --locked
+fi
 cargo build --release --bin llmproxy --example mock_vllm --example webhook_receiver 2>&1 | tail -n 1
 exec python3 benches/load.py "${1:-5}" "${2:-3}"
