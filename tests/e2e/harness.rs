@@ -199,13 +199,26 @@ pub fn receiver(args: &[&str]) -> Proc {
     receiver_on(0, args)
 }
 
-/// A port with nothing listening on it (bound, noted, released).
+/// A port with nothing listening on it (bound, noted, released), below the kernel's
+/// ephemeral range: a server stopped and started again on it (a broker outage, a
+/// receiver brought back) must not find it taken meanwhile by some test's outgoing
+/// connection, which draws its local port from that range (seen in CI: RabbitMQ could
+/// not come back on its port).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap_or(32_768);
+    let (lo, hi) = (10_000, first_ephemeral.max(10_100));
+    let start = std::process::id() as usize * 7_919;
+    for _ in 0..(hi - lo) {
+        let port = (lo + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % (hi - lo)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {hi}");
 }
 
 /// A receiver on a given port (to bring one back where the proxy expects it).
