@@ -25,12 +25,7 @@ struct Rabbit {
 impl Rabbit {
     /// `None` when the broker is not installed and not required.
     fn start() -> Option<Rabbit> {
-        if !Path::new(SERVER).exists() {
-            assert!(
-                std::env::var("LLMPROXY_REQUIRE_RABBITMQ").is_err(),
-                "rabbitmq-server is not installed (apt-get install rabbitmq-server)"
-            );
-            eprintln!("skipped: rabbitmq-server is not installed");
+        if !installed(SERVER, "LLMPROXY_REQUIRE_RABBITMQ", "rabbitmq-server") {
             return None;
         }
         let dir = temp_dir();

@@ -8,7 +8,7 @@
 
 use crate::harness::*;
 use crate::limits::{call, with_minute_left};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -25,12 +25,7 @@ struct Redis {
 impl Redis {
     /// `None` when redis-server is not installed and not required.
     fn start() -> Option<Redis> {
-        if !Path::new(SERVER).exists() {
-            assert!(
-                std::env::var("LLMPROXY_REQUIRE_REDIS").is_err(),
-                "redis-server is not installed (apt-get install redis-server)"
-            );
-            eprintln!("skipped: redis-server is not installed");
+        if !installed(SERVER, "LLMPROXY_REQUIRE_REDIS", "redis-server") {
             return None;
         }
         let mut r = Redis {

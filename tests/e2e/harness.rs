@@ -199,6 +199,21 @@ pub fn receiver(args: &[&str]) -> Proc {
     receiver_on(0, args)
 }
 
+/// Whether the server at `path` (a Debian package) can be used. Missing, a test says
+/// so and passes, unless `require_env` is set (scripts/test.sh sets it after installing
+/// `package`), where a missing server fails it.
+pub fn installed(path: &str, require_env: &str, package: &str) -> bool {
+    if std::path::Path::new(path).exists() {
+        return true;
+    }
+    assert!(
+        std::env::var(require_env).is_err(),
+        "{path} is not installed (apt-get install {package})"
+    );
+    eprintln!("skipped: {path} is not installed");
+    false
+}
+
 /// A port with nothing listening on it (bound, noted, released), below the kernel's
 /// ephemeral range: a server stopped and started again on it (a broker outage, a
 /// receiver brought back) must not find it taken meanwhile by some test's outgoing

@@ -403,12 +403,7 @@ struct Nginx {
 impl Nginx {
     fn start(pki: &Pki, upstream: &str) -> Option<Nginx> {
         let bin = "/usr/sbin/nginx";
-        if !Path::new(bin).exists() {
-            assert!(
-                std::env::var("LLMPROXY_REQUIRE_NGINX").is_err(),
-                "nginx is not installed (apt-get install nginx-light)"
-            );
-            eprintln!("skipped: nginx is not installed");
+        if !installed(bin, "LLMPROXY_REQUIRE_NGINX", "nginx-light") {
             return None;
         }
         let dir = temp_dir();
