@@ -169,13 +169,25 @@ if BASE:
                                       .replace(f":{PROXY}", f":{BASE_PORT}").replace(f"{W}/spool", f"{W}/base-spool"))
     base = start([BASE, "--config", f"{W}/base.yaml"], 0, "base.log")
     wait_port(BASE_PORT, "base llmproxy")
+# NOBILL=1 adds the same build with usage_hook.enabled: false as a target ("nobill"):
+# what billing (metering's record, hand-over, spool, webhook) costs, in the same rounds.
+NOBILL = os.environ.get("NOBILL") == "1"
+NOBILL_PORT = free_port()
+if NOBILL:
+    open(f"{W}/nobill.yaml", "w").write(open(f"{W}/llmproxy.yaml").read()
+                                        .replace(f":{PROXY}", f":{NOBILL_PORT}").replace("enabled: true", "enabled: false")
+                                        .replace(f"{W}/spool", f"{W}/nobill-spool"))
+    nobill = start([f"{REL}/llmproxy", "--config", f"{W}/nobill.yaml"], 0, "nobill.log")
+    wait_port(NOBILL_PORT, "llmproxy without billing")
 time.sleep(0.3)
 nginx_worker = int(subprocess.check_output(["pgrep", "-P", str(nginx_master.pid)]).split()[0])
 PIDS = {"direct": None, "nginx": nginx_worker, "haproxy": haproxy.pid, "llmproxy": proxy.pid}
 PORTS = {"direct": MOCK, "nginx": NGINX, "haproxy": HAPROXY, "llmproxy": PROXY}
 if BASE:
     PIDS["base"], PORTS["base"] = base.pid, BASE_PORT
-PROXIES = {"llmproxy": PROXY, "base": BASE_PORT}
+if NOBILL:
+    PIDS["nobill"], PORTS["nobill"] = nobill.pid, NOBILL_PORT
+PROXIES = {"llmproxy": PROXY, "base": BASE_PORT, "nobill": NOBILL_PORT}
 
 BODY = {
     "json": '{"model":"mock-model","messages":[{"role":"user","content":"one two three four five"}],"max_tokens":64}',
@@ -184,7 +196,7 @@ BODY = {
 open(f"{W}/slow.lua", "w").write(
     f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["x-mock-token-delay-ms"] = "{SLOW_DELAY_MS}"\n'
     f'wrk.body = {json.dumps(json.dumps({"model": "slow-model", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": SLOW_TOKENS, "stream": True, "stream_options": {"include_usage": True}}))}\n')
-SLOW_PORTS = {"direct": SLOW_MOCK, "nginx": NGINX_SLOW, "haproxy": HAPROXY_SLOW, "llmproxy": PROXY, "base": BASE_PORT}
+SLOW_PORTS = {"direct": SLOW_MOCK, "nginx": NGINX_SLOW, "haproxy": HAPROXY_SLOW, "llmproxy": PROXY, "base": BASE_PORT, "nobill": NOBILL_PORT}
 for name, body in BODY.items():
     for close in (False, True):
         extra = 'wrk.headers["Connection"] = "close"\n' if close else ""
@@ -319,7 +331,12 @@ try:
             print(f"{name:28} {t:9} {x['rps']:9.0f} {x['p50']:8.3f} {x['p99']:8.3f} {added} {cpu_s} {errs:7d}")
         # Ratios are taken round by round (the two runs of a round are next to each other
         # in time, so a slow spell of the machine hits both), then the median.
-        for who in PROXIES if BASE else ["llmproxy"]:
+        if NOBILL:
+            diffs = [l["cpu_us"] - n["cpu_us"] for l, n in zip(results[name]["llmproxy"], results[name]["nobill"])]
+            p99s = [l["p99"] - n["p99"] for l, n in zip(results[name]["llmproxy"], results[name]["nobill"])]
+            print(f"{'':28} {'billing':9} llmproxy - nobill, CPU per request (median of per-round differences): "
+                  f"{med(diffs):+.2f} us (rounds {' '.join(f'{d:+.1f}' for d in diffs)}); p99 {med(p99s):+.3f} ms")
+        for who in [t for t in PROXIES if t in PORTS and t != "nobill"]:
             pairs = list(zip(results[name][who], results[name]["nginx"]))
             ratio_rps = med([l["rps"] / n["rps"] for l, n in pairs])
             ratio_cpu = med([l["cpu_us"] / n["cpu_us"] for l, n in pairs if n["cpu_us"]] or [float("nan")])

@@ -8,9 +8,10 @@ use crate::usage::UsageRecord;
 use crossbeam_channel::{Sender, TrySendError};
 use log::{error, info};
 use std::cell::{Cell, RefCell};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::task::{Poll, Waker};
+use std::thread::Thread;
 use std::time::Duration;
 
 /// How long a worker gathers records after the first before handing them over; the
@@ -38,6 +39,11 @@ pub struct RecordSink {
     pub(super) overflow: Option<Arc<Overflow>>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) closing: Arc<AtomicBool>,
+    /// The thread that takes batches from the channel (the spool writer), unparked
+    /// after each hand-over: it waits parked rather than in the channel's `recv`,
+    /// whose spin-then-yield before blocking cost a context switch with the worker
+    /// per yield on a shared core.
+    pub(super) taker: Arc<OnceLock<Thread>>,
 }
 
 /// Records a worker serialized, handed to the delivery threads together.
@@ -66,6 +72,7 @@ impl RecordSink {
             overflow: None,
             metrics,
             closing: Arc::new(AtomicBool::new(false)),
+            taker: Arc::default(),
         }
     }
 
@@ -205,7 +212,12 @@ impl WorkerSink {
         queued.fetch_add(b.records, Relaxed);
         let next = Batch::with_capacity(b.lines.capacity().min(2 * BATCH_BYTES));
         match tx.try_send(std::mem::replace(b, next)) {
-            Ok(()) => true,
+            Ok(()) => {
+                if let Some(t) = self.sink.taker.get() {
+                    t.unpark();
+                }
+                true
+            }
             Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => {
                 queued.fetch_sub(back.records, Relaxed);
                 *b = back;

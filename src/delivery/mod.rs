@@ -2,7 +2,7 @@
 //! batch and hands it to a bounded channel with `try_send` every `HANDOVER` (a worker
 //! never waits). With a spool (the default), a writer thread appends every batch to
 //! disk as it comes, before anything tries to deliver its records
-//! (fdatasync at most every `SYNC_INTERVAL`), and a sender thread POSTs spooled records
+//! (fdatasync'd once a record is `SYNC_INTERVAL` old and still undelivered), and a sender thread POSTs spooled records
 //! oldest first, advancing the spool cursor only once the webhook took a record (2xx)
 //! or refused it for good (4xx other than 408/429: dead letter). While the webhook is
 //! down, records wait on disk, also across restarts and crashes. POSTs are pipelined
@@ -50,9 +50,15 @@ const MAX_BATCHES: usize = 4096;
 fn no_wakeup_preemption() {
     // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid param
     // struct; SCHED_BATCH requires priority 0.
-    unsafe {
+    let done = unsafe {
         let param = libc::sched_param { sched_priority: 0 };
-        libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
+        libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) == 0
+    };
+    if !done {
+        warn!(
+            "cannot put the delivery thread in SCHED_BATCH ({}): its wake-ups may preempt workers",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -64,6 +70,7 @@ pub fn start(
     let (tx, rx) = crossbeam_channel::bounded(cfg.queue_size.min(MAX_BATCHES));
     let closing = Arc::new(AtomicBool::new(false));
     let queued = Arc::new(AtomicUsize::new(0));
+    let taker: Arc<std::sync::OnceLock<std::thread::Thread>> = Arc::default();
     let outbox = Outbox::new(cfg, metrics.clone());
     let mut handles = Vec::new();
     let mut overflow = None;
@@ -107,10 +114,12 @@ pub fn start(
         overflow = Some(o.clone());
         let (stop_w, stop_s) = (closing.clone(), closing.clone());
         let (m, q) = (metrics.clone(), queued.clone());
-        handles.push(spawn(
+        let spool_writer = spawn(
             "usage-spool",
             Box::new(move || write_spool(rx, writer, &o, &m, &q, &stop_w)),
-        )?);
+        )?;
+        let _ = taker.set(spool_writer.thread().clone());
+        handles.push(spool_writer);
         let dir = spool.dir.clone();
         let keep = Arc::new(spool); // holds the directory lock while the threads run
         handles.push(spawn(
@@ -129,6 +138,7 @@ pub fn start(
             overflow,
             metrics,
             closing,
+            taker,
         },
         handles,
     ))
@@ -189,6 +199,7 @@ mod tests {
             overflow: None,
             metrics: metrics.clone(),
             closing: Arc::new(AtomicBool::new(false)),
+            taker: Arc::default(),
         };
         let w = sink.worker(metrics.claim(0).expect("shard"));
         w.emit(&record(0));
@@ -235,6 +246,7 @@ mod tests {
             overflow: Some(spool.overflow()),
             metrics: metrics.clone(),
             closing: Arc::new(AtomicBool::new(false)),
+            taker: Arc::default(),
         };
         let w = sink.worker(metrics.claim(0).expect("shard"));
         // A burst: the first batch fits the empty queue whatever its size, the next

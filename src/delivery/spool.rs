@@ -1,6 +1,6 @@
 //! The durable spool: every record is appended to a segment file (group commit: one
-//! write per batch the writer thread drains, then at most every `SYNC_INTERVAL` one
-//! fdatasync) before anything tries to deliver it; the sender reads segments back
+//! write per batch the writer thread drains, and an fdatasync for records still
+//! undelivered `SYNC_INTERVAL` after their write) before anything tries to deliver it; the sender reads segments back
 //! oldest first and advances a cursor as records are delivered or dead-lettered.
 //! Delivered segments are deleted.
 //!
@@ -301,6 +301,16 @@ impl SpoolWriter {
 
     pub fn pending(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Spooled bytes not yet delivered (or dead-lettered).
+    pub fn backlog(&self) -> u64 {
+        self.shared.backlog_bytes.load(Relaxed)
+    }
+
+    /// Everything written is fdatasync'd.
+    pub fn synced(&self) -> bool {
+        !self.unsynced
     }
 
     /// Writes and fsyncs what is buffered, then tells the reader.
