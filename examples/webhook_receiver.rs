@@ -6,7 +6,7 @@
 //!         [--raw-log all.jsonl] [--fail-status 500 --fail-count 3] [--stall-ms 3000]
 //!         [--quiet] [--no-store]
 //!
-//! `--raw-log` keeps every POST, duplicates included (the tests count them); `--log none`
+//! `--raw-log` keeps every record POSTed, duplicates included (the tests count them); `--log none`
 //! keeps no log, and `--no-store` keeps no records for `GET /records` (benchmarks).
 //! When nothing is kept (`--no-store --log none`, quiet, no raw log), a record is read
 //! no further than its leading `request_id` and no ids are remembered (the receiver
@@ -18,7 +18,11 @@
 //! `--signing-secret whsec_...`: verify each POST's Standard Webhooks signature (the
 //! proxy's `usage_hook.signing_secret`); a missing or bad one, or a timestamp more
 //! than 5 minutes off, is answered 401.
-//! `GET /records` returns the deduplicated records as a JSON array.
+//! `GET /records` returns the deduplicated records as a JSON array; `GET /stats` the
+//! POSTs received (`{"posts":N}`).
+//! A POST's body is one record, or (`usage_hook.batch` above 1) a JSON array of
+//! records keyed by the first one's id and `+<count>`; each record is deduplicated by
+//! its own `request_id`, and `--raw-log` gets a line per record.
 
 #[path = "common/http.rs"]
 mod http;
@@ -67,6 +71,8 @@ struct Receiver {
     log: Option<std::fs::File>,
     raw: Option<std::fs::File>,
     fail_left: u64,
+    /// POSTs received (`GET /stats`).
+    posts: u64,
 }
 
 /// The only field the receiver itself needs; the rest is kept as the bytes that came.
@@ -122,6 +128,7 @@ fn main() {
         fail_left: http::flag("--fail-count")
             .and_then(|s| s.parse().ok())
             .unwrap_or(0),
+        posts: 0,
     });
     let stall = std::time::Duration::from_millis(
         http::flag("--stall-ms")
@@ -137,6 +144,12 @@ fn main() {
     });
     let listener = http::listen("webhook-receiver", &host, port);
     http::serve_batched(listener, move |req, w| {
+        if req.method == "GET" && req.path == "/stats" {
+            let posts = state.lock().map_or(0, |s| s.posts);
+            let body = format!("{{\"posts\":{posts}}}");
+            http::respond_into(w, 200, "application/json", body.as_bytes());
+            return Ok(true);
+        }
         if req.method == "GET" && req.path == "/records" {
             let mut body = b"[".to_vec();
             if let Ok(s) = state.lock() {
@@ -172,66 +185,95 @@ fn main() {
             http::respond_into(w, 500, "text/plain", b"poisoned");
             return Ok(true);
         };
+        s.posts += 1;
         if s.fail_left > 0 {
             s.fail_left -= 1;
             http::respond_into(w, fail_status, "text/plain", b"failing on purpose");
             return Ok(true);
         }
         let keeps_nothing = quiet && !s.store && s.log.is_none() && s.raw.is_none();
-        let id = match leading_id(&req.body).filter(|_| keeps_nothing) {
-            Some(id) => id.to_string(),
-            None => match serde_json::from_slice::<Id>(&req.body) {
-                Ok(Id { request_id }) => request_id,
-                Err(_) => {
-                    http::respond_into(w, 400, "text/plain", b"not json");
-                    return Ok(true);
-                }
-            },
-        };
-        if let Some(raw) = s.raw.as_mut() {
-            write_line(raw, &req.body);
-        }
-        if req.header("idempotency-key") != Some(id.as_str()) {
-            eprintln!("webhook-receiver: Idempotency-Key does not match request_id {id}");
-        }
+        // usage_hook.batch above 1: a JSON array of records, keyed by the first
+        // record's id and `+<count>`; each record is deduplicated by its own id.
+        let array = req.body.first() == Some(&b'[');
         if keeps_nothing {
             // Nothing is kept, so there is nothing to deduplicate: no id set either
             // (inserting into an ever-growing set was ~30 % of this receiver under
             // load, on the core the benchmark's load generator needs).
-            http::respond_into(w, 200, "application/json", b"{\"ok\":true}");
-            return Ok(true);
-        }
-        if s.seen.contains(&id) {
-            if !quiet {
-                println!("[usage] duplicate {id} ignored");
+            let ok = if array {
+                true
+            } else {
+                leading_id(&req.body).is_some() || serde_json::from_slice::<Id>(&req.body).is_ok()
+            };
+            if ok {
+                http::respond_into(w, 200, "application/json", b"{\"ok\":true}");
+            } else {
+                http::respond_into(w, 400, "text/plain", b"not json");
             }
-            http::respond_into(w, 200, "application/json", b"{\"duplicate\":true}");
             return Ok(true);
         }
-        if !quiet {
-            let record: Value = serde_json::from_slice(&req.body).unwrap_or_default();
-            println!(
-                "[usage] {id} user={} model={} prompt={} completion={} total={} stream={} outcome={} source={} status={} ttft_ms={}",
-                record["user_id"],
-                record["model"],
-                record["prompt_tokens"],
-                record["completion_tokens"],
-                record["total_tokens"],
-                record["is_stream"],
-                record["outcome"],
-                record["usage_source"],
-                record["status_code"],
-                record["ttft_ms"]
-            );
-            let _ = std::io::stdout().flush();
+        let records: Vec<Vec<u8>> = if array {
+            match serde_json::from_slice::<Vec<Box<serde_json::value::RawValue>>>(&req.body) {
+                Ok(v) if !v.is_empty() => v.iter().map(|r| r.get().as_bytes().to_vec()).collect(),
+                _ => {
+                    http::respond_into(w, 400, "text/plain", b"not a JSON array of records");
+                    return Ok(true);
+                }
+            }
+        } else {
+            vec![req.body.to_vec()]
+        };
+        let mut ids = Vec::with_capacity(records.len());
+        for r in &records {
+            match serde_json::from_slice::<Id>(r) {
+                Ok(Id { request_id }) => ids.push(request_id),
+                Err(_) => {
+                    http::respond_into(w, 400, "text/plain", b"not json");
+                    return Ok(true);
+                }
+            }
         }
-        if let Some(log) = s.log.as_mut() {
-            write_line(log, &req.body);
+        let key = match ids.len() {
+            1 => ids[0].clone(),
+            n => format!("{}+{n}", ids[0]),
+        };
+        if req.header("idempotency-key") != Some(key.as_str()) {
+            eprintln!("webhook-receiver: Idempotency-Key does not match request_id {key}");
         }
-        if s.store {
-            s.records.push(one_line(&req.body).into_boxed_slice());
+        for (body, id) in records.iter().zip(ids) {
+            if let Some(raw) = s.raw.as_mut() {
+                write_line(raw, body);
+            }
+            if s.seen.contains(&id) {
+                if !quiet {
+                    println!("[usage] duplicate {id} ignored");
+                }
+                continue;
+            }
+            if !quiet {
+                let record: Value = serde_json::from_slice(body).unwrap_or_default();
+                println!(
+                    "[usage] {id} user={} model={} prompt={} completion={} total={} stream={} outcome={} source={} status={} ttft_ms={}",
+                    record["user_id"],
+                    record["model"],
+                    record["prompt_tokens"],
+                    record["completion_tokens"],
+                    record["total_tokens"],
+                    record["is_stream"],
+                    record["outcome"],
+                    record["usage_source"],
+                    record["status_code"],
+                    record["ttft_ms"]
+                );
+                let _ = std::io::stdout().flush();
+            }
+            if let Some(log) = s.log.as_mut() {
+                write_line(log, body);
+            }
+            if s.store {
+                s.records.push(one_line(body).into_boxed_slice());
+            }
+            s.seen.insert(id);
         }
-        s.seen.insert(id);
         http::respond_into(w, 200, "application/json", b"{\"ok\":true}");
         Ok(true)
     });

@@ -253,6 +253,11 @@ pub struct UsageHookConfig {
     /// (HTTP/1.1 pipelining, plain http:// webhooks); 1 = one at a time.
     #[serde(default = "default_pipeline")]
     pub pipeline: usize,
+    /// Records per webhook POST: above 1, each POST carries a JSON array of up to this
+    /// many records (docs/billing.md "Batched webhooks"); 1 = one record, the object
+    /// itself, per POST.
+    #[serde(default = "one_usize")]
+    pub batch: usize,
     /// A Standard Webhooks secret (`whsec_` + base64): every POST is signed
     /// (`webhook-id`, `webhook-timestamp`, `webhook-signature`). Never printed.
     #[serde(default)]
@@ -320,6 +325,11 @@ impl UsageHookConfig {
 fn default_pipeline() -> usize {
     128
 }
+fn one_usize() -> usize {
+    1
+}
+/// Most records in one batched webhook POST.
+pub const MAX_HOOK_BATCH: usize = 1000;
 
 fn default_hook_timeout() -> Dur {
     Dur(Duration::from_secs(1))
@@ -346,6 +356,7 @@ impl Default for UsageHookConfig {
             queue_size: default_queue_size(),
             spool_dir: default_spool_dir(),
             pipeline: default_pipeline(),
+            batch: 1,
             signing_secret: None,
             amqp: AmqpConfig::default(),
         }
@@ -780,6 +791,15 @@ impl Config {
             }
         }
         let hook = &self.usage_hook;
+        if !(1..=MAX_HOOK_BATCH).contains(&hook.batch) {
+            return err(
+                "usage_hook.batch",
+                format!(
+                    "expected 1 to {MAX_HOOK_BATCH} records per POST, got {}",
+                    hook.batch
+                ),
+            );
+        }
         if let Some(secret) = &hook.signing_secret
             && let Err(e) = crate::delivery::signing::Signer::parse(secret)
         {
@@ -793,6 +813,12 @@ impl Config {
                         return err(
                             "usage_hook.url",
                             "signing_secret and headers apply to webhooks; an amqp:// sink authenticates with the URL's user and password",
+                        );
+                    }
+                    if hook.batch > 1 {
+                        return err(
+                            "usage_hook.batch",
+                            "batched POSTs apply to webhooks; an amqp:// sink publishes one message per record (pipelined by usage_hook.pipeline)",
                         );
                     }
                     if hook.amqp.exchange.is_empty() && hook.amqp.declare {
@@ -1155,6 +1181,24 @@ health_check:
             e,
             "usage_hook.timeout: expected a duration like \"1s\", got \"fast\""
         );
+    }
+
+    #[test]
+    fn hook_batch_is_bounded_and_for_webhooks_only() {
+        let with = |batch: &str, url: &str| {
+            let y = ORIGINAL_EXAMPLE
+                .replace("retry: 2", &format!("retry: 2\n  batch: {batch}"))
+                .replace("https://your-billing.com/llm-usage", url);
+            Config::from_yaml(&y).map(|c| c.usage_hook.batch).map_err(|e| e.0)
+        };
+        assert_eq!(with("100", "http://billing/usage"), Ok(100));
+        for bad in ["0", "1001"] {
+            let e = with(bad, "http://billing/usage").unwrap_err();
+            assert!(e.starts_with("usage_hook.batch: expected 1 to 1000"), "{e}");
+        }
+        let e = with("10", "amqp://mq/%2f").unwrap_err();
+        assert!(e.starts_with("usage_hook.batch: batched POSTs apply to webhooks"), "{e}");
+        assert_eq!(with("1", "amqp://mq/%2f"), Ok(1));
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub(super) struct Outbox {
     amqp: Option<super::amqp::Publisher>,
     /// Most records POSTed back to back before reading the answers.
     pipeline: usize,
+    /// `usage_hook.batch`: records per POST, in a JSON array when above 1.
+    batch: usize,
     agent: ureq::Agent,
     url: String,
     headers: Vec<(String, String)>,
@@ -111,6 +113,7 @@ impl Outbox {
                 .as_ref()
                 .and_then(|u| webhook::PlainHttp::new(u, &headers, signer.clone(), cfg.timeout.0)),
             pipeline: cfg.pipeline.max(1),
+            batch: cfg.batch.max(1),
             agent,
             url,
             headers,
@@ -135,24 +138,41 @@ impl Outbox {
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             queued.fetch_sub(batch.records, Relaxed);
-            for line in batch.lines.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
-                let id = record_id(line);
-                match self.deliver(line, &id) {
-                    Delivery::Delivered => {}
-                    Delivery::Refused(status, excerpt) => {
-                        self.metrics.dead_letter.fetch_add(1, Relaxed);
-                        error!(
-                            "usage webhook refused {id} with {status} ({excerpt}); no spool; UNDELIVERED RECORD: {}",
-                            String::from_utf8_lossy(line)
-                        );
-                    }
-                    Delivery::Failed(why) => {
-                        self.metrics.records_dropped.fetch_add(1, Relaxed);
-                        error!(
-                            "{}: giving up on {id} ({why}); no spool; UNDELIVERED RECORD: {}",
-                            self.sink_name(),
-                            String::from_utf8_lossy(line)
-                        );
+            let lines: Vec<&[u8]> = batch
+                .lines
+                .split(|&c| c == b'\n')
+                .filter(|l| !l.is_empty())
+                .collect();
+            for chunk in lines.chunks(self.batch) {
+                let ids: Vec<Cow<str>> = chunk.iter().map(|l| record_id(l)).collect();
+                let results = if self.batch > 1 {
+                    self.deliver_arrays(chunk, &ids)
+                } else {
+                    vec![self.deliver(chunk[0], &ids[0])]
+                };
+                // A failure ends the answers; it covers the rest of the chunk (one POST).
+                let mut why = String::new();
+                for (i, (line, id)) in chunk.iter().zip(&ids).enumerate() {
+                    match results.get(i) {
+                        Some(Delivery::Delivered) => {}
+                        Some(Delivery::Refused(status, excerpt)) => {
+                            self.metrics.dead_letter.fetch_add(1, Relaxed);
+                            error!(
+                                "usage webhook refused {id} with {status} ({excerpt}); no spool; UNDELIVERED RECORD: {}",
+                                String::from_utf8_lossy(line)
+                            );
+                        }
+                        failed => {
+                            if let Some(Delivery::Failed(w)) = failed {
+                                why.clone_from(w);
+                            }
+                            self.metrics.records_dropped.fetch_add(1, Relaxed);
+                            error!(
+                                "{}: giving up on {id} ({why}); no spool; UNDELIVERED RECORD: {}",
+                                self.sink_name(),
+                                String::from_utf8_lossy(line)
+                            );
+                        }
                     }
                 }
             }
@@ -166,7 +186,9 @@ impl Outbox {
         // Records delivered while catching up (after an outage, or left from before
         // this start) count as re-delivered from the spool.
         let mut catching_up = shared.backlog_bytes.load(Relaxed) > 0;
-        let mut lines: Vec<Vec<u8>> = Vec::with_capacity(self.pipeline);
+        // A round takes up to `pipeline` POSTs' worth of records.
+        let round = self.pipeline.saturating_mul(self.batch);
+        let mut lines: Vec<Vec<u8>> = Vec::with_capacity(round.min(4096));
         loop {
             if closing.load(Relaxed) {
                 let at = *closed_at.get_or_insert_with(Instant::now);
@@ -175,7 +197,7 @@ impl Outbox {
                 }
             }
             // A batch: the oldest record (waiting for one), then whatever else is
-            // already spooled, up to `pipeline`. Line buffers go back to the reader.
+            // already spooled, up to `round`. Line buffers go back to the reader.
             reader.recycle(&mut lines);
             match reader.next(Duration::from_millis(100)) {
                 Next::Record(line) => lines.push(line),
@@ -187,11 +209,11 @@ impl Outbox {
                 Next::Closed => break,
             }
             for gather in [Duration::ZERO, SEND_GATHER] {
-                if lines.len() == self.pipeline || !stall.is_zero() || closing.load(Relaxed) {
+                if lines.len() == round || !stall.is_zero() || closing.load(Relaxed) {
                     break;
                 }
                 std::thread::sleep(gather);
-                while lines.len() < self.pipeline {
+                while lines.len() < round {
                     match reader.next(Duration::ZERO) {
                         Next::Record(line) => lines.push(line),
                         _ => break,
@@ -273,17 +295,32 @@ impl Outbox {
         }
     }
 
-    /// One record, with `retry` further attempts on retryable failures.
+    /// One record, with `retry` further attempts on retryable failures. With
+    /// `usage_hook.batch` above 1, it goes as a one-element array, keyed by its id.
     pub(super) fn deliver(&mut self, body: &[u8], request_id: &str) -> Delivery {
+        let d = if self.batch > 1 {
+            self.deliver_n(&json_array(&[body]), request_id, 1)
+        } else {
+            self.deliver_n(body, request_id, 1)
+        };
+        if matches!(d, Delivery::Refused(..)) {
+            self.metrics.webhook_failure.fetch_add(1, Relaxed);
+        }
+        d
+    }
+
+    /// One POST of `records` records (one, or an array), with `retry` further attempts
+    /// on retryable failures. Success and final failure count every record; a refusal
+    /// is counted by the caller (an array's is not final: its records go again alone).
+    fn deliver_n(&mut self, body: &[u8], key: &str, records: u64) -> Delivery {
         let mut attempt = 0;
         loop {
-            match self.post(body, request_id) {
+            match self.post(body, key) {
                 Attempt::Delivered => {
-                    self.metrics.webhook_success.fetch_add(1, Relaxed);
+                    self.metrics.webhook_success.fetch_add(records, Relaxed);
                     return Delivery::Delivered;
                 }
                 Attempt::Permanent(status, excerpt) => {
-                    self.metrics.webhook_failure.fetch_add(1, Relaxed);
                     return Delivery::Refused(status, excerpt);
                 }
                 Attempt::Retryable(why) if attempt < self.retries => {
@@ -293,7 +330,7 @@ impl Outbox {
                     let _ = why;
                 }
                 Attempt::Retryable(why) => {
-                    self.metrics.webhook_failure.fetch_add(1, Relaxed);
+                    self.metrics.webhook_failure.fetch_add(records, Relaxed);
                     return Delivery::Failed(why);
                 }
             }
@@ -352,6 +389,9 @@ impl Outbox {
     /// failed retryably go through `deliver` (with its retries) one by one. Answers
     /// cover a prefix of `lines`: delivery stops at the first record that fails.
     fn deliver_batch(&mut self, lines: &[Vec<u8>], ids: &[Cow<str>]) -> Vec<Delivery> {
+        if self.batch > 1 {
+            return self.deliver_arrays(lines, ids);
+        }
         let items = || -> Vec<(&[u8], &str)> {
             lines
                 .iter()
@@ -399,6 +439,74 @@ impl Outbox {
         out
     }
 
+    /// `usage_hook.batch` above 1: the records in JSON arrays of up to `batch`, one per
+    /// POST (pipelined on the plain client), each keyed by its first record's id and
+    /// its count (`array_key`). An array refused for good goes again record by record
+    /// (one-element arrays), so only what the receiver refuses is dead-lettered.
+    /// Answers cover a prefix of `lines`; a failed array ends them (at its first record).
+    fn deliver_arrays<L: AsRef<[u8]>>(&mut self, lines: &[L], ids: &[Cow<str>]) -> Vec<Delivery> {
+        let n = self.batch;
+        let arrays: Vec<(Vec<u8>, String)> = lines
+            .chunks(n)
+            .zip(ids.chunks(n))
+            .map(|(ls, is)| (json_array(ls), array_key(is)))
+            .collect();
+        let first: Vec<Attempt> = match self.plain.as_mut() {
+            Some(plain) if arrays.len() > 1 => {
+                let items: Vec<(&[u8], &str)> =
+                    arrays.iter().map(|(b, k)| (&b[..], k.as_str())).collect();
+                plain.post_many(&items).into_iter().map(classify).collect()
+            }
+            _ => Vec::new(),
+        };
+        let mut out = Vec::with_capacity(lines.len());
+        for (g, (body, key)) in arrays.iter().enumerate() {
+            let from = g * n;
+            let count = (lines.len() - from).min(n);
+            let d = match first.get(g) {
+                Some(Attempt::Delivered) => {
+                    self.metrics
+                        .webhook_success
+                        .fetch_add(count as u64, Relaxed);
+                    Delivery::Delivered
+                }
+                Some(Attempt::Permanent(status, excerpt)) => {
+                    Delivery::Refused(*status, excerpt.clone())
+                }
+                Some(Attempt::Retryable(_)) => {
+                    self.metrics.webhook_retries.fetch_add(1, Relaxed);
+                    self.deliver_n(body, key, count as u64)
+                }
+                None => self.deliver_n(body, key, count as u64),
+            };
+            match d {
+                Delivery::Delivered => out.extend((0..count).map(|_| Delivery::Delivered)),
+                Delivery::Refused(status, excerpt) if count == 1 => {
+                    self.metrics.webhook_failure.fetch_add(1, Relaxed);
+                    out.push(Delivery::Refused(status, excerpt));
+                }
+                Delivery::Refused(status, _) => {
+                    warn!(
+                        "usage webhook refused an array of {count} records ({key}) with {status}; sending them one by one"
+                    );
+                    for (line, id) in lines[from..from + count].iter().zip(&ids[from..]) {
+                        let d = self.deliver(line.as_ref(), id);
+                        let failed = matches!(d, Delivery::Failed(_));
+                        out.push(d);
+                        if failed {
+                            return out;
+                        }
+                    }
+                }
+                Delivery::Failed(why) => {
+                    out.push(Delivery::Failed(why));
+                    return out;
+                }
+            }
+        }
+        out
+    }
+
     /// Exponential backoff from 100 ms, capped at 10 s, with ±50 % jitter so a fleet of
     /// proxies does not retry in lockstep.
     fn backoff(&mut self, attempt: u32) -> Duration {
@@ -407,6 +515,32 @@ impl Outbox {
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
         Duration::from_millis(base / 2 + self.rng % base.max(1))
+    }
+}
+
+/// Records (JSON objects) as one JSON array: `[r1,r2,...]`.
+fn json_array<L: AsRef<[u8]>>(lines: &[L]) -> Vec<u8> {
+    let mut body =
+        Vec::with_capacity(lines.iter().map(|l| l.as_ref().len() + 1).sum::<usize>() + 2);
+    body.push(b'[');
+    for (i, l) in lines.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(l.as_ref());
+    }
+    body.push(b']');
+    body
+}
+
+/// An array POST's Idempotency-Key (and `webhook-id`): its first record's request id,
+/// and `+<count>` when it holds more than one. The same records in the same array get
+/// the same key on a retry; receivers deduplicate by each record's `request_id`.
+fn array_key(ids: &[Cow<str>]) -> String {
+    match ids {
+        [one] => one.to_string(),
+        [first, ..] => format!("{first}+{}", ids.len()),
+        [] => String::new(),
     }
 }
 

@@ -120,6 +120,52 @@ fn webhook_errors_are_retried_then_delivered() {
 }
 
 #[test]
+fn batched_webhooks_post_arrays_and_a_refused_array_goes_record_by_record() {
+    let mock = mock(&[]);
+    let port = free_port();
+    // The receiver is down while 12 records are spooled, so the sender's next round
+    // takes all 12: arrays of 5, 5 and 2, pipelined.
+    let proxy = proxy_with_config(&config(
+        port,
+        &temp_dir().join("spool"),
+        "  batch: 5\n  signing_secret: \"whsec_dGhpcyBpcyBhIHJlY2VpdmVyIHRlc3Qga2V5\"\n",
+        &mock.addr,
+    ));
+    let ids = send_chats(&proxy.addr, 12, "t-batch");
+    wait_until("records spooled", 10, || {
+        metric(&proxy.addr, "llmproxy_usage_spooled_total") == 12.0
+    });
+    // Its first POST (the first array) is refused for good: those 5 records go again
+    // one by one (each a one-element array) and are taken; nothing is dead-lettered.
+    // Every POST is signed over its array, as the receiver verifies.
+    let receiver = receiver_on(
+        port,
+        &[
+            "--fail-status",
+            "400",
+            "--fail-count",
+            "1",
+            "--signing-secret",
+            "whsec_dGhpcyBpcyBhIHJlY2VpdmVyIHRlc3Qga2V5",
+        ],
+    );
+    let got = wait_records(&receiver, 12);
+    assert_eq!(ids_of(&got), ids.iter().cloned().collect::<HashSet<_>>());
+    wait_until("success counted", 10, || {
+        metric(&proxy.addr, "llmproxy_webhook_success_total") == 12.0
+    });
+    assert_eq!(metric(&proxy.addr, "llmproxy_usage_dead_letter_total"), 0.0);
+    let stats: serde_json::Value =
+        serde_json::from_slice(&request(&receiver.addr, "GET", "/stats", &[], b"").body).unwrap();
+    assert_eq!(
+        stats["posts"],
+        3 + 5,
+        "3 arrays, then the refused one's 5 records alone"
+    );
+    assert_eq!(raw_posts(&receiver).len(), 12, "each record came once");
+}
+
+#[test]
 fn kill_9_then_restart_delivers_what_was_spooled() {
     let mock = mock(&[]);
     let port = free_port();
