@@ -1189,7 +1189,9 @@ health_check:
             let y = ORIGINAL_EXAMPLE
                 .replace("retry: 2", &format!("retry: 2\n  batch: {batch}"))
                 .replace("https://your-billing.com/llm-usage", url);
-            Config::from_yaml(&y).map(|c| c.usage_hook.batch).map_err(|e| e.0)
+            Config::from_yaml(&y)
+                .map(|c| c.usage_hook.batch)
+                .map_err(|e| e.0)
         };
         assert_eq!(with("100", "http://billing/usage"), Ok(100));
         for bad in ["0", "1001"] {
@@ -1197,7 +1199,10 @@ health_check:
             assert!(e.starts_with("usage_hook.batch: expected 1 to 1000"), "{e}");
         }
         let e = with("10", "amqp://mq/%2f").unwrap_err();
-        assert!(e.starts_with("usage_hook.batch: batched POSTs apply to webhooks"), "{e}");
+        assert!(
+            e.starts_with("usage_hook.batch: batched POSTs apply to webhooks"),
+            "{e}"
+        );
         assert_eq!(with("1", "amqp://mq/%2f"), Ok(1));
     }
 

@@ -3,6 +3,7 @@
 //! the worker itself when the channel is full (see `WorkerSink`).
 
 use super::spool::{self, Overflow};
+use super::stage::{Ring, Rings};
 use crate::metrics::{Metrics, WorkerMetrics};
 use crate::usage::UsageRecord;
 use crossbeam_channel::{Sender, TrySendError};
@@ -37,6 +38,8 @@ pub struct RecordSink {
     pub(super) limit: usize,
     /// With a spool: where a worker writes a batch the queue has no room for.
     pub(super) overflow: Option<Arc<Overflow>>,
+    /// With a spool: the workers' staging rings (`stage`), the usual way records go.
+    pub(super) rings: Option<Arc<Rings>>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) closing: Arc<AtomicBool>,
     /// The thread that takes batches from the channel (the spool writer), unparked
@@ -70,6 +73,7 @@ impl RecordSink {
             queued: Arc::new(AtomicUsize::new(0)),
             limit: 0,
             overflow: None,
+            rings: None,
             metrics,
             closing: Arc::new(AtomicBool::new(false)),
             taker: Arc::default(),
@@ -78,7 +82,7 @@ impl RecordSink {
 
     /// Records handed over and not yet taken by the delivery threads.
     pub fn queue_depth(&self) -> usize {
-        self.queued.load(Relaxed)
+        self.queued.load(Relaxed) + self.rings.as_ref().map_or(0, |r| r.depth() as usize)
     }
 
     /// Tells the delivery threads to spool or deliver what is queued and stop. Call
@@ -93,6 +97,8 @@ impl RecordSink {
             sink: self.clone(),
             stats,
             batch: RefCell::new(Batch::with_capacity(0)),
+            ring: self.rings.as_ref().and_then(|r| r.add()),
+            line: RefCell::new(Vec::new()),
             waiting: Cell::new(None),
             overflow_failing: Cell::new(false),
         }
@@ -119,6 +125,11 @@ pub struct WorkerSink {
     /// The worker's metrics shard (records and tokens are counted there).
     stats: WorkerMetrics,
     pub(super) batch: RefCell<Batch>,
+    /// With a spool, the worker's staging ring: a record goes there (no hand-over, no
+    /// wake-up) unless it is full, then into `batch` as without one.
+    ring: Option<Arc<Ring>>,
+    /// The record being pushed to the ring, serialized (a buffer reused).
+    line: RefCell<Vec<u8>>,
     /// The hand-over task, parked while the batch is empty.
     waiting: Cell<Option<Waker>>,
     /// The last overflow write failed (logged once until one succeeds).
@@ -134,6 +145,22 @@ impl WorkerSink {
             return;
         }
         let mut b = self.batch.borrow_mut();
+        // The ring while nothing waits in the batch (then records keep their order).
+        if let Some(ring) = &self.ring
+            && b.records == 0
+        {
+            let mut line = self.line.borrow_mut();
+            line.clear();
+            record.write_json(&mut line);
+            line.push(b'\n');
+            if let Some(half_full) = ring.push(&line) {
+                if half_full && let Some(t) = self.sink.taker.get() {
+                    t.unpark();
+                }
+                return;
+            }
+            // Full: the writer is behind; the batch (and the queue) take it.
+        }
         if self.holds_all_it_may(&b) {
             m.records_dropped.fetch_add(1, Relaxed);
             error!(

@@ -22,6 +22,7 @@ mod replay;
 mod sender;
 pub mod signing;
 pub mod spool;
+mod stage;
 pub mod webhook;
 mod writer;
 
@@ -74,6 +75,7 @@ pub fn start(
     let outbox = Outbox::new(cfg, metrics.clone());
     let mut handles = Vec::new();
     let mut overflow = None;
+    let mut rings = None;
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
             .name(name.into())
@@ -112,11 +114,13 @@ pub fn start(
         let reader = spool.reader();
         let o = spool.overflow();
         overflow = Some(o.clone());
+        let r = spool.rings();
+        rings = Some(r.clone());
         let (stop_w, stop_s) = (closing.clone(), closing.clone());
         let (m, q) = (metrics.clone(), queued.clone());
         let spool_writer = spawn(
             "usage-spool",
-            Box::new(move || write_spool(rx, writer, &o, &m, &q, &stop_w)),
+            Box::new(move || write_spool(rx, writer, &o, &r, &m, &q, &stop_w)),
         )?;
         let _ = taker.set(spool_writer.thread().clone());
         handles.push(spool_writer);
@@ -136,6 +140,7 @@ pub fn start(
             queued,
             limit: cfg.queue_size,
             overflow,
+            rings,
             metrics,
             closing,
             taker,
@@ -197,6 +202,7 @@ mod tests {
             queued: Arc::new(AtomicUsize::new(0)),
             limit: 3,
             overflow: None,
+            rings: None,
             metrics: metrics.clone(),
             closing: Arc::new(AtomicBool::new(false)),
             taker: Arc::default(),
@@ -244,6 +250,7 @@ mod tests {
             queued: Arc::new(AtomicUsize::new(0)),
             limit: 1,
             overflow: Some(spool.overflow()),
+            rings: None,
             metrics: metrics.clone(),
             closing: Arc::new(AtomicBool::new(false)),
             taker: Arc::default(),
@@ -310,8 +317,8 @@ mod tests {
         }
         let t = {
             let (q, c, m) = (queued.clone(), closing.clone(), metrics.clone());
-            let o = spool.overflow();
-            std::thread::spawn(move || write_spool(rx, writer, &o, &m, &q, &c))
+            let (o, r) = (spool.overflow(), spool.rings());
+            std::thread::spawn(move || write_spool(rx, writer, &o, &r, &m, &q, &c))
         };
         // Two batches fill the writer's buffer; the failed write is retried, and the
         // third batch stays queued for as long as the disk refuses.

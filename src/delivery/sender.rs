@@ -208,7 +208,15 @@ impl Outbox {
                 }
                 Next::Closed => break,
             }
-            for gather in [Duration::ZERO, SEND_GATHER] {
+            // Records staged in rings reach the spool a ring turn at a time: what one
+            // commit brought is all there is for a while, and waiting would only add
+            // a wake-up.
+            let gather = if shared.staged.load(Relaxed) {
+                Duration::ZERO
+            } else {
+                SEND_GATHER
+            };
+            for gather in [Duration::ZERO, gather] {
                 if lines.len() == round || !stall.is_zero() || closing.load(Relaxed) {
                     break;
                 }

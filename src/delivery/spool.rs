@@ -9,12 +9,14 @@
 //! (permanent refusals), `lock` (flock'd: one proxy per spool dir) and
 //! `overflow-<start>-<n>.jsonl`: batches a worker wrote itself because the queue to the
 //! writer was full (see `Overflow`); the writer moves them into its segment.
+//! `stage-<start>-<n>.ring`: each worker's staging ring (`stage`), mapped shared; a new
+//! start turns what a crashed run's rings held into overflow files.
 //!
 //! A crash mid-write can only tear the last line of the segment being written; a new
 //! start always opens a new segment, so a torn line is the unterminated end of an old
 //! one. It is skipped with a warning; nothing else is ever skipped.
 
-use log::{error, warn};
+use log::{error, info, warn};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -66,6 +68,9 @@ pub struct SpoolState {
     pub grown: Condvar,
     /// Bytes spooled and not yet delivered (or dead-lettered).
     pub backlog_bytes: AtomicU64,
+    /// The workers stage records in rings (`stage`): the writer already gathers them
+    /// for a whole ring turn, so the sender need not wait for more after a commit.
+    pub staged: AtomicBool,
 }
 
 /// An opened, locked spool directory.
@@ -91,6 +96,46 @@ impl Spool {
             let _ = std::fs::rename(&from, from.with_extension(""));
         }
         let first_new_seq = segs.last().map_or(1, |s| s + 1);
+        // Staging rings a crash (or a stop with the disk refusing writes) left: what
+        // their writer never released becomes an overflow file, which the writer takes
+        // in first. One that cannot be read is set aside under a new name, not lost.
+        for (i, path) in super::stage::list(dir).into_iter().enumerate() {
+            match super::stage::recover(&path) {
+                Ok(lines) => {
+                    let to = dir.join(format!("overflow-{first_new_seq:020}-ring-{i:04}.jsonl"));
+                    let tmp = to.with_extension("jsonl.tmp");
+                    let kept = lines.is_empty()
+                        || std::fs::write(&tmp, &lines)
+                            .and_then(|()| File::open(&tmp)?.sync_all())
+                            .and_then(|()| std::fs::rename(&tmp, &to))
+                            .is_ok();
+                    if kept {
+                        if !lines.is_empty() {
+                            info!(
+                                "usage spool: {} held {} records not yet in a segment; taken in",
+                                path.display(),
+                                memchr::memchr_iter(b'\n', &lines).count()
+                            );
+                        }
+                        let _ = std::fs::remove_file(&path);
+                    } else {
+                        return Err(format!(
+                            "usage_hook.spool_dir: cannot move the records of {} to an overflow file",
+                            path.display()
+                        ));
+                    }
+                }
+                Err(e) => {
+                    let aside = path.with_extension("ring.unreadable");
+                    error!(
+                        "usage spool: {} cannot be read as a staging ring ({e}); moved to {}",
+                        path.display(),
+                        aside.display()
+                    );
+                    let _ = std::fs::rename(&path, &aside);
+                }
+            }
+        }
         // Backlog from before this start: everything from the cursor on.
         let (cseq, coff) = read_cursor(dir);
         let mut backlog = 0;
@@ -122,6 +167,15 @@ impl Spool {
             next: AtomicU64::new(0),
             written: AtomicBool::new(false),
         })
+    }
+
+    /// The workers' staging rings of this start.
+    pub fn rings(&self) -> Arc<super::stage::Rings> {
+        Arc::new(super::stage::Rings::new(
+            &self.dir,
+            self.first_new_seq,
+            self.shared.clone(),
+        ))
     }
 
     pub fn writer(&self) -> io::Result<SpoolWriter> {
@@ -292,6 +346,16 @@ impl SpoolWriter {
     pub fn append_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
         write(&mut self.buf);
         self.buf.push(b'\n');
+    }
+
+    /// Buffers the whole lines `take` appends to the commit buffer; returns its count.
+    pub fn append_from(&mut self, take: impl FnOnce(&mut Vec<u8>) -> u64) -> u64 {
+        take(&mut self.buf)
+    }
+
+    /// Forgets what is buffered and not written (kept elsewhere: the rings).
+    pub fn discard_pending(&mut self) {
+        self.buf.clear();
     }
 
     /// Buffers whole lines (records, each ending in a newline).

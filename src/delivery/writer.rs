@@ -3,6 +3,7 @@
 
 use super::handover::Batch;
 use super::spool::{self, Overflow, SpoolWriter};
+use super::stage::Rings;
 use crate::metrics::Metrics;
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use log::error;
@@ -19,6 +20,11 @@ pub(super) const MAX_BATCH_BYTES: usize = 1 << 20;
 pub(super) const SYNC_INTERVAL: Duration = Duration::from_millis(50);
 /// Longest the writer waits for a batch before it looks again at what needs a sync.
 const IDLE_TURN: Duration = Duration::from_millis(50);
+/// How often the writer takes the workers' staging rings while records come, and
+/// while none do. A record in a ring already survives a crash; the turn bounds how
+/// late it reaches the segment (and the sender), and the power-loss window with it.
+const RING_TURN: Duration = Duration::from_millis(40);
+const RING_IDLE_TURN: Duration = Duration::from_millis(100);
 
 /// The writes since the last fdatasync, oldest first: when each was made and its bytes.
 /// A record needs the sync only if it is still undelivered `SYNC_INTERVAL` after it was
@@ -82,12 +88,14 @@ pub(super) fn write_spool(
     rx: Receiver<Batch>,
     mut writer: SpoolWriter,
     overflow: &Overflow,
+    rings: &Rings,
     metrics: &Metrics,
     queued: &AtomicUsize,
     closing: &AtomicBool,
 ) {
     let mut records = 0u64;
     let mut unsynced = Unsynced::default();
+    let mut ring_turn = RING_IDLE_TURN;
     // Overflow files from before this start are taken at the first turn.
     let mut overflow_due = true;
     loop {
@@ -100,7 +108,10 @@ pub(super) fn write_spool(
         }
         let first = match backed_up {
             true => None,
-            false => match take(&rx, unsynced.wait(Instant::now())) {
+            // While records come, every ring turn looks at what needs a sync too (no
+            // wake-up of its own for each write turning SYNC_INTERVAL old: that
+            // doubled the turns); when they stop, the oldest write's age decides.
+            false => match take(&rx, turn_wait(&unsynced, ring_turn)) {
                 Ok(b) => Some(b),
                 Err(RecvTimeoutError::Timeout) if closing.load(Relaxed) && rx.is_empty() => {
                     break;
@@ -118,11 +129,21 @@ pub(super) fn write_spool(
                 break;
             }
         }
+        if !backed_up {
+            let from_rings = writer.append_from(|buf| rings.take(buf));
+            records += from_rings;
+            ring_turn = if from_rings > 0 {
+                RING_TURN
+            } else {
+                RING_IDLE_TURN
+            };
+        }
         let now = Instant::now();
         let bytes = writer.pending() as u64;
         let sync = unsynced.due(now, writer.backlog());
         match writer.write_out(sync) {
             Ok(()) => {
+                rings.release();
                 unsynced.wrote(now, bytes);
                 if writer.synced() {
                     unsynced.synced();
@@ -144,8 +165,24 @@ pub(super) fn write_spool(
             }
         }
     }
-    // What workers spooled themselves at their end.
+    // What the workers' rings still hold (they are done), and what they spooled
+    // themselves at their end.
     if writer.pending() == 0 {
+        let from_rings = writer.append_from(|buf| rings.take(buf));
+        match writer.write_out(true) {
+            Ok(()) => {
+                rings.release();
+                rings.remove_files();
+                metrics.spooled.fetch_add(from_rings, Relaxed);
+            }
+            Err(e) => {
+                // They stay in the ring files, which the next start takes in.
+                error!(
+                    "usage spool: final write failed ({e}); the records stay in the staging rings for the next start"
+                );
+                writer.discard_pending();
+            }
+        }
         take_overflow(&mut writer, metrics);
     }
     // Stopped with the disk refusing writes: what the writer holds and what is still
@@ -156,6 +193,16 @@ pub(super) fn write_spool(
         lost += spool::log_undelivered(&b.lines, "usage spool: not written at shutdown");
     }
     metrics.records_dropped.fetch_add(lost, Relaxed);
+}
+
+/// How long the writer may sleep: a ring turn while records come, else until the
+/// oldest unsynced write turns `SYNC_INTERVAL` old (or the idle ring turn).
+fn turn_wait(unsynced: &Unsynced, ring_turn: Duration) -> Duration {
+    if ring_turn == RING_TURN {
+        RING_TURN
+    } else {
+        unsynced.wait(Instant::now()).min(ring_turn)
+    }
 }
 
 /// The next batch, waiting up to `wait` parked: a worker unparks this thread after

@@ -200,6 +200,34 @@ fn kill_9_then_restart_delivers_what_was_spooled() {
 }
 
 #[test]
+fn kill_9_the_moment_records_exist_loses_none_of_them() {
+    // Records are in the page cache (the workers' staging rings) as soon as they are
+    // made: a kill -9 right after, before the spool writer's next turn (up to 100 ms
+    // later), loses none. (With the earlier hand-over, the records of the last 5 ms
+    // were in the worker's memory; the unit tests of `stage` cover the recovery of a
+    // ring's unreleased records exactly.)
+    let mock = mock(&[]);
+    let port = free_port();
+    let spool = temp_dir().join("spool");
+    let mut first = proxy_with_config(&config(port, &spool, "", &mock.addr));
+    let ids = send_chats(&first.addr, 40, "t-ring");
+    wait_until("records made", 10, || {
+        metric(&first.addr, "llmproxy_usage_records_total") == 40.0
+    });
+    first.signal(libc::SIGKILL);
+    first.wait_exit(Duration::from_secs(5));
+    let receiver = receiver_on(port, &[]);
+    let second = proxy_with_config(&config(port, &spool, "", &mock.addr));
+    let got = wait_records(&receiver, 40);
+    assert_eq!(
+        ids_of(&got),
+        ids.iter().cloned().collect::<HashSet<_>>(),
+        "{}",
+        second.output()
+    );
+}
+
+#[test]
 fn sigterm_with_webhook_down_spools_and_exits_0() {
     let mock = mock(&["--token-delay-ms", "20"]);
     let port = free_port();
