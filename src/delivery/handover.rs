@@ -1,6 +1,8 @@
-//! A worker's hand-over of its usage records to the delivery threads: serialized on
-//! the worker into a batch, handed to a bounded channel every `HANDOVER`, spooled by
-//! the worker itself when the channel is full (see `WorkerSink`).
+//! A worker's hand-over of its usage records to the delivery threads. With a spool,
+//! records go into the worker's staging ring (`stage`: in the page cache at once, no
+//! wake-up); otherwise, and when the ring is full, they are serialized on the worker
+//! into a batch, handed to a bounded channel every `HANDOVER`, and spooled by the
+//! worker itself when the channel is full (see `WorkerSink`).
 
 use super::spool::{self, Overflow};
 use super::stage::{Ring, Rings};
