@@ -12,13 +12,22 @@
 //! operation, where monoio's `Canceller` costs a hash-set insert and removal on every
 //! read and write.
 //!
+//! A connection with nothing to do but wait (an idle keep-alive caller, a slow stream
+//! between two tokens) gives its read buffer back (`release`) to a pool of its
+//! worker's thread and waits for readiness first (an io_uring poll, which holds no
+//! buffer); then it takes a buffer from the pool and reads. Only connections with
+//! bytes in flight hold a buffer, so memory follows the traffic, not the connection
+//! count (docs/performance.md: "Memory per connection").
+//!
 //! Over TLS the same methods carry plaintext: a `rustls::Connection` sits beside the
 //! socket, ciphertext goes through two buffers of the connection's own (reused like
 //! the read buffer), and the handshake is driven by the first reads (`handshake`).
 
 use crate::tick::{self, Either, first_of};
 use monoio::buf::{IoBuf, IoBufMut};
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, Canceller,
+};
 use monoio::net::TcpStream;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -30,6 +39,14 @@ pub struct Io {
     /// Bytes before `start` have been consumed.
     start: usize,
     tls: Option<Box<Tls>>,
+    /// How much to read at a time; the buffer taken after a `release`.
+    size: usize,
+    /// The next read waits for readiness first (the buffer was released).
+    poll_first: bool,
+    /// The last read took less than it was offered: the socket had no more.
+    drained: bool,
+    /// Cancels a lean wait's read (`fill_by`); made on the first one.
+    canceller: Option<Canceller>,
 }
 
 /// A TLS connection's state beside its socket.
@@ -62,11 +79,41 @@ pub enum PeerState {
 
 impl Io {
     pub fn new(stream: TcpStream, capacity: usize) -> Self {
+        // The buffer is taken at the first read (from the thread's pool), not here:
+        // connecting and writing a request hold none.
         Io {
             stream,
-            buf: Vec::with_capacity(capacity),
+            buf: Vec::new(),
             start: 0,
             tls: None,
+            size: capacity,
+            poll_first: false,
+            drained: false,
+            canceller: None,
+        }
+    }
+
+    /// Gives the read buffer back to the worker's pool when nothing in it is left to
+    /// consume; the next read then waits for readiness before it takes one again. For
+    /// waits that may be long: an idle keep-alive caller, a stream between tokens.
+    /// (Over TLS, only when no ciphertext waits for rustls: a poll would not see it.)
+    pub fn release(&mut self) {
+        if self.start < self.buf.len()
+            || self.tls.as_ref().is_some_and(|t| t.cin_start < t.cin.len())
+        {
+            return;
+        }
+        pool::give(std::mem::take(&mut self.buf));
+        self.start = 0;
+        self.poll_first = true;
+    }
+
+    /// `release` when the last read found the socket drained (it took less than it
+    /// was offered): the next bytes are a wait away. After a full read more is likely
+    /// waiting, and the buffer is kept for it.
+    pub fn release_if_drained(&mut self) {
+        if self.drained {
+            self.release();
         }
     }
 
@@ -149,15 +196,30 @@ impl Io {
         out: &mut Vec<u8>,
         stall: Option<std::time::Duration>,
     ) -> io::Result<()> {
-        let Some(t) = self.tls.as_mut() else {
-            let (res, buf) = send(&mut self.stream, std::mem::take(out), stall).await;
-            *out = buf;
-            return res;
+        // One `send` await for both paths: this future is part of every relay's.
+        let buf = match self.tls.as_mut() {
+            None => std::mem::take(out),
+            Some(t) => {
+                if !out.is_empty() {
+                    std::io::Write::write_all(&mut t.conn.writer(), out)?;
+                }
+                let mut c = std::mem::take(&mut t.cout);
+                c.clear();
+                while t.conn.wants_write() {
+                    t.conn.write_tls(&mut c)?;
+                }
+                c
+            }
         };
-        if !out.is_empty() {
-            std::io::Write::write_all(&mut t.conn.writer(), out)?;
+        let (res, mut buf) = send(&mut self.stream, buf, stall).await;
+        match self.tls.as_mut() {
+            None => *out = buf,
+            Some(t) => {
+                buf.clear();
+                t.cout = buf;
+            }
         }
-        flush(&mut self.stream, t, stall).await
+        res
     }
 
     /// Writes all of `out` (then clears it) unless the peer takes nothing for `stall`:
@@ -203,13 +265,14 @@ async fn send(
     }
     let end = buf.len();
     let fd = stream.as_raw_fd();
-    let fut = AsyncWriteRentExt::write_all(stream, buf.slice(0..end));
+    // One write future for both paths (two would each take room in this future's
+    // state, which every connection task carries).
+    let mut fut = std::pin::pin!(AsyncWriteRentExt::write_all(stream, buf.slice(0..end)));
     let Some(stall) = stall else {
         let (res, slice) = fut.await;
         return (res.map(|_| ()), slice.into_inner());
     };
     let deadline = tick::now() + stall;
-    let mut fut = std::pin::pin!(fut);
     let mut timed_out = false;
     let (res, slice) = loop {
         match first_of(fut.as_mut(), tick::next_tick()).await {
@@ -254,12 +317,25 @@ async fn flush(
 /// Reads into the spare capacity after `buf`'s contents (compacting or growing first).
 /// Over TLS: plaintext, reading and decrypting records until some comes; a positive
 /// count with no bytes means the handshake just completed.
-async fn fill_into(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    start: &mut usize,
-    tls: &mut Option<Box<Tls>>,
-) -> io::Result<usize> {
+async fn fill_into(io: &mut Io, cancel: Option<CancelHandle>) -> io::Result<usize> {
+    let Io {
+        stream,
+        buf,
+        start,
+        tls,
+        size,
+        poll_first,
+        drained,
+        canceller: _,
+    } = io;
+    let polled = std::mem::take(poll_first);
+    if polled {
+        // No buffer is held while waiting; a dropped or shut-down poll loses nothing.
+        stream.readable(true).await?;
+    }
+    if buf.capacity() == 0 {
+        *buf = pool::take(*size);
+    }
     if *start > 0 && buf.capacity() - buf.len() < 2048 {
         buf.drain(..*start);
         *start = 0;
@@ -270,11 +346,53 @@ async fn fill_into(
     if buf.capacity() - buf.len() < 2048 {
         buf.reserve(buf.capacity().max(4096));
     }
+    if polled {
+        // Ready: read at once, with no await between taking the buffer and giving it
+        // back (a caller releases it as soon as it has consumed the bytes), so a burst
+        // of streams woken together (an engine step's tokens) holds one buffer, not
+        // one each, as epoll servers read.
+        let spare = buf.capacity() - buf.len();
+        if let Some(res) = recv_now(stream.as_raw_fd(), buf) {
+            *drained = res.as_ref().is_ok_and(|&n| n < spare);
+            return res;
+        }
+    }
     let owned = std::mem::take(buf);
     let (len, cap) = (owned.len(), owned.capacity());
-    let (res, slice) = stream.read(owned.slice_mut(len..cap)).await;
+    let (res, slice) = match cancel {
+        Some(c) => stream.cancelable_read(owned.slice_mut(len..cap), c).await,
+        None => stream.read(owned.slice_mut(len..cap)).await,
+    };
     *buf = slice.into_inner();
+    *drained = res.as_ref().is_ok_and(|&n| n < cap - len);
     res
+}
+
+/// A non-blocking `recv` into `buf`'s spare capacity. `None`: nothing to read after
+/// all (a spurious readiness).
+fn recv_now(fd: i32, buf: &mut Vec<u8>) -> Option<io::Result<usize>> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: recv writes at most `spare.len()` bytes into the vector's spare capacity,
+    // which is valid for writes; MSG_DONTWAIT never blocks the worker.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => None,
+            _ => Some(Err(e)),
+        };
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised the first `n` spare bytes.
+    unsafe { buf.set_len(buf.len() + n) };
+    Some(Ok(n))
 }
 
 /// What `handshake` fails with when the peer spoke plain HTTP to a TLS port.
@@ -291,15 +409,17 @@ async fn fill_tls(stream: &mut TcpStream, buf: &mut Vec<u8>, t: &mut Tls) -> io:
         let state = match t.conn.process_new_packets() {
             Ok(s) => s,
             Err(e) => {
-                // rustls queued an alert saying why: send it, then end.
-                let _ = flush(stream, t, Some(std::time::Duration::from_secs(1))).await;
+                // rustls queued an alert saying why: send it, then end. (Boxed, as
+                // below: rare, and inline it would grow every read's future.)
+                let _ = Box::pin(flush(stream, t, Some(std::time::Duration::from_secs(1)))).await;
                 return Err(tls_error(e));
             }
         };
         let n = state.plaintext_bytes_to_read();
         let closed = state.peer_has_closed();
         if t.conn.wants_write() {
-            flush(stream, t, None).await?;
+            // Handshake messages, key updates, alerts: not per record.
+            Box::pin(flush(stream, t, None)).await?;
         }
         if n > 0 {
             let len = buf.len();
@@ -395,57 +515,90 @@ impl Io {
     /// `tick::now()`). Every `TICK`, `on_tick` may interrupt. The read stays in flight
     /// across ticks, so no byte is ever lost to a timer.
     pub async fn fill_until(&mut self, deadline: Instant, on_tick: impl FnMut() -> bool) -> Wait {
-        self.fill_waking(deadline, 1, on_tick).await
+        self.fill_waking(deadline, 1, false, on_tick).await
     }
 
     /// `fill_until` for a wait with nothing to look at between its start and its
     /// deadline but what `tick::wake_all` announces (a shutdown): woken only near the
     /// deadline (up to `WHEEL - 1` ticks at a time) or by `wake_all`, when `on_wake`
     /// may interrupt. An idle keep-alive connection costs no wake-up every tick.
+    /// Lean: a caller's bytes may take long to come, so a read still waiting at the
+    /// next tick is cancelled and the rest of the wait holds no buffer (see `release`).
     pub async fn fill_by(&mut self, deadline: Instant, on_wake: impl FnMut() -> bool) -> Wait {
-        self.fill_waking(deadline, tick::WHEEL - 1, on_wake).await
+        self.fill_waking(deadline, tick::WHEEL - 1, true, on_wake)
+            .await
     }
 
+    /// A lean wait (plain TCP with a buffer in hand) reads with a cancel handle, and
+    /// the first tick cancels it: a read that raced the cancel returns its bytes; a
+    /// cancelled one gives the buffer back and the wait goes on polling. Monoio's
+    /// canceller costs a hash-set insert and removal on the read, which is why only
+    /// waits that may be long are lean.
     async fn fill_waking(
         &mut self,
         deadline: Instant,
         stride: u64,
+        lean: bool,
         mut on_tick: impl FnMut() -> bool,
     ) -> Wait {
         let fd = self.stream.as_raw_fd();
-        let Io {
-            stream,
-            buf,
-            start,
-            tls,
-        } = self;
-        let fut = fill_into(stream, buf, start, tls);
-        let mut fut = std::pin::pin!(fut);
-        let mut stopped = None;
-        let r = loop {
-            let wake = if stride == 1 {
-                tick::next_tick()
-            } else {
-                tick::after(tick::ticks_until(deadline).min(stride))
-            };
-            match first_of(fut.as_mut(), wake).await {
-                Either::Done(r) => break r,
-                Either::Tick => {
-                    let why = if on_tick() {
-                        Wait::Interrupted
-                    } else if tick::now() >= deadline {
-                        Wait::TimedOut
+        let lean = lean && self.tls.is_none() && !self.poll_first;
+        // Taken out of `self` while the read borrows it; put back after.
+        let mut canceller = lean.then(|| self.canceller.take().unwrap_or_default());
+        let (r, stopped) = loop {
+            let (r, stopped, cancelled) = {
+                let handle = canceller.as_ref().map(Canceller::handle);
+                let fut = fill_into(self, handle);
+                let mut fut = std::pin::pin!(fut);
+                let mut stopped = None;
+                let mut cancelled = false;
+                let r = loop {
+                    let wake = if stride == 1 || canceller.is_some() {
+                        tick::next_tick()
                     } else {
-                        continue;
+                        tick::after(tick::ticks_until(deadline).min(stride))
                     };
-                    // Reading is given up; writing stays open for an answer (a
-                    // 408, a 504) where there is one to give.
-                    shutdown(fd, libc::SHUT_RD);
-                    stopped = Some(why);
-                    break fut.as_mut().await;
+                    match first_of(fut.as_mut(), wake).await {
+                        Either::Done(r) => break r,
+                        Either::Tick => {
+                            let why = if on_tick() {
+                                Wait::Interrupted
+                            } else if tick::now() >= deadline {
+                                Wait::TimedOut
+                            } else if let Some(c) = canceller.take() {
+                                // Still nothing: this read's buffer goes back.
+                                canceller = Some(c.cancel());
+                                cancelled = true;
+                                break fut.as_mut().await;
+                            } else {
+                                continue;
+                            };
+                            // Reading is given up; writing stays open for an answer (a
+                            // 408, a 504) where there is one to give.
+                            shutdown(fd, libc::SHUT_RD);
+                            stopped = Some(why);
+                            break fut.as_mut().await;
+                        }
+                    }
+                };
+                (r, stopped, cancelled)
+            };
+            if cancelled
+                && let Err(e) = &r
+                && e.raw_os_error() == Some(libc::ECANCELED)
+            {
+                self.release();
+                // The rest of the wait polls: no canceller needed.
+                if let Some(c) = canceller.take() {
+                    self.canceller = Some(c);
                 }
+                continue;
             }
+            break (r, stopped);
         };
+        if let Some(c) = canceller {
+            self.canceller = Some(c);
+        }
         match (r, stopped) {
             // Given up is given up, even if bytes raced in before the read ended: the
             // read side is shut, so the connection has no future but an answer.
@@ -453,6 +606,76 @@ impl Io {
             (Ok(n), None) if n > 0 => Wait::Data,
             (Ok(_), None) => Wait::Eof,
             (Err(e), None) => Wait::Error(e),
+        }
+    }
+}
+
+/// The worker thread's spare read buffers: a connection that stops waiting for bytes
+/// gives its buffer here (`Io::release`) and the next read anywhere on the thread takes
+/// one, so buffers are reused without an allocation per wait. Thread-local: each worker
+/// has its own, with no lock. Bounded in count and in size per buffer (a grown buffer
+/// is freed, not kept), so what it holds is at most `KEEP * MAX_KEPT`.
+mod pool {
+    use std::cell::RefCell;
+
+    /// Buffers kept per thread.
+    const KEEP: usize = 64;
+    /// A buffer larger than this is freed rather than kept.
+    const MAX_KEPT: usize = 64 * 1024;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// An empty buffer with room for at least `size` bytes.
+    pub fn take(size: usize) -> Vec<u8> {
+        if size == 0 {
+            return Vec::new();
+        }
+        let mut buf = SPARE
+            .try_with(|s| s.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        buf.reserve(size);
+        buf
+    }
+
+    pub fn give(mut buf: Vec<u8>) {
+        if buf.capacity() == 0 || buf.capacity() > MAX_KEPT {
+            return;
+        }
+        buf.clear();
+        let _ = SPARE.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < KEEP {
+                s.push(buf);
+            }
+        });
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn buffers_are_reused_bounded_and_sized() {
+            let a = super::take(8192);
+            assert!(a.capacity() >= 8192);
+            let ptr = a.as_ptr();
+            super::give(a);
+            let b = super::take(4096);
+            assert_eq!(b.as_ptr(), ptr, "the spare buffer is taken again");
+            assert!(b.is_empty() && b.capacity() >= 8192);
+            // A smaller spare grows to what is asked.
+            super::give(Vec::with_capacity(1024));
+            assert!(super::take(16 * 1024).capacity() >= 16 * 1024);
+            // Grown buffers are not kept; the count is bounded.
+            super::give(Vec::with_capacity(super::MAX_KEPT + 1));
+            assert_eq!(super::SPARE.with(|s| s.borrow().len()), 0);
+            for _ in 0..super::KEEP + 10 {
+                super::give(Vec::with_capacity(4096));
+            }
+            assert_eq!(super::SPARE.with(|s| s.borrow().len()), super::KEEP);
+            assert!(super::take(0).capacity() == 0);
         }
     }
 }

@@ -222,6 +222,9 @@ async fn read_head(
     watch: &mut Watch,
 ) -> Result<(), End> {
     let mut received_any = false;
+    // The answer is a backend's queue and prefill away: wait for it holding no
+    // buffer (the read comes when it is there; see `Io::release`).
+    up.release();
     loop {
         match head.parse(up.data(), MAX_RESPONSE_HEAD) {
             Ok(Some(n)) => {
@@ -324,6 +327,12 @@ async fn relay_body(
         };
         up.consume(consumed);
         let done = decoder.is_done();
+        if !done {
+            // Between two tokens of a slow stream no read buffer is held (given back
+            // before the write to the caller, not after it). A finished body's
+            // connection keeps its buffer for the next request's answer.
+            up.release_if_drained();
+        }
         if done {
             body.finish(out);
         }

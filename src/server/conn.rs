@@ -40,42 +40,15 @@ struct Conn {
 
 pub async fn serve(w: &Worker, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let v = w.view();
-    let client = match &v.live.tls {
+    let tls = w.view().live.tls.clone();
+    let client = match tls {
         None => Io::new(stream, CLIENT_BUF),
-        Some(tls) => {
-            // The handshake is bounded like a request head; one that fails or stalls
-            // (a plain-HTTP request, garbage, a slowloris) ends here with a close.
-            let Ok(conn) = rustls::ServerConnection::new(tls.config.clone()) else {
-                return;
-            };
-            let mut io = Io::with_tls(stream, CLIENT_BUF, conn.into());
-            let deadline = tick::now() + v.live.config.limits.header_timeout.0;
-            match io.handshake(deadline).await {
-                Ok(()) => io,
-                Err(why) => {
-                    w.shared
-                        .metrics
-                        .tls_handshake_failures
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    // As nginx does: tell a plain-HTTP caller in plain HTTP, then close.
-                    if let Wait::Error(e) = why
-                        && e.to_string() == crate::io::PLAIN_HTTP
-                    {
-                        let mut io = io.into_plain();
-                        let mut out = Vec::new();
-                        ProxyError::BadRequest("This port speaks TLS: use https:// to reach it.")
-                            .write_response(&mut out, &new_request_id(), false);
-                        let _ = io
-                            .write_all_within(&mut out, std::time::Duration::from_secs(1))
-                            .await;
-                    }
-                    return;
-                }
-            }
-        }
+        // Boxed: its state would otherwise stay in every connection's task.
+        Some(tls) => match Box::pin(accept_tls(w, stream, &tls)).await {
+            Some(io) => io,
+            None => return,
+        },
     };
-    drop(v);
     let mut c = Conn {
         client,
         head: RequestHead::default(),
@@ -87,13 +60,48 @@ pub async fn serve(w: &Worker, stream: TcpStream) {
     while let Some(head_len) = read_head(w, &mut c, first).await {
         first = false;
         w.stats.request_started();
-        let keep = handle(w, &mut c, head_len).await;
+        // A request's state lives in its own allocation while it runs, so an idle
+        // connection's task is only `Conn` and the wait (docs/performance.md:
+        // "Memory per connection").
+        let keep = Box::pin(handle(w, &mut c, head_len)).await;
         w.stats.request_done();
         if !keep {
             break;
         }
+        // Waiting for the next request holds no read buffer.
+        c.client.release();
     }
     c.client.close(std::time::Duration::from_secs(1)).await;
+}
+
+/// The TLS handshake, bounded like a request head; one that fails or stalls (a
+/// plain-HTTP request, garbage, a slowloris) ends here with a close (`None`).
+async fn accept_tls(w: &Worker, stream: TcpStream, tls: &crate::tls::Listener) -> Option<Io> {
+    let conn = rustls::ServerConnection::new(tls.config.clone()).ok()?;
+    let mut io = Io::with_tls(stream, CLIENT_BUF, conn.into());
+    let deadline = tick::now() + w.view().live.config.limits.header_timeout.0;
+    match io.handshake(deadline).await {
+        Ok(()) => Some(io),
+        Err(why) => {
+            w.shared
+                .metrics
+                .tls_handshake_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // As nginx does: tell a plain-HTTP caller in plain HTTP, then close.
+            if let Wait::Error(e) = why
+                && e.to_string() == crate::io::PLAIN_HTTP
+            {
+                let mut io = io.into_plain();
+                let mut out = Vec::new();
+                ProxyError::BadRequest("This port speaks TLS: use https:// to reach it.")
+                    .write_response(&mut out, &new_request_id(), false);
+                let _ = io
+                    .write_all_within(&mut out, std::time::Duration::from_secs(1))
+                    .await;
+            }
+            None
+        }
+    }
 }
 
 /// Over `limits.max_connections`: a 503 and close.
@@ -132,7 +140,8 @@ async fn read_head(w: &Worker, c: &mut Conn, first: bool) -> Option<usize> {
                 Err(HeadError::Unsupported(m)) => Some(ProxyError::NotImplemented(m)),
             };
             if let Some(e) = err {
-                answer_early(w, c, e).await;
+                // Boxed (rare), so the wait for a request head stays small.
+                Box::pin(answer_early(w, c, e)).await;
                 return None;
             }
         }
@@ -152,7 +161,7 @@ async fn read_head(w: &Worker, c: &mut Conn, first: bool) -> Option<usize> {
                 }
             }
             Wait::TimedOut if started => {
-                answer_early(w, c, ProxyError::HeaderTimeout).await;
+                Box::pin(answer_early(w, c, ProxyError::HeaderTimeout)).await;
                 return None;
             }
             _ => return None,
@@ -276,6 +285,9 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
         Err(Some(e)) => return answer(w, c, &rq, e, false).await,
         Err(None) => return false,
     };
+    // The request is read (an upload's rest reads again when it streams): the
+    // caller's buffer goes back until it sends more.
+    c.client.release();
     if w.shutting_down() {
         return answer(w, c, &rq, ProxyError::ShuttingDown, false).await;
     }
