@@ -2,9 +2,6 @@
 
 use llmproxy::config::Config;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const USAGE: &str = "usage: llmproxy [--config FILE] [--check] [--version]
        llmproxy spool replay-dead [--config FILE]
 

@@ -148,8 +148,8 @@ fn steady_state_relay_allocates_nothing_per_chunk() {
 /// its record layer's `encrypt` returns an owned message (in its buffered and
 /// unbuffered APIs alike); receiving, the buffered API copies each record's plaintext
 /// into a queue of owned buffers (the unbuffered API would decrypt in place instead).
-/// So a chunk costs at most one allocation per direction over TLS, each a pop from
-/// mimalloc's thread-local free list in the binary; none over plain TCP.
+/// So a chunk costs at most one allocation per direction over TLS, each taking
+/// the chunk the previous record freed, reused by the allocator; none over plain TCP.
 #[test]
 fn tls_costs_at_most_rustls_one_record_buffer_per_chunk_and_direction() {
     use std::io::{Read, Write};
