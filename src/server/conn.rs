@@ -35,7 +35,9 @@ struct Conn {
     body: Vec<u8>,
     /// The request as sent upstream (kept for one retry on a stale pooled connection).
     up_req: Vec<u8>,
-    bufs: Buffers,
+    /// The response path's buffers, boxed: parked between requests (`park`), so
+    /// an idle connection's task does not carry them.
+    bufs: Option<Box<Buffers>>,
 }
 
 pub async fn serve(w: &Worker, stream: TcpStream) {
@@ -54,16 +56,18 @@ pub async fn serve(w: &Worker, stream: TcpStream) {
         head: RequestHead::default(),
         body: Vec::new(),
         up_req: Vec::new(),
-        bufs: Buffers::default(),
+        bufs: None,
     };
     let mut first = true;
     while let Some(head_len) = read_head(w, &mut c, first).await {
         first = false;
         w.stats.request_started();
-        // A request's state lives in its own allocation while it runs, so an idle
-        // connection's task is only `Conn` and the wait (docs/performance.md:
-        // "Memory per connection").
+        // A request's state lives in its own allocation while it runs, and its
+        // buffers are parked between requests, so an idle connection holds only
+        // `Conn` and the wait (docs/performance.md: "Memory per connection").
+        c.unpark();
         let keep = Box::pin(handle(w, &mut c, head_len)).await;
+        c.park();
         w.stats.request_done();
         if !keep {
             break;
@@ -72,6 +76,61 @@ pub async fn serve(w: &Worker, stream: TcpStream) {
         c.client.release();
     }
     c.client.close(std::time::Duration::from_secs(1)).await;
+}
+
+/// A request's buffers, parked in the worker thread's pool between requests (`PARKED`).
+struct Parked {
+    body: Vec<u8>,
+    up_req: Vec<u8>,
+    bufs: Option<Box<Buffers>>,
+}
+
+thread_local! {
+    /// Parked buffers: a request takes a set that earlier requests grew (no allocation
+    /// per request), and an idle or closed connection holds none.
+    static PARKED: std::cell::RefCell<Vec<Parked>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Sets parked per worker thread; more are freed.
+const PARK_MAX: usize = 256;
+/// A buffer grown beyond this (a large request or answer) is freed, not parked.
+const PARK_CAP: usize = 64 * 1024;
+
+impl Conn {
+    /// Takes a parked set of request buffers, if there is one.
+    fn unpark(&mut self) {
+        if let Some(p) = PARKED.try_with(|p| p.borrow_mut().pop()).ok().flatten() {
+            self.body = p.body;
+            self.up_req = p.up_req;
+            self.bufs = p.bufs;
+        }
+    }
+
+    /// Parks this request's buffers (cleared; too large ones freed).
+    fn park(&mut self) {
+        let trim = |v: &mut Vec<u8>| {
+            if v.capacity() > PARK_CAP {
+                *v = Vec::new();
+            }
+            v.clear();
+        };
+        let mut p = Parked {
+            body: std::mem::take(&mut self.body),
+            up_req: std::mem::take(&mut self.up_req),
+            bufs: std::mem::take(&mut self.bufs),
+        };
+        trim(&mut p.body);
+        trim(&mut p.up_req);
+        if let Some(b) = p.bufs.as_mut() {
+            trim(&mut b.out);
+        }
+        let _ = PARKED.try_with(|parked| {
+            let mut parked = parked.borrow_mut();
+            if parked.len() < PARK_MAX {
+                parked.push(p);
+            }
+        });
+    }
 }
 
 /// The TLS handshake, bounded like a request head; one that fails or stalls (a
@@ -171,7 +230,7 @@ async fn read_head(w: &Worker, c: &mut Conn, first: bool) -> Option<usize> {
 
 /// Answers an error found before a request head could be read; always closes.
 async fn answer_early(w: &Worker, c: &mut Conn, e: ProxyError) {
-    let out = &mut c.bufs.out;
+    let out = &mut c.bufs.get_or_insert_with(Box::default).out;
     out.clear();
     e.write_response(out, &new_request_id(), false);
     w.stats
@@ -622,7 +681,7 @@ async fn answer_unlogged(
     stream: bool,
 ) -> bool {
     let keep = c.head.keep_alive && !e.must_close() && !w.shutting_down();
-    let out = &mut c.bufs.out;
+    let out = &mut c.bufs.get_or_insert_with(Box::default).out;
     out.clear();
     e.write_response_shaped(out, &rq.id, keep, rq.errors);
     w.stats.count_request(rq.path, stream, None, e.status());
@@ -638,7 +697,7 @@ async fn reply(
     body: &[u8],
 ) -> bool {
     let keep = c.head.keep_alive && !w.shutting_down();
-    let out = &mut c.bufs.out;
+    let out = &mut c.bufs.get_or_insert_with(Box::default).out;
     out.clear();
     let body = if c.head.method() == "HEAD" {
         &[][..]
@@ -648,7 +707,7 @@ async fn reply(
     write_response(out, status, ctype, body, &rq.id, keep, b"");
     w.stats.count_request(rq.path, false, None, status);
     log_access(w, c, rq, status, false, None);
-    let out = &mut c.bufs.out;
+    let out = &mut c.bufs.get_or_insert_with(Box::default).out;
     c.client.write_all(out).await.is_ok() && keep
 }
 
@@ -832,7 +891,11 @@ async fn send(
         let spec = relay_spec(w, &c.head, &c.body, rq, req, &backend, cfg);
         loop {
             let (o, written_at) = attempt(
-                (&mut c.client, &mut c.up_req, &mut c.bufs),
+                (
+                    &mut c.client,
+                    &mut c.up_req,
+                    c.bufs.get_or_insert_with(Box::default),
+                ),
                 &mut up,
                 req.rest,
                 &spec,
