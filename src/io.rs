@@ -203,21 +203,13 @@ impl Io {
                 if !out.is_empty() {
                     std::io::Write::write_all(&mut t.conn.writer(), out)?;
                 }
-                let mut c = std::mem::take(&mut t.cout);
-                c.clear();
-                while t.conn.wants_write() {
-                    t.conn.write_tls(&mut c)?;
-                }
-                c
+                t.sealed()?
             }
         };
-        let (res, mut buf) = send(&mut self.stream, buf, stall).await;
+        let (res, buf) = send(&mut self.stream, buf, stall).await;
         match self.tls.as_mut() {
             None => *out = buf,
-            Some(t) => {
-                buf.clear();
-                t.cout = buf;
-            }
+            Some(t) => t.keep(buf),
         }
         res
     }
@@ -303,15 +295,28 @@ async fn flush(
     t: &mut Tls,
     stall: Option<std::time::Duration>,
 ) -> io::Result<()> {
-    let mut out = std::mem::take(&mut t.cout);
-    out.clear();
-    while t.conn.wants_write() {
-        t.conn.write_tls(&mut out)?;
-    }
-    let (res, mut out) = send(stream, out, stall).await;
-    out.clear();
-    t.cout = out;
+    let out = t.sealed()?;
+    let (res, out) = send(stream, out, stall).await;
+    t.keep(out);
     res
+}
+
+impl Tls {
+    /// What rustls has queued, as ciphertext in the connection's reused out buffer
+    /// (lent to the write; `keep` takes it back).
+    fn sealed(&mut self) -> io::Result<Vec<u8>> {
+        let mut out = std::mem::take(&mut self.cout);
+        out.clear();
+        while self.conn.wants_write() {
+            self.conn.write_tls(&mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn keep(&mut self, mut out: Vec<u8>) {
+        out.clear();
+        self.cout = out;
+    }
 }
 
 /// Reads into the spare capacity after `buf`'s contents (compacting or growing first).
