@@ -11,10 +11,13 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use llmproxy::config::UsageMode;
+use llmproxy::http::body::{BodyDecoder, Framing};
 use llmproxy::http::head::RequestHead;
 use llmproxy::json::member_span;
 use llmproxy::metrics::{Metrics, WorkerMetrics};
+use llmproxy::relay::body::{BodyRelay, Edits, Mode};
 use llmproxy::relay::rewrite;
+use llmproxy::routes::{StreamShape, UsageAt};
 use llmproxy::sse::SseScanner;
 use llmproxy::usage::finder::UsageFinder;
 use llmproxy::usage::{Outcome, StreamMeter, Usage, UsageRecord, UsageSource};
@@ -80,6 +83,52 @@ fn sse(c: &mut Criterion) {
             black_box(m.finish(true))
         })
     });
+    g.finish();
+}
+
+/// A chunked SSE response body as the load benchmark's mock (and vLLM) writes it: one
+/// event per chunk, the usage-only chunk, `[DONE]`, the last chunk.
+fn chunked_stream(tokens: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in vllm_events(tokens) {
+        out.extend_from_slice(format!("{:x}\r\n", e.len()).as_bytes());
+        out.extend_from_slice(&e);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+/// The response body path of one streamed request, as `benches/load.sh`'s SSE scenario
+/// drives it: the backend's chunked body decoded, scanned, metered and re-framed for a
+/// chunked caller, the usage-only chunk the proxy asked for cut (the caller did not ask
+/// for usage), the whole body in one read.
+fn relay_body(c: &mut Criterion) {
+    let body = chunked_stream(64);
+    let mut g = c.benchmark_group("relay_body");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    let mode = Mode::Sse(Edits {
+        hide_usage_only: true,
+        ..Edits::default()
+    });
+    for (name, mode) in [
+        ("sse_64_tokens_hide_usage", mode),
+        ("sse_64_tokens_as_is", Mode::Sse(Edits::default())),
+    ] {
+        g.bench_function(name, |b| {
+            let mut relay = BodyRelay::default();
+            let mut out = Vec::new();
+            b.iter(|| {
+                relay.start(mode, true, StreamShape::Chat, UsageAt::Usage);
+                out.clear();
+                let mut d = BodyDecoder::new(Framing::Chunked);
+                let n = d.decode(&body, |span| relay.on_span(span, &mut out));
+                relay.finish(&mut out);
+                assert!(d.is_done() && n == Ok(body.len()));
+                black_box(out.len())
+            })
+        });
+    }
     g.finish();
 }
 
@@ -393,6 +442,7 @@ fn sync_with_redis(
 criterion_group!(
     benches,
     sse,
+    relay_body,
     usage_json,
     rewrite_bodies,
     heads_and_records,

@@ -120,24 +120,22 @@ impl SseScanner {
                 }
             }
             match self.line {
-                Line::Start => {
-                    let b = chunk[i];
-                    if b == b'\n' || b == b'\r' {
-                        self.end_line(chunk, &mut i);
-                        self.dispatch(chunk, base + i as u64, &mut on_event);
+                Line::Start if self.event_start.is_none() => {
+                    if let Some((a, b, next)) = whole_event(&chunk[i..]) {
+                        // The common event, whole in this read: no state to carry.
+                        on_event(SseEvent {
+                            data: &chunk[i + a..i + b],
+                            start: base + i as u64,
+                            end: base + (i + next) as u64,
+                            truncated: false,
+                            lf_may_follow: false,
+                        });
+                        i += next;
                         continue;
                     }
-                    if self.event_start.is_none() {
-                        self.event_start = Some(base + i as u64);
-                    }
-                    if b == b':' {
-                        self.line = Line::Comment;
-                        i += 1;
-                    } else {
-                        self.name_len = 0;
-                        self.line = Line::Name;
-                    }
+                    self.line_start(chunk, base, &mut i, &mut on_event);
                 }
+                Line::Start => self.line_start(chunk, base, &mut i, &mut on_event),
                 Line::Comment => match memchr2(b'\r', b'\n', &chunk[i..]) {
                     Some(k) => {
                         i += k;
@@ -192,6 +190,33 @@ impl SseScanner {
             self.data.extend_from_slice(&chunk[a..b]);
         }
         self.pos += chunk.len() as u64;
+    }
+
+    /// The first byte of a line: a blank line dispatches, anything else begins a field
+    /// or a comment.
+    fn line_start(
+        &mut self,
+        chunk: &[u8],
+        base: u64,
+        i: &mut usize,
+        on_event: &mut impl FnMut(SseEvent<'_>),
+    ) {
+        let b = chunk[*i];
+        if b == b'\n' || b == b'\r' {
+            self.end_line(chunk, i);
+            self.dispatch(chunk, base + *i as u64, on_event);
+            return;
+        }
+        if self.event_start.is_none() {
+            self.event_start = Some(base + *i as u64);
+        }
+        if b == b':' {
+            self.line = Line::Comment;
+            *i += 1;
+        } else {
+            self.name_len = 0;
+            self.line = Line::Name;
+        }
     }
 
     fn push_name(&mut self, seg: &[u8]) {
@@ -292,6 +317,33 @@ impl SseScanner {
     }
 }
 
+/// The event almost every backend writes, whole at the start of `bytes`: an optional
+/// `event:` line, one `data: ` line, LF line ends. Returns its data's range and the
+/// length of the event with its blank line. Anything else (CR line ends, several data
+/// lines, comments, an event cut by the read) is left to the state machine, which reads
+/// this shape the same way: the fast path saves its per-field steps, not its meaning.
+#[inline]
+fn whole_event(bytes: &[u8]) -> Option<(usize, usize, usize)> {
+    let mut d = 0;
+    if bytes.starts_with(b"event:") {
+        d = memchr2(b'\r', b'\n', bytes)?;
+        if bytes[d] != b'\n' {
+            return None;
+        }
+        d += 1;
+    }
+    if !bytes[d..].starts_with(b"data: ") {
+        return None;
+    }
+    d += 6;
+    let e = d + memchr2(b'\r', b'\n', &bytes[d..])?;
+    (bytes[e] == b'\n' && bytes.get(e + 1) == Some(&b'\n') && e - d <= MAX_EVENT_DATA).then_some((
+        d,
+        e,
+        e + 2,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +351,14 @@ mod tests {
 
     /// The SSE spec's algorithm over a whole input, written as plainly as possible.
     fn reference(input: &[u8]) -> Vec<(Vec<u8>, u64)> {
+        reference_with_ends(input)
+            .into_iter()
+            .map(|(d, s, _)| (d, s))
+            .collect()
+    }
+
+    /// `reference`, with each event's end (after its blank line).
+    fn reference_with_ends(input: &[u8]) -> Vec<(Vec<u8>, u64, u64)> {
         let mut out = Vec::new();
         let mut data: Option<Vec<u8>> = None;
         let mut start: Option<u64> = None;
@@ -320,7 +380,7 @@ mod tests {
             }
             if line.is_empty() {
                 if let Some(d) = data.take() {
-                    out.push((d, start.unwrap()));
+                    out.push((d, start.unwrap(), i as u64));
                 }
                 start = None;
                 continue;
@@ -343,9 +403,9 @@ mod tests {
             }
         }
         out.into_iter()
-            .map(|(mut d, s)| {
+            .map(|(mut d, s, e)| {
                 d.pop();
-                (d, s)
+                (d, s, e)
             })
             .collect()
     }
@@ -433,6 +493,19 @@ mod tests {
         #[test]
         fn same_events_for_any_split(input in sse_bytes(), cuts in proptest::collection::vec(0usize..400, 0..6)) {
             prop_assert_eq!(scan_split(&input, &cuts), reference(&input));
+        }
+
+        /// With LF line ends only (no CR|LF split to report early), each event's range
+        /// too, the whole-event fast path's included.
+        #[test]
+        fn same_event_ranges_for_any_split(input in sse_bytes(), cuts in proptest::collection::vec(0usize..400, 0..6)) {
+            let input: Vec<u8> = input.iter().map(|&b| if b == b'\r' { b'\n' } else { b }).collect();
+            let mut s = SseScanner::new();
+            let mut got = Vec::new();
+            for piece in crate::testing::pieces(&input, &cuts) {
+                s.feed(piece, |e| got.push((e.data.to_vec(), e.start, e.end)));
+            }
+            prop_assert_eq!(got, reference_with_ends(&input));
         }
     }
 }

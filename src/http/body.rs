@@ -117,6 +117,23 @@ impl BodyDecoder {
     ) -> Result<usize, BodyError> {
         let mut i = 0;
         while i < input.len() {
+            // A whole chunk-size line (with the CRLF that ended the chunk before it)
+            // read at once: what `framing_byte` reads byte by byte, in one step.
+            if let State::Chunked(c @ (Chunk::DataCr | Chunk::Size { len: 0, .. })) = self.state
+                && let Some((size, n)) = size_line(&input[i..], c == Chunk::DataCr)
+            {
+                i += n;
+                self.state = State::Chunked(if size == 0 {
+                    Chunk::Trailer {
+                        line_len: 0,
+                        total: 0,
+                        cr: false,
+                    }
+                } else {
+                    Chunk::Data { remaining: size }
+                });
+                continue;
+            }
             match &mut self.state {
                 State::Done => break,
                 State::UntilClose => {
@@ -283,6 +300,31 @@ fn trailer_byte(
     Ok(Byte::Taken)
 }
 
+/// A chunk-size line of hex digits and CRLF only (no extension) at the start of
+/// `bytes`, after the CRLF that ends chunk data when `after_data`: its size and length.
+/// `None` for anything else, the byte-by-byte path's to read (or reject).
+#[inline]
+fn size_line(bytes: &[u8], after_data: bool) -> Option<(u64, usize)> {
+    let start = if after_data {
+        if !bytes.starts_with(b"\r\n") {
+            return None;
+        }
+        2
+    } else {
+        0
+    };
+    let mut i = start;
+    let mut size = 0u64;
+    while i - start < 16 {
+        let Some(d) = bytes.get(i).copied().and_then(hex_val) else {
+            break;
+        };
+        size = size << 4 | u64::from(d);
+        i += 1;
+    }
+    (i > start && bytes.get(i..i + 2) == Some(b"\r\n")).then_some((size, i + 2))
+}
+
 fn hex_val(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -297,6 +339,7 @@ pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
     if data.is_empty() {
         return;
     }
+    out.reserve(data.len() + 20);
     push_hex(out, data.len());
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(data);
@@ -417,6 +460,31 @@ mod tests {
             prop_assert_eq!(out, chunks.concat());
             prop_assert!(done);
             prop_assert_eq!(used, enc.len());
+        }
+
+        /// Whole size lines are read in one step; byte by byte the same input must
+        /// decode to the same body, end and error.
+        #[test]
+        fn size_lines_at_once_read_as_byte_by_byte(
+            pieces in proptest::collection::vec(prop_oneof![
+                Just(b"\r\n".to_vec()),
+                Just(b"\r".to_vec()),
+                Just(b"\n".to_vec()),
+                Just(b"0".to_vec()),
+                Just(b"3".to_vec()),
+                Just(b"a".to_vec()),
+                Just(b"F".to_vec()),
+                Just(b";x".to_vec()),
+                Just(b"0000000000000000".to_vec()),
+                Just(b"abc".to_vec()),
+                Just(b"X-T: 1".to_vec()),
+            ], 0..30),
+        ) {
+            let input = pieces.concat();
+            let every_byte: Vec<usize> = (1..input.len()).collect();
+            let whole = decode_split(Framing::Chunked, &input, &[]);
+            let split = decode_split(Framing::Chunked, &input, &every_byte);
+            prop_assert_eq!(whole, split);
         }
 
         #[test]

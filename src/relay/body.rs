@@ -203,6 +203,14 @@ impl BodyRelay {
                 }
             }
         });
+        if self.edits.is_empty()
+            && self.hold.is_empty()
+            && self.scanner.pending_event_start().is_none()
+        {
+            // Whole events, none to change (most spans of a stream): as they came.
+            frame(out, self.chunked, span);
+            return;
+        }
         let span_end = span_base + span.len() as u64;
         let mut cursor = hold_base;
         for edit in &self.edits {
