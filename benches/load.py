@@ -354,7 +354,8 @@ try:
             added = {t: [x["p99"] - y["p99"] for x, y in zip(results[name][t], d)] for t in (who, "nginx")}
             print(f"{'':28} {'':9} per round: CPU {rounds}x; "
                   f"user-space {row[who]['user_us']:.1f} us/req (nginx {row['nginx']['user_us']:.1f}), "
-                  f"kernel {row[who]['cpu_us'] - row[who]['user_us']:.1f} (nginx {row['nginx']['cpu_us'] - row['nginx']['user_us']:.1f})")
+                  f"kernel {row[who]['cpu_us'] - row[who]['user_us']:.1f} (nginx {row['nginx']['cpu_us'] - row['nginx']['user_us']:.1f}); "
+                  f"haproxy user-space {row['haproxy']['user_us']:.1f}, kernel {row['haproxy']['cpu_us'] - row['haproxy']['user_us']:.1f}")
             print(f"{'':28} {'':9} p99 added, median of per-round differences: {med(added[who]):.3f} ms (nginx {med(added['nginx']):.3f}); "
                   f"rounds {' '.join(f'{a:.3f}' for a in added[who])}")
         print()

@@ -9,8 +9,8 @@
 # BIN=path profiles that llmproxy binary (an A/B against another build);
 # COUNT=1 counts CPU time, io_uring operations, poll arms, syscalls and context switches
 # per request (perf stat tracepoints) instead of sampling; EVENTS=a,b adds perf events to it;
-# ALLOC=1 counts the worker's heap allocations per request (uprobes on mimalloc's
-# entry points) and shows where they come from;
+# ALLOC=1 counts the worker's heap allocations per request (uprobes on glibc's malloc,
+# calloc and realloc) and shows where they come from;
 # SCHED=1 records the scheduler on core 0 and prints each thread's wake-up delays
 # (from being woken to running: what a request waits for its worker);
 # RATE=n drives it with oha at n requests/s instead of wrk flat out (needs oha);
@@ -89,9 +89,10 @@ if [ -n "${SCHED:-}" ]; then
     perf sched record -q -C 0 -o "$W/perf.data" -- sleep "$SECS" >/dev/null 2>&1
 elif [ -n "${ALLOC:-}" ]; then
     ev=()
-    for f in mi_malloc_aligned mi_zalloc_aligned mi_realloc_aligned; do
-        perf probe -q -x "$BIN" "$f" 2>/dev/null || true
-        ev+=(-e "probe_llmproxy:$f")
+    libc=$(ldd "$BIN" | awk '/libc\.so/ { print $3 }')
+    for f in malloc calloc realloc; do
+        perf probe -q -x "$libc" "$f" 2>/dev/null || true
+        ev+=(-e "probe_libc:$f")
     done
     r0=$(reqs)
     perf record -q "${ev[@]}" --call-graph fp "${who[@]}" -o "$W/perf.data" -- sleep "$SECS" 2>/dev/null
@@ -134,7 +135,7 @@ if [ -n "${SCHED:-}" ]; then
     exit 0
 fi
 if [ -n "${ALLOC:-}" ]; then
-    calls=$(perf script -i "$W/perf.data" -F event 2>/dev/null | grep -c probe_llmproxy || true)
+    calls=$(perf script -i "$W/perf.data" -F event 2>/dev/null | grep -c probe_libc || true)
     awk -v c="${calls:-0}" -v n=$((r1 - r0)) 'BEGIN { printf "%d requests, %.2f allocations per request; callers:\n", n, c / n }'
     perf report -i "$W/perf.data" --no-children --sort sym -g caller,0.5,callee,function,percent --percent-limit 1 2>/dev/null |
         grep -v '^#' | grep -v '^$' | grep -E "llmproxy::|%" | head -60
