@@ -10,7 +10,7 @@
 # COUNT=1 counts CPU time, io_uring operations, poll arms, syscalls and context switches
 # per request (perf stat tracepoints) instead of sampling; EVENTS=a,b adds perf events to it;
 # ALLOC=1 counts the worker's heap allocations per request (uprobes on glibc's malloc,
-# calloc and realloc) and shows where they come from;
+# calloc, realloc and posix_memalign: Rust's over-aligned boxes) and where they come from;
 # SCHED=1 records the scheduler on core 0 and prints each thread's wake-up delays
 # (from being woken to running: what a request waits for its worker);
 # RATE=n drives it with oha at n requests/s instead of wrk flat out (needs oha);
@@ -90,7 +90,7 @@ if [ -n "${SCHED:-}" ]; then
 elif [ -n "${ALLOC:-}" ]; then
     ev=()
     libc=$(ldd "$BIN" | awk '/libc\.so/ { print $3 }')
-    for f in malloc calloc realloc; do
+    for f in malloc calloc realloc posix_memalign; do
         perf probe -q -x "$libc" "$f" 2>/dev/null || true
         ev+=(-e "probe_libc:$f")
     done

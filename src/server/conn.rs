@@ -62,11 +62,12 @@ pub async fn serve(w: &Worker, stream: TcpStream) {
     while let Some(head_len) = read_head(w, &mut c, first).await {
         first = false;
         w.stats.request_started();
-        // A request's state lives in its own allocation while it runs, and its
-        // buffers are parked between requests, so an idle connection holds only
-        // `Conn` and the wait (docs/performance.md: "Memory per connection").
+        // A request's state lives in its own allocation while it runs (reused from
+        // one request to the next), and its buffers are parked between requests, so
+        // an idle connection holds only `Conn` and the wait (docs/performance.md:
+        // "Memory per connection").
         c.unpark();
-        let keep = Box::pin(handle(w, &mut c, head_len)).await;
+        let keep = super::recycle::Recycled::new(handle(w, &mut c, head_len)).await;
         c.park();
         w.stats.request_done();
         if !keep {

@@ -6,6 +6,7 @@
 
 pub mod conn;
 mod endpoints;
+mod recycle;
 
 use crate::access_log::AccessLog;
 use crate::auth::Auth;
