@@ -6,7 +6,7 @@
 # requests (oha, 4 connections), and prints the instructions per request of the busiest
 # thread (the worker) and of all the others (the delivery threads).
 #   benches/callgrind.sh [json|sse] [requests, default 1200] BIN [BIN...]
-# Needs valgrind and oha. Everything listens on 127.0.0.1.
+# KEEP=dir keeps each worker's profile there, for callgrind_annotate. Needs valgrind and oha. Everything listens on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIND=${1:-json}
@@ -52,6 +52,11 @@ EOY
     awk -v n="$N" -v bin="$BIN" '/^summary:/ { t[FILENAME] = $2 } END {
         for (f in t) { if (t[f] > max) max = t[f]; sum += t[f] }
         printf "%s: worker %.0f, other threads %.0f instructions per request\n", bin, max / n, (sum - max) / n }' "$W"/cg."$P".2-*
+    if [ -n "${KEEP:-}" ]; then # KEEP=dir keeps the worker's profile (callgrind_annotate)
+        mkdir -p "$KEEP"
+        busiest=$(awk '/^summary:/ { if ($2 > max) { max = $2; f = FILENAME } } END { print f }' "$W"/cg."$P".2-*)
+        cp "$busiest" "$KEEP/$(basename "$BIN").$KIND.callgrind"
+    fi
     kill -9 "${pids[@]}" 2>/dev/null || true
     wait 2>/dev/null || true
     rm -rf "$W"

@@ -122,7 +122,7 @@ fn relay_body(c: &mut Criterion) {
                 relay.start(mode, true, StreamShape::Chat, UsageAt::Usage);
                 out.clear();
                 let mut d = BodyDecoder::new(Framing::Chunked);
-                let n = d.decode(&body, |span| relay.on_span(span, &mut out));
+                let n = d.decode_framed(&body, |span, whole| relay.on_chunk(span, whole, &mut out));
                 relay.finish(&mut out);
                 assert!(d.is_done() && n == Ok(body.len()));
                 black_box(out.len())

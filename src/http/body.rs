@@ -115,6 +115,18 @@ impl BodyDecoder {
         input: &[u8],
         mut on_data: impl FnMut(&[u8]),
     ) -> Result<usize, BodyError> {
+        self.decode_framed(input, |data, _| on_data(data))
+    }
+
+    /// `decode`, also handing out, with the data of a chunk that lies whole in `input`
+    /// (its size line plain hex, no extension), the chunk as framed: size line, data and
+    /// CRLF. A relay to a chunked caller forwards those bytes as they are instead of
+    /// framing the data again.
+    pub fn decode_framed(
+        &mut self,
+        input: &[u8],
+        mut on_data: impl FnMut(&[u8], Option<&[u8]>),
+    ) -> Result<usize, BodyError> {
         let mut i = 0;
         while i < input.len() {
             // A whole chunk-size line (with the CRLF that ended the chunk before it)
@@ -122,7 +134,22 @@ impl BodyDecoder {
             if let State::Chunked(c @ (Chunk::DataCr | Chunk::Size { len: 0, .. })) = self.state
                 && let Some((size, n)) = size_line(&input[i..], c == Chunk::DataCr)
             {
+                let line = i + if c == Chunk::DataCr { 2 } else { 0 };
                 i += n;
+                let end = (size as usize)
+                    .checked_add(i)
+                    .filter(|&e| size > 0 && input.get(e..e.saturating_add(2)) == Some(b"\r\n"));
+                if let Some(end) = end {
+                    // The whole chunk is here: its data, then what ends it.
+                    on_data(&input[i..end], Some(&input[line..end + 2]));
+                    i = end + 2;
+                    self.state = State::Chunked(Chunk::Size {
+                        value: 0,
+                        digits: 0,
+                        len: 0,
+                    });
+                    continue;
+                }
                 self.state = State::Chunked(if size == 0 {
                     Chunk::Trailer {
                         line_len: 0,
@@ -137,12 +164,12 @@ impl BodyDecoder {
             match &mut self.state {
                 State::Done => break,
                 State::UntilClose => {
-                    on_data(&input[i..]);
+                    on_data(&input[i..], None);
                     i = input.len();
                 }
                 State::Length { remaining } => {
                     let n = (*remaining).min((input.len() - i) as u64) as usize;
-                    on_data(&input[i..i + n]);
+                    on_data(&input[i..i + n], None);
                     i += n;
                     *remaining -= n as u64;
                     if *remaining == 0 {
@@ -151,7 +178,7 @@ impl BodyDecoder {
                 }
                 State::Chunked(Chunk::Data { remaining }) => {
                     let n = (*remaining).min((input.len() - i) as u64) as usize;
-                    on_data(&input[i..i + n]);
+                    on_data(&input[i..i + n], None);
                     i += n;
                     *remaining -= n as u64;
                     if *remaining == 0 {
@@ -346,20 +373,14 @@ pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Appends `n` in lowercase hex without allocating.
+/// Appends `n` in lowercase hex without allocating (a chunk size per relayed span goes
+/// through here: a byte at a time, no call to copy a few bytes).
+#[inline]
 pub fn push_hex(out: &mut Vec<u8>, n: usize) {
-    let mut buf = [0u8; 16];
-    let mut i = buf.len();
-    let mut v = n;
-    loop {
-        i -= 1;
-        buf[i] = b"0123456789abcdef"[v & 15];
-        v >>= 4;
-        if v == 0 {
-            break;
-        }
+    let digits = (usize::BITS - (n | 1).leading_zeros()).div_ceil(4);
+    for d in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[(n >> (4 * d)) & 15]);
     }
-    out.extend_from_slice(&buf[i..]);
 }
 
 /// The last chunk of a chunked body.
@@ -445,6 +466,11 @@ mod tests {
         push_hex(&mut v, 255);
         push_hex(&mut v, 0x1a2b);
         assert_eq!(v, b"0ff1a2b");
+        for n in [1, 15, 16, 255, 256, 4095, 4096, 1 << 20, usize::MAX] {
+            v.clear();
+            push_hex(&mut v, n);
+            assert_eq!(v, format!("{n:x}").as_bytes());
+        }
     }
 
     proptest! {
@@ -460,6 +486,51 @@ mod tests {
             prop_assert_eq!(out, chunks.concat());
             prop_assert!(done);
             prop_assert_eq!(used, enc.len());
+        }
+
+        /// A chunk handed out whole is the input's own bytes: its size line (the
+        /// data's length in hex), the data, CRLF; and every split decodes the same data.
+        #[test]
+        fn whole_chunks_are_the_inputs_framing(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..50), 0..10),
+            cuts in proptest::collection::vec(0usize..600, 0..8),
+            upper in any::<bool>(),
+        ) {
+            let mut enc = Vec::new();
+            for c in &chunks {
+                let size = if upper { format!("{:X}", c.len()) } else { format!("{:04x}", c.len()) };
+                enc.extend_from_slice(size.as_bytes());
+                enc.extend_from_slice(b"\r\n");
+                enc.extend_from_slice(c);
+                enc.extend_from_slice(b"\r\n");
+            }
+            enc.extend_from_slice(LAST_CHUNK);
+            let mut d = BodyDecoder::new(Framing::Chunked);
+            let (mut data, mut consumed, mut wholes) = (Vec::new(), 0, 0);
+            let mut bounds: Vec<usize> = cuts.iter().map(|&c| c.min(enc.len())).collect();
+            bounds.sort_unstable();
+            bounds.push(enc.len());
+            for c in bounds {
+                // Unconsumed bytes come again with the next read, as the relay does.
+                let input = &enc[consumed.min(c)..c];
+                consumed = consumed.min(c) + d.decode_framed(input, |span, whole| {
+                    data.extend_from_slice(span);
+                    if let Some(w) = whole {
+                        wholes += 1;
+                        let head = &w[..w.len() - span.len() - 2];
+                        let hex = std::str::from_utf8(&head[..head.len() - 2]).unwrap();
+                        assert_eq!(usize::from_str_radix(hex, 16).unwrap(), span.len());
+                        assert!(head.ends_with(b"\r\n") && w.ends_with(b"\r\n"));
+                        assert_eq!(&w[head.len()..w.len() - 2], span);
+                    }
+                }).unwrap();
+            }
+            prop_assert_eq!(consumed, enc.len());
+            prop_assert!(d.is_done());
+            prop_assert_eq!(data, chunks.concat());
+            if cuts.is_empty() {
+                prop_assert_eq!(wholes, chunks.len());
+            }
         }
 
         /// Whole size lines are read in one step; byte by byte the same input must

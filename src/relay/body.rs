@@ -135,11 +135,19 @@ impl BodyRelay {
 
     /// Relays one span of decoded body bytes into `out`.
     pub fn on_span(&mut self, span: &[u8], out: &mut Vec<u8>) {
+        self.on_chunk(span, None, out);
+    }
+
+    /// `on_span`, for a span that is the data of the backend's chunk `whole` (as the
+    /// decoder hands it out): a chunked caller gets `whole` as it is when nothing in it
+    /// changes, the same bytes framing it again would give.
+    pub fn on_chunk(&mut self, span: &[u8], whole: Option<&[u8]>, out: &mut Vec<u8>) {
+        let whole = whole.filter(|_| self.chunked);
         match self.mode {
-            Mode::Raw => frame(out, self.chunked, span),
+            Mode::Raw => frame_as(out, self.chunked, span, whole),
             Mode::Json => {
                 self.finder.feed(span);
-                frame(out, self.chunked, span);
+                frame_as(out, self.chunked, span, whole);
             }
             Mode::Sse(edits) if !Mode::Sse(edits).rewrites() => {
                 let (meter, first) = (&mut self.meter, &mut self.first_output);
@@ -148,13 +156,13 @@ impl BodyRelay {
                         *first = Some(Instant::now());
                     }
                 });
-                frame(out, self.chunked, span);
+                frame_as(out, self.chunked, span, whole);
             }
-            Mode::Sse(edits) => self.edit_span(span, out, edits),
+            Mode::Sse(edits) => self.edit_span(span, whole, out, edits),
         }
     }
 
-    fn edit_span(&mut self, span: &[u8], out: &mut Vec<u8>, edits: Edits) {
+    fn edit_span(&mut self, span: &[u8], whole: Option<&[u8]>, out: &mut Vec<u8>, edits: Edits) {
         let span_base = self.scanner.position();
         let hold_base = span_base - self.hold.len() as u64;
         self.edits.clear();
@@ -208,7 +216,7 @@ impl BodyRelay {
             && self.scanner.pending_event_start().is_none()
         {
             // Whole events, none to change (most spans of a stream): as they came.
-            frame(out, self.chunked, span);
+            frame_as(out, self.chunked, span, whole);
             return;
         }
         let span_end = span_base + span.len() as u64;
@@ -334,6 +342,14 @@ fn without_members(
 /// whole; else forwarded without `usage`).
 fn only_standard_members(data: &[u8]) -> bool {
     crate::usage::probe::only_members(data, &STANDARD_MEMBERS)
+}
+
+/// `frame`, or the backend's own chunk around `data` when there is one.
+fn frame_as(out: &mut Vec<u8>, chunked: bool, data: &[u8], whole: Option<&[u8]>) {
+    match whole {
+        Some(chunk) => out.extend_from_slice(chunk),
+        None => frame(out, chunked, data),
+    }
 }
 
 fn frame(out: &mut Vec<u8>, chunked: bool, data: &[u8]) {
@@ -765,7 +781,78 @@ mod tests {
         body
     }
 
+    /// What a chunked caller receives of the backend's chunked `body` (read in pieces
+    /// cut at `cuts`), relayed with `edits`: whole chunks as the relay forwards them
+    /// (`on_chunk`), and by framing every span again (`on_span`).
+    fn relay_chunked(body: &[u8], edits: Edits, cuts: &[usize]) -> (Vec<u8>, Vec<u8>) {
+        let mut outs = [Vec::new(), Vec::new()];
+        for (forward, out) in [true, false].into_iter().zip(&mut outs) {
+            let mut r = BodyRelay::default();
+            r.start(Mode::Sse(edits), true, StreamShape::Chat, UsageAt::Usage);
+            let mut dec = crate::http::body::BodyDecoder::new(crate::http::body::Framing::Chunked);
+            let mut bounds: Vec<usize> = cuts.iter().map(|&c| c.min(body.len())).collect();
+            bounds.sort_unstable();
+            bounds.push(body.len());
+            let mut consumed = 0;
+            for c in bounds {
+                let input = &body[consumed.min(c)..c];
+                consumed = consumed.min(c)
+                    + dec
+                        .decode_framed(input, |span, whole| {
+                            r.on_chunk(span, whole.filter(|_| forward), out)
+                        })
+                        .unwrap();
+            }
+            assert!(dec.is_done());
+            r.finish(out);
+        }
+        let [forwarded, framed] = outs;
+        (forwarded, framed)
+    }
+
     proptest! {
+        /// Forwarding the backend's whole chunks changes no byte a caller decodes, at
+        /// any read boundaries, in every edit mode; a stream with nothing to change
+        /// reaches the caller exactly as the backend framed it.
+        #[test]
+        fn whole_chunks_forwarded_decode_as_framed_again(
+            eol in prop_oneof![Just("\n"), Just("\r\n"), Just("\r")],
+            hide in any::<bool>(),
+            strip in any::<bool>(),
+            split_events in any::<bool>(),
+            cuts in proptest::collection::vec(0usize..1400, 0..8),
+        ) {
+            let input = stream(eol);
+            // One event a chunk (as vLLM writes), or chunks that cut events anywhere.
+            let pieces: Vec<&[u8]> = if split_events {
+                input.as_bytes().chunks(37).collect()
+            } else {
+                input.split_inclusive(&format!("{eol}{eol}")).map(str::as_bytes).collect()
+            };
+            let mut body = Vec::new();
+            for p in &pieces {
+                body.extend_from_slice(format!("{:X}\r\n", p.len()).as_bytes());
+                body.extend_from_slice(p);
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(b"0\r\n\r\n");
+            let edits = Edits { hide_usage_only: hide, strip_chunk_usage: strip, ..Edits::default() };
+            let (forwarded, framed) = relay_chunked(&body, edits, &cuts);
+            let decode = |out: &[u8]| {
+                let mut dec = crate::http::body::BodyDecoder::new(crate::http::body::Framing::Chunked);
+                let mut data = Vec::new();
+                dec.decode(out, |s| data.extend_from_slice(s)).unwrap();
+                assert!(dec.is_done());
+                String::from_utf8(data).unwrap()
+            };
+            prop_assert_eq!(decode(&forwarded), expected(eol, hide, strip));
+            prop_assert_eq!(decode(&framed), expected(eol, hide, strip));
+            let (same, _) = relay_chunked(&body, Edits::default(), &cuts);
+            if cuts.is_empty() {
+                prop_assert_eq!(same, body);
+            }
+        }
+
         #[test]
         fn edits_at_any_splits_give_the_expected_bytes(
             eol in prop_oneof![Just("\n"), Just("\r\n"), Just("\r")],

@@ -315,7 +315,8 @@ async fn relay_body(
     let mut decoder = BodyDecoder::new(plan.framing);
     let mut first_write = true;
     let end = loop {
-        let decoded = decoder.decode(up.data(), |span| body.on_span(span, out));
+        let decoded =
+            decoder.decode_framed(up.data(), |span, whole| body.on_chunk(span, whole, out));
         let Ok(consumed) = decoded else {
             // Garbage framing from the backend: what came before it is still forwarded
             // (the head included), then the caller's response ends uncleanly.
