@@ -150,15 +150,7 @@ impl BodyDecoder {
                     });
                     continue;
                 }
-                self.state = State::Chunked(if size == 0 {
-                    Chunk::Trailer {
-                        line_len: 0,
-                        total: 0,
-                        cr: false,
-                    }
-                } else {
-                    Chunk::Data { remaining: size }
-                });
+                self.state = State::Chunked(Chunk::after_size(size));
                 continue;
             }
             match &mut self.state {
@@ -209,6 +201,19 @@ enum Byte {
 }
 
 impl Chunk {
+    /// What follows a chunk-size line: the data, or the trailer after the last chunk.
+    fn after_size(size: u64) -> Chunk {
+        if size == 0 {
+            Chunk::Trailer {
+                line_len: 0,
+                total: 0,
+                cr: false,
+            }
+        } else {
+            Chunk::Data { remaining: size }
+        }
+    }
+
     /// One byte of a chunk's framing: its size line, the CRLF after its data, or the
     /// trailer (`Data` is taken by the caller a span at a time).
     #[inline]
@@ -250,16 +255,7 @@ impl Chunk {
                     return Err(BodyError::BadChunkFraming);
                 }
                 if b == b'\n' {
-                    let value = *value;
-                    *self = if value == 0 {
-                        Chunk::Trailer {
-                            line_len: 0,
-                            total: 0,
-                            cr: false,
-                        }
-                    } else {
-                        Chunk::Data { remaining: value }
-                    };
+                    *self = Chunk::after_size(*value);
                 } else if *cr {
                     // CR must be followed by LF.
                     return Err(BodyError::BadChunkFraming);
