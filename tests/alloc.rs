@@ -68,7 +68,10 @@ fn relay_once(r: &mut BodyRelay, mode: Mode, upstream: &[u8], out: &mut Vec<u8>)
         out.clear();
         let mut rest = read;
         while !rest.is_empty() {
-            let n = dec.decode(rest, |span| r.on_span(span, out)).unwrap();
+            // As the response path calls them: whole chunks handed out with their framing.
+            let n = dec
+                .decode_framed(rest, |span, whole| r.on_chunk(span, whole, out))
+                .unwrap();
             rest = &rest[n..];
             if dec.is_done() {
                 break;

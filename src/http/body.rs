@@ -88,11 +88,7 @@ impl BodyDecoder {
         let state = match framing {
             Framing::Empty | Framing::Length(0) => State::Done,
             Framing::Length(n) => State::Length { remaining: n },
-            Framing::Chunked => State::Chunked(Chunk::Size {
-                value: 0,
-                digits: 0,
-                len: 0,
-            }),
+            Framing::Chunked => State::Chunked(Chunk::SIZE_LINE),
             Framing::UntilClose => State::UntilClose,
         };
         BodyDecoder { state }
@@ -143,11 +139,7 @@ impl BodyDecoder {
                     // The whole chunk is here: its data, then what ends it.
                     on_data(&input[i..end], Some(&input[line..end + 2]));
                     i = end + 2;
-                    self.state = State::Chunked(Chunk::Size {
-                        value: 0,
-                        digits: 0,
-                        len: 0,
-                    });
+                    self.state = State::Chunked(Chunk::SIZE_LINE);
                     continue;
                 }
                 self.state = State::Chunked(Chunk::after_size(size));
@@ -201,6 +193,13 @@ enum Byte {
 }
 
 impl Chunk {
+    /// The start of a chunk-size line: the body's first chunk, or the one after a CRLF.
+    const SIZE_LINE: Chunk = Chunk::Size {
+        value: 0,
+        digits: 0,
+        len: 0,
+    };
+
     /// What follows a chunk-size line: the data, or the trailer after the last chunk.
     fn after_size(size: u64) -> Chunk {
         if size == 0 {
@@ -275,15 +274,7 @@ impl Chunk {
                 if !(lf || (b == b'\r' && matches!(self, Chunk::DataCr))) {
                     return Err(BodyError::BadChunkFraming);
                 }
-                *self = if lf {
-                    Chunk::Size {
-                        value: 0,
-                        digits: 0,
-                        len: 0,
-                    }
-                } else {
-                    Chunk::DataLf
-                };
+                *self = if lf { Chunk::SIZE_LINE } else { Chunk::DataLf };
                 Ok(Byte::Taken)
             }
             Chunk::Trailer {
