@@ -6,7 +6,9 @@
 # requests (oha, 4 connections), and prints the instructions per request of the busiest
 # thread (the worker) and of all the others (the delivery threads).
 #   benches/callgrind.sh [json|sse] [requests, default 1200] BIN [BIN...]
-# KEEP=dir keeps each worker's profile there, for callgrind_annotate. Needs valgrind and oha. Everything listens on 127.0.0.1.
+# METER=off runs with usage_hook.enabled: false (billing's share, by difference);
+# KEEP=dir keeps each worker's profile there, for callgrind_annotate (the other threads'
+# as .threadNN files). Needs valgrind and oha. Everything listens on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIND=${1:-json}
@@ -32,7 +34,7 @@ access_log: "off"
 backends:
   - url: "http://127.0.0.1:$MOCK"
 usage_hook:
-  enabled: true
+  enabled: $([ "${METER:-on}" = off ] && echo false || echo true)
   url: "http://127.0.0.1:$HOOK/usage"
   spool_dir: "$W/spool"
 EOY
@@ -52,10 +54,13 @@ EOY
     awk -v n="$N" -v bin="$BIN" '/^summary:/ { t[FILENAME] = $2 } END {
         for (f in t) { if (t[f] > max) max = t[f]; sum += t[f] }
         printf "%s: worker %.0f, other threads %.0f instructions per request\n", bin, max / n, (sum - max) / n }' "$W"/cg."$P".2-*
-    if [ -n "${KEEP:-}" ]; then # KEEP=dir keeps the worker's profile (callgrind_annotate)
+    if [ -n "${KEEP:-}" ]; then # KEEP=dir keeps the worker's profile (callgrind_annotate), and the others'
         mkdir -p "$KEEP"
         busiest=$(awk '/^summary:/ { if ($2 > max) { max = $2; f = FILENAME } } END { print f }' "$W"/cg."$P".2-*)
         cp "$busiest" "$KEEP/$(basename "$BIN").$KIND.callgrind"
+        for f in "$W"/cg."$P".2-*; do
+            [ "$f" = "$busiest" ] || cp "$f" "$KEEP/$(basename "$BIN").$KIND.thread${f##*-}.callgrind"
+        done
     fi
     kill -9 "${pids[@]}" 2>/dev/null || true
     wait 2>/dev/null || true
