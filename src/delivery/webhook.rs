@@ -19,11 +19,10 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 pub struct PlainHttp {
     host: String,
     port: u16,
-    /// `host:port` for the Host header.
-    authority: String,
-    path: String,
-    /// Pre-rendered `name: value\r\n` lines of `usage_hook.headers`.
-    extra: Vec<u8>,
+    /// Every POST's head up to its own headers, rendered once: request line, host,
+    /// user-agent, content-type and `usage_hook.headers` (building them per record
+    /// was a quarter of the sender's instructions).
+    prefix: Vec<u8>,
     /// Signs each POST (`usage_hook.signing_secret`).
     signer: Option<super::signing::Signer>,
     timeout: Duration,
@@ -65,16 +64,22 @@ impl PlainHttp {
         if url.scheme != "http" {
             return None;
         }
-        let mut extra = Vec::new();
+        let mut prefix = Vec::new();
+        let mut w = Head::request(
+            &mut prefix,
+            b"POST",
+            url.path.as_bytes(),
+            url.authority.as_bytes(),
+        );
+        w.header(b"user-agent", b"llmproxy")
+            .header(b"content-type", b"application/json");
         for (k, v) in headers {
-            extra.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+            w.header(k.as_bytes(), v.as_bytes());
         }
         Some(PlainHttp {
             host: url.host.clone(),
             port: url.port,
-            authority: url.authority.clone(),
-            path: url.path.clone(),
-            extra,
+            prefix,
             signer,
             timeout,
             conn: None,
@@ -127,19 +132,12 @@ impl PlainHttp {
         req.clear();
         req.reserve(items.iter().map(|(b, _)| b.len() + 256).sum());
         for (body, key) in items {
-            let mut w = Head::request(
-                &mut req,
-                b"POST",
-                self.path.as_bytes(),
-                self.authority.as_bytes(),
-            );
-            w.header(b"user-agent", b"llmproxy")
-                .header(b"content-type", b"application/json")
-                .header(b"idempotency-key", key.as_bytes());
+            req.extend_from_slice(&self.prefix);
+            let mut w = Head::resume(&mut req);
+            w.header(b"idempotency-key", key.as_bytes());
             if let Some(signer) = &self.signer {
                 signer.write_headers(&mut w, key, body);
             }
-            w.lines().extend_from_slice(&self.extra);
             w.content_length(body.len() as u64);
             w.end();
             req.extend_from_slice(body);
@@ -428,14 +426,53 @@ mod tests {
             Duration::from_secs(1),
         )
         .unwrap();
-        assert_eq!(
-            (
-                c.host.as_str(),
-                c.port,
-                c.path.as_str(),
-                c.authority.as_str()
-            ),
-            ("bill", 9000, "/a/b?t=1", "bill:9000")
+        assert_eq!((c.host.as_str(), c.port), ("bill", 9000));
+        assert!(
+            c.prefix
+                .starts_with(b"POST /a/b?t=1 HTTP/1.1\r\nhost: bill:9000\r\n")
         );
+    }
+
+    #[test]
+    fn every_post_has_the_prefix_and_its_own_key_and_length() {
+        // A port nothing listens on: the bytes are built, then the connection is
+        // refused; the request buffer is kept.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let authority = format!("127.0.0.1:{port}");
+        let mut c = PlainHttp::new(
+            &url(&format!("http://{authority}/hook")),
+            &[("x-tenant".into(), "t1".into())],
+            None,
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let _ = c.post_many(&[(b"{\"a\":1}", "req_1"), (b"{}", "req_22")]);
+        let mut at = 0;
+        for (key, body) in [("req_1", &b"{\"a\":1}"[..]), ("req_22", b"{}")] {
+            let mut headers = [httparse::EMPTY_HEADER; 8];
+            let mut r = httparse::Request::new(&mut headers);
+            let httparse::Status::Complete(n) = r.parse(&c.req[at..]).unwrap() else {
+                panic!("an incomplete head")
+            };
+            assert_eq!((r.method, r.path), (Some("POST"), Some("/hook")));
+            let h: Vec<(&str, &[u8])> = r.headers.iter().map(|h| (h.name, h.value)).collect();
+            assert_eq!(
+                h,
+                [
+                    ("host", authority.as_bytes()),
+                    ("user-agent", b"llmproxy"),
+                    ("content-type", b"application/json"),
+                    ("x-tenant", b"t1"),
+                    ("idempotency-key", key.as_bytes()),
+                    ("content-length", body.len().to_string().as_bytes()),
+                ]
+            );
+            assert_eq!(&c.req[at + n..at + n + body.len()], body);
+            at += n + body.len();
+        }
+        assert_eq!(at, c.req.len());
     }
 }

@@ -37,6 +37,13 @@ impl<'a> Head<'a> {
         Head { out }
     }
 
+    /// A head whose first lines are already in `out`: a prefix rendered once and
+    /// copied per request (the webhook's POSTs differ only in a few headers).
+    #[inline]
+    pub fn resume(out: &'a mut Vec<u8>) -> Self {
+        Head { out }
+    }
+
     #[inline]
     pub fn header(&mut self, name: &[u8], value: &[u8]) -> &mut Self {
         self.out.extend_from_slice(name);
