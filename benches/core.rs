@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-byte and per-request work: the SSE scanner, the stream
 //! meter, the JSON usage finder, the request rewrite, head parsing, record
-//! serialization, the continuous-mode usage strip, and a request's metrics counting
+//! serialization, billing's stages per record (ring, segment, webhook POST), the
+//! continuous-mode usage strip, and a request's metrics counting
 //! (one worker, and two on two cores next to the shared-line design it replaced), and
 //! the per-key limits (admission, lookup among 10,000 keys, loading them).
 //!
@@ -207,7 +208,20 @@ fn heads_and_records(c: &mut Criterion) {
         let mut h = RequestHead::default();
         b.iter(|| black_box(h.parse(black_box(raw), 64 * 1024).unwrap()))
     });
-    let rec = UsageRecord {
+    let rec = sample_record();
+    c.bench_function("record_serialize", |b| {
+        let mut out = Vec::with_capacity(1024);
+        b.iter(|| {
+            out.clear();
+            rec.write_json(&mut out);
+            black_box(out.len())
+        })
+    });
+}
+
+/// A streamed chat request's record, as the proxy makes it.
+fn sample_record() -> UsageRecord {
+    UsageRecord {
         request_id: "req_0192f3c4a1b27c3d9e8f0a1b2c3d4e5f".into(),
         client_request_id: None,
         user_id: "user_alice".into(),
@@ -229,15 +243,158 @@ fn heads_and_records(c: &mut Criterion) {
         usage_source: UsageSource::Backend,
         duration_ms: 1834,
         ttft_ms: Some(41),
-    };
-    c.bench_function("record_serialize", |b| {
-        let mut out = Vec::with_capacity(1024);
+    }
+}
+
+/// Records per round in the billing benches: a sender round at saturation (the
+/// default `usage_hook.pipeline`).
+const ROUND: usize = 128;
+
+/// Billing's stages, each per record (the figures are per round of `ROUND`; divide),
+/// in the order a record goes through them: serialized on the worker and pushed to its
+/// staging ring; taken from the ring by the spool writer; written to the segment and
+/// read back by the sender (cursor saved once per round); POSTed, pipelined, to a
+/// webhook on loopback (a thread of this process that answers 200: its work is in the
+/// wall time). Issue 22, goal 1: where billing's ~1 us a record goes.
+fn billing(c: &mut Criterion) {
+    use llmproxy::delivery::spool::{Next, Spool};
+    use llmproxy::delivery::webhook::PlainHttp;
+    let rec = sample_record();
+    let mut line = Vec::new();
+    rec.write_json(&mut line);
+    line.push(b'\n');
+    let dir = std::env::temp_dir().join(format!("llmproxy-bench-spool-{}", std::process::id()));
+    let spool = Spool::open(&dir).expect("a spool in the temp dir");
+    let mut g = c.benchmark_group("billing_per_record");
+    g.throughput(Throughput::Elements(ROUND as u64));
+    g.bench_function("1_serialize_and_push_to_ring", |b| {
+        let rings = spool.rings();
+        let ring = rings.add().expect("a staging ring");
+        let mut one = Vec::with_capacity(1024);
+        let mut taken = Vec::with_capacity(ROUND * line.len());
         b.iter(|| {
-            out.clear();
-            rec.write_json(&mut out);
+            for _ in 0..ROUND {
+                one.clear();
+                rec.write_json(&mut one);
+                one.push(b'\n');
+                black_box(ring.push(&one));
+            }
+            // Room for the next round (the writer's side, measured below).
+            taken.clear();
+            rings.take(&mut taken);
+            rings.release();
+        })
+    });
+    g.bench_function("2_take_from_ring", |b| {
+        let rings = spool.rings();
+        let ring = rings.add().expect("a staging ring");
+        let mut taken = Vec::with_capacity(ROUND * line.len());
+        // Only the take is timed; the pushes that fill the ring are not.
+        b.iter_custom(|iters| {
+            let mut spent = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                for _ in 0..ROUND {
+                    ring.push(&line);
+                }
+                let at = std::time::Instant::now();
+                taken.clear();
+                black_box(rings.take(&mut taken));
+                rings.release();
+                spent += at.elapsed();
+            }
+            spent
+        })
+    });
+    let mut writer = spool.writer().expect("a segment");
+    let mut reader = spool.reader();
+    g.bench_function("3_write_segment_and_read_back", |b| {
+        let lines = line.repeat(ROUND);
+        let mut out: Vec<Vec<u8>> = Vec::with_capacity(ROUND);
+        b.iter(|| {
+            writer.append_lines(&lines);
+            writer.write_out(false).expect("a segment write");
+            reader.recycle(&mut out);
+            while let Next::Record(l) = reader.next(std::time::Duration::ZERO) {
+                out.push(l);
+                if out.len() == ROUND {
+                    break;
+                }
+            }
+            for _ in 0..out.len() {
+                reader.ack();
+            }
+            reader.save();
             black_box(out.len())
         })
     });
+    g.bench_function("4_post_pipelined_to_loopback_webhook", |b| {
+        let port = loopback_webhook();
+        let url =
+            llmproxy::url::Url::parse(&format!("http://127.0.0.1:{port}/usage")).expect("a url");
+        let mut hook = PlainHttp::new(&url, &[], None, std::time::Duration::from_secs(5))
+            .expect("a plain http webhook");
+        let body = &line[..line.len() - 1];
+        let items: Vec<(&[u8], &str)> = (0..ROUND)
+            .map(|_| (body, "req_0192f3c4a1b27c3d9e8f0a1b2c3d4e5f"))
+            .collect();
+        b.iter(|| {
+            let answers = hook.post_many(&items);
+            assert!(answers.iter().all(|a| matches!(a, Ok((200, _)))));
+        })
+    });
+    g.finish();
+    drop((writer, reader, spool));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A webhook on loopback for the billing bench: answers every POST with 200 and an
+/// empty body, as fast as it can. Returns its port.
+fn loopback_webhook() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    let port = l.local_addr().expect("its address").port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        while let Ok((mut s, _)) = l.accept() {
+            let mut buf = vec![0u8; 256 * 1024];
+            let (mut start, mut end) = (0, 0);
+            let mut answers = Vec::new();
+            loop {
+                // Every whole request in the buffer gets its answer, in one write.
+                loop {
+                    let mut headers = [httparse::EMPTY_HEADER; 16];
+                    let mut req = httparse::Request::new(&mut headers);
+                    let Ok(httparse::Status::Complete(n)) = req.parse(&buf[start..end]) else {
+                        break;
+                    };
+                    let len: usize = req
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                        .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                        .unwrap_or(0);
+                    if end - start < n + len {
+                        break;
+                    }
+                    start += n + len;
+                    answers.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                }
+                if !answers.is_empty() {
+                    if s.write_all(&answers).is_err() {
+                        break;
+                    }
+                    answers.clear();
+                }
+                buf.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+                match s.read(&mut buf[end..]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => end += n,
+                }
+            }
+        }
+    });
+    port
 }
 
 /// What the worker counts for one proxied JSON request, as `conn.rs` does.
@@ -446,6 +603,7 @@ criterion_group!(
     usage_json,
     rewrite_bodies,
     heads_and_records,
+    billing,
     metrics,
     limits
 );
