@@ -5,7 +5,8 @@
 # callgrind behind the prerendered mock, sends 200 warm-up requests, then N keep-alive
 # requests (oha, 4 connections), and prints the instructions per request of the busiest
 # thread (the worker) and of all the others (the delivery threads).
-#   benches/callgrind.sh [json|sse] [requests, default 1200] BIN [BIN...]
+#   benches/callgrind.sh [json|sse|churn] [requests, default 1200] BIN [BIN...]
+# (churn: JSON requests, a new connection for each)
 # METER=off runs with usage_hook.enabled: false (billing's share, by difference);
 # KEEP=dir keeps each worker's profile there, for callgrind_annotate (the other threads'
 # as .threadNN files). Needs valgrind and oha. Everything listens on 127.0.0.1.
@@ -42,7 +43,7 @@ EOY
     P=$!
     pids+=($P)
     for _ in $(seq 150); do curl -sf "http://127.0.0.1:$PROXY/health" >/dev/null && break; sleep 0.2; done
-    run() { oha --no-tui -n "$1" -c 4 -m POST -H 'Content-Type: application/json' -d "$body" "http://127.0.0.1:$PROXY/v1/chat/completions" >/dev/null 2>&1; }
+    run() { oha --no-tui -n "$1" -c 4 $([ "$KIND" = churn ] && echo --disable-keepalive) -m POST -H 'Content-Type: application/json' -d "$body" "http://127.0.0.1:$PROXY/v1/chat/completions" >/dev/null 2>&1; }
     run 200
     callgrind_control -d "$P" >/dev/null 2>&1
     sleep 1
