@@ -86,6 +86,9 @@ impl Headers {
         self.buf.clear();
         self.buf.extend_from_slice(&data[..head_len]);
         self.list.clear();
+        // One allocation for a connection's first head, not a doubling every few
+        // headers (two per request on a new connection, ~600 instructions).
+        self.list.reserve(parsed.len());
         let base = data.as_ptr() as usize;
         for h in parsed {
             let n = h.name.as_ptr() as usize - base;
