@@ -12,6 +12,7 @@
 # as .threadNN files). Needs valgrind and oha. Everything listens on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/proxy-config.sh
 KIND=${1:-json}
 N=${2:-1200}
 shift 2 || true
@@ -28,17 +29,7 @@ for BIN in "$@"; do
     pids=($!)
     target/release/examples/webhook_receiver --port "$HOOK" --quiet --log none --no-store >/dev/null 2>&1 &
     pids+=($!)
-    cat >"$W/p.yaml" <<EOY
-listen: "127.0.0.1:$PROXY"
-workers: 1
-access_log: "off"
-backends:
-  - url: "http://127.0.0.1:$MOCK"
-usage_hook:
-  enabled: $([ "${METER:-on}" = off ] && echo false || echo true)
-  url: "http://127.0.0.1:$HOOK/usage"
-  spool_dir: "$W/spool"
-EOY
+    proxy_config "$W/p.yaml" "$PROXY" "$MOCK" "$HOOK" "$W/spool"
     valgrind --tool=callgrind --callgrind-out-file="$W/cg.%p" --separate-threads=yes "$BIN" --config "$W/p.yaml" >/dev/null 2>&1 &
     P=$!
     pids+=($P)

@@ -18,6 +18,7 @@
 # Needs perf (Debian: linux-perf) and wrk. Everything listens on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/proxy-config.sh
 KIND=${1:-json}
 SECS=${2:-8}
 command -v perf >/dev/null || { echo "perf is not installed (apt-get install linux-perf)"; exit 1; }
@@ -39,17 +40,7 @@ taskset -c 1 target/release/examples/webhook_receiver --port "$HOOK" --quiet --l
 pids+=($!)
 RECV=$!
 MOCKP=${pids[0]}
-cat >"$W/p.yaml" <<EOF
-listen: "127.0.0.1:$PROXY"
-workers: 1
-access_log: "off"
-backends:
-  - url: "http://127.0.0.1:$MOCK"
-usage_hook:
-  enabled: $([ "${METER:-on}" = off ] && echo false || echo true)
-  url: "http://127.0.0.1:$HOOK/usage"
-  spool_dir: "$W/spool"
-EOF
+proxy_config "$W/p.yaml" "$PROXY" "$MOCK" "$HOOK" "$W/spool"
 sleep 0.5
 taskset -c 0 "$BIN" --config "$W/p.yaml" >"$W/proxy.log" 2>&1 &
 P=$!
