@@ -115,7 +115,7 @@ awk -v n="$n" -v hz="$(getconf CLK_TCK)" -v r=$((ra - rb)) -v m=$((ma - mb)) \
     'BEGIN { printf "on core 1: mock %.2f us, webhook receiver %.2f us per request\n", m / hz * 1e6 / n, r / hz * 1e6 / n }'
 if [ -n "${COUNT:-}" ]; then
     echo "per request, $([ -n "${WHOLE:-}" ] && echo "whole process" || echo "worker thread") ($((r1 - r0)) requests):"
-    awk -F, -v n=$((r1 - r0)) '!/^#/ && NF > 2 && n > 0 { if ($3 == "task-clock") printf "  %-40s %8.3f us (precise, from the scheduler)\n", "CPU time", $1 * 1000 / n; else printf "  %-40s %8.3f\n", $3, $1 / n }' "$W/stat.txt"
+    awk -F, -v n=$((r1 - r0)) '!/^#/ && NF > 2 && n > 0 { if ($3 == "task-clock") printf "  %-40s %8.3f us (precise, from the scheduler)\n", "CPU time", $1 * 1000 / n; else printf "  %-40s %8.4f\n", $3, $1 / n }' "$W/stat.txt"
     exit 0
 fi
 if [ -n "${SCHED:-}" ]; then

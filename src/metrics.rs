@@ -222,7 +222,10 @@ pub struct Metrics {
     /// The listener certificate's expiry (unix seconds); 0 without TLS.
     pub tls_cert_not_after: std::sync::atomic::AtomicI64,
     pub tls_handshake_failures: AtomicU64,
+    /// Records taken into the spool: written to a segment, or delivered (or
+    /// dead-lettered) straight from a staging ring (`direct`, a part of them).
     pub spooled: AtomicU64,
+    pub direct: AtomicU64,
     /// Records workers spooled themselves because the queue was full.
     pub overflowed: AtomicU64,
     pub redelivered: AtomicU64,
@@ -336,6 +339,7 @@ impl Metrics {
             tls_cert_not_after: std::sync::atomic::AtomicI64::new(0),
             tls_handshake_failures: zero(),
             spooled: zero(),
+            direct: zero(),
             overflowed: zero(),
             redelivered: zero(),
             access_log_dropped: zero(),
@@ -466,7 +470,7 @@ impl Metrics {
             now_ms.saturating_sub(oldest_ms) as f64 / 1000.0
         };
         let open = AtomicU64::new(self.sum(|s| &s.connections_open));
-        let counters: [(&str, &str, &AtomicU64); 13] = [
+        let counters: [(&str, &str, &AtomicU64); 14] = [
             (
                 "llmproxy_access_log_dropped_total",
                 "Access log lines dropped because the log writer fell behind.",
@@ -474,8 +478,13 @@ impl Metrics {
             ),
             (
                 "llmproxy_usage_spooled_total",
-                "Usage records written to the durable spool.",
+                "Usage records taken into the durable spool from the workers' staging rings or queue: written to a segment, or delivered straight from a ring.",
                 &self.spooled,
+            ),
+            (
+                "llmproxy_usage_direct_total",
+                "Usage records delivered (or dead-lettered) straight from a worker's staging ring, with no segment write: the path while the webhook keeps up.",
+                &self.direct,
             ),
             (
                 "llmproxy_usage_overflow_total",

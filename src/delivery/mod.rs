@@ -7,7 +7,10 @@
 //! or refused it for good (4xx other than 408/429: dead letter). While the webhook is
 //! down, records wait on disk, also across restarts and crashes. POSTs are pipelined
 //! on one connection, at most `usage_hook.pipeline` in flight: a recovering receiver
-//! gets a bounded load from each proxy.
+//! gets a bounded load from each proxy. Records usually reach the writer through the
+//! workers' staging rings (`stage`); while the spool is delivered and the webhook keeps
+//! up, the sender takes the rings instead and POSTs their records straight from there,
+//! handing them back to the writer when a delivery fails.
 //!
 //! Without a spool (`spool_dir: ""`) the sender reads the channel directly and a
 //! record that exhausts its retries is logged in full and counted, nothing more.
@@ -117,6 +120,7 @@ pub fn start(
         let r = spool.rings();
         rings = Some(r.clone());
         let (stop_w, stop_s) = (closing.clone(), closing.clone());
+        let rings_s = r.clone();
         let (m, q) = (metrics.clone(), queued.clone());
         let spool_writer = spawn(
             "usage-spool",
@@ -129,7 +133,7 @@ pub fn start(
         handles.push(spawn(
             "usage-sender",
             Box::new(move || {
-                outbox.run_spool(reader, &dir, &stop_s);
+                outbox.run_spool(reader, Some(rings_s), &dir, &stop_s);
                 drop(keep);
             }),
         )?);

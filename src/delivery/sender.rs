@@ -1,9 +1,12 @@
 //! The sender thread: spooled records (or, without a spool, the channel's) POSTed to
 //! the webhook oldest first, pipelined, retried with backoff; the spool's cursor moves
-//! only past what the webhook took or refused for good (dead letters).
+//! only past what the webhook took or refused for good (dead letters). Once the spool
+//! is delivered, the sender takes the workers' staging rings itself and POSTs their
+//! records straight from there (`deliver_from_rings`), until a delivery fails.
 
 use super::handover::Batch;
 use super::spool::{self, Next, SpoolReader};
+use super::stage::{Part, RING_IDLE_TURN, RING_TURN, Rings};
 use super::{signing, webhook};
 use crate::config::UsageHookConfig;
 use crate::metrics::Metrics;
@@ -179,7 +182,13 @@ impl Outbox {
         }
     }
 
-    pub(super) fn run_spool(mut self, mut reader: SpoolReader, dir: &Path, closing: &AtomicBool) {
+    pub(super) fn run_spool(
+        mut self,
+        mut reader: SpoolReader,
+        rings: Option<Arc<Rings>>,
+        dir: &Path,
+        closing: &AtomicBool,
+    ) {
         let mut stall = Duration::ZERO;
         let mut closed_at: Option<Instant> = None;
         let shared = reader.shared();
@@ -189,8 +198,11 @@ impl Outbox {
         // A round takes up to `pipeline` POSTs' worth of records.
         let round = self.pipeline.saturating_mul(self.batch);
         let mut lines: Vec<Vec<u8>> = Vec::with_capacity(round.min(4096));
+        let mut take = RingTake::default();
         loop {
             if closing.load(Relaxed) {
+                // The writer takes the rings' last records (it waits for them).
+                give_back(rings.as_deref());
                 let at = *closed_at.get_or_insert_with(Instant::now);
                 if at.elapsed() > SHUTDOWN_DELIVERY || !stall.is_zero() {
                     break;
@@ -199,11 +211,45 @@ impl Outbox {
             // A batch: the oldest record (waiting for one), then whatever else is
             // already spooled, up to `round`. Line buffers go back to the reader.
             reader.recycle(&mut lines);
-            match reader.next(Duration::from_millis(100)) {
+            // Without rings, wait for the writer's next commit; with them, see first
+            // whether the spool is delivered (under steady load a commit comes every
+            // ring turn, so waiting would never find it so).
+            let wait = match rings {
+                Some(_) => Duration::ZERO,
+                None => Duration::from_millis(100),
+            };
+            match reader.next(wait) {
                 Next::Record(line) => lines.push(line),
                 Next::Empty => {
                     self.metrics.spool_oldest_ms.store(0, Relaxed);
                     catching_up = false;
+                    let Some(r) = rings.as_deref() else {
+                        continue;
+                    };
+                    if !r.sender_takes() {
+                        // Delivered: the rings' records may come straight here, from
+                        // the writer's next turn on.
+                        if !closing.load(Relaxed) {
+                            r.ask_for_them();
+                        }
+                        reader.wait(Duration::from_millis(100));
+                        continue;
+                    }
+                    // A take every ring turn: a round that took longer leaves no
+                    // wait (takes that grew with each round held records longer).
+                    let began = Instant::now();
+                    match self.deliver_from_rings(r, &mut take, dir, closing) {
+                        Ok(0) => reader.wait(RING_IDLE_TURN),
+                        Ok(_) => {
+                            if let Some(left) = RING_TURN.checked_sub(began.elapsed()) {
+                                reader.wait(left);
+                            }
+                        }
+                        Err((why, id)) => {
+                            catching_up = true;
+                            self.stall(&mut stall, &why, &id, closing);
+                        }
+                    }
                     continue;
                 }
                 Next::Closed => break,
@@ -248,35 +294,20 @@ impl Outbox {
                             self.metrics.redelivered.fetch_add(1, Relaxed);
                         }
                     }
-                    Delivery::Refused(status, excerpt) => match spool::dead_letter(dir, line) {
-                        Ok(()) => {
-                            self.metrics.dead_letter.fetch_add(1, Relaxed);
-                            error!(
-                                "usage webhook refused {id} with {status} ({excerpt}); moved to {}",
-                                dir.join("dead-letter.jsonl").display()
-                            );
-                            reader.ack();
-                        }
-                        Err(e) => {
-                            error!(
-                                "usage spool: cannot write dead letter for {id}: {e}; it stays spooled"
-                            );
+                    Delivery::Refused(status, excerpt) => {
+                        if !self.dead_letter(dir, line, id, status, &excerpt) {
+                            give_back(rings.as_deref());
                             std::thread::sleep(STALL_BACKOFF);
                             break;
                         }
-                    },
+                        reader.ack();
+                    }
                     Delivery::Failed(why) => {
+                        // The rings' records go to the segment meanwhile (the sender
+                        // may have been handed them since it asked).
+                        give_back(rings.as_deref());
                         catching_up = true;
-                        stall = if stall.is_zero() {
-                            STALL_BACKOFF
-                        } else {
-                            (stall * 2).min(MAX_STALL_BACKOFF)
-                        };
-                        warn!(
-                            "{} unavailable ({why}); {id} and later records wait in the spool, next try in {stall:?}",
-                            self.sink_name()
-                        );
-                        sleep_unless(stall, closing);
+                        self.stall(&mut stall, &why, id, closing);
                         break;
                     }
                 }
@@ -292,6 +323,117 @@ impl Outbox {
             );
         }
         info!("usage delivery stopped");
+    }
+
+    /// A round straight from the staging rings (the spool is delivered and the sender
+    /// takes the rings): what the workers staged since the last round, POSTed as
+    /// spooled records are, `pipeline` x `batch` at a time; each record's room in its
+    /// ring is released once the webhook took it or it was dead-lettered. Nothing is
+    /// written to a segment or read back. Returns the records settled; on a failure
+    /// (or at shutdown), what is left is handed back to the writer, which writes it to
+    /// the segment (then the spool path delivers it, oldest first): `Err` with why and
+    /// the id of the record that failed.
+    fn deliver_from_rings(
+        &mut self,
+        rings: &Rings,
+        take: &mut RingTake,
+        dir: &Path,
+        closing: &AtomicBool,
+    ) -> Result<u64, (String, String)> {
+        let RingTake { buf, parts, lines } = take;
+        buf.clear();
+        parts.clear();
+        lines.clear();
+        if rings.take_for_sender(buf, parts) == 0 {
+            return Ok(0);
+        }
+        let mut at = 0;
+        for end in memchr::memchr_iter(b'\n', buf) {
+            lines.push((at, end));
+            at = end + 1;
+        }
+        let round = self.pipeline.saturating_mul(self.batch).max(1);
+        let (mut done, mut settled, mut failure) = (0, 0, None);
+        for chunk in lines.chunks(round) {
+            if closing.load(Relaxed) {
+                break;
+            }
+            let these: Vec<&[u8]> = chunk.iter().map(|&(a, b)| &buf[a..b]).collect();
+            self.metrics
+                .spool_oldest_ms
+                .store(record_time_ms(these[0]), Relaxed);
+            let ids: Vec<Cow<str>> = these.iter().map(|l| record_id(l)).collect();
+            let results = self.deliver_batch(&these, &ids);
+            for ((line, id), (result, &(_, end))) in
+                these.iter().zip(&ids).zip(results.into_iter().zip(chunk))
+            {
+                match result {
+                    Delivery::Delivered => {}
+                    Delivery::Refused(status, excerpt) => {
+                        if !self.dead_letter(dir, line, id, status, &excerpt) {
+                            failure = Some(("cannot write a dead letter".into(), id.to_string()));
+                            break;
+                        }
+                    }
+                    Delivery::Failed(why) => {
+                        failure = Some((why, id.to_string()));
+                        break;
+                    }
+                }
+                done = end + 1;
+                settled += 1;
+            }
+            if failure.is_none() && done <= chunk[chunk.len() - 1].0 {
+                // Answers stop only at a failure; said, and not released unanswered.
+                failure = Some(("no answer".into(), String::new()));
+            }
+            if failure.is_some() {
+                break;
+            }
+            rings.settle(parts, buf, done, false);
+        }
+        let whole = done == buf.len();
+        rings.settle(parts, buf, done, !whole);
+        if !whole {
+            rings.give_back();
+        }
+        self.metrics.spooled.fetch_add(settled, Relaxed);
+        self.metrics.direct.fetch_add(settled, Relaxed);
+        failure.map_or(Ok(settled), Err)
+    }
+
+    /// A record the webhook refused for good goes to the dead-letter file; false if
+    /// that could not be written (it stays where it is).
+    fn dead_letter(&self, dir: &Path, line: &[u8], id: &str, status: u16, excerpt: &str) -> bool {
+        match spool::dead_letter(dir, line) {
+            Ok(()) => {
+                self.metrics.dead_letter.fetch_add(1, Relaxed);
+                error!(
+                    "usage webhook refused {id} with {status} ({excerpt}); moved to {}",
+                    dir.join("dead-letter.jsonl").display()
+                );
+                true
+            }
+            Err(e) => {
+                error!("usage spool: cannot write dead letter for {id}: {e}; it stays spooled");
+                false
+            }
+        }
+    }
+
+    /// The sink failed a record after its retries: wait (doubling, up to
+    /// `MAX_STALL_BACKOFF`) before the spool is tried again.
+    fn stall(&self, stall: &mut Duration, why: &str, id: &str, closing: &AtomicBool) {
+        *stall = if stall.is_zero() {
+            STALL_BACKOFF
+        } else {
+            (*stall * 2).min(MAX_STALL_BACKOFF)
+        };
+        warn!(
+            "{} unavailable ({why}); {id} and later records wait in the spool, next try in {stall:?}",
+            self.sink_name()
+        );
+        sleep_unless(*stall, closing);
     }
 
     /// What the log lines call the sink.
@@ -396,7 +538,7 @@ impl Outbox {
     /// Several spooled records at once: pipelined on the plain client, then any that
     /// failed retryably go through `deliver` (with its retries) one by one. Answers
     /// cover a prefix of `lines`: delivery stops at the first record that fails.
-    fn deliver_batch(&mut self, lines: &[Vec<u8>], ids: &[Cow<str>]) -> Vec<Delivery> {
+    fn deliver_batch<L: AsRef<[u8]>>(&mut self, lines: &[L], ids: &[Cow<str>]) -> Vec<Delivery> {
         if self.batch > 1 {
             return self.deliver_arrays(lines, ids);
         }
@@ -404,7 +546,7 @@ impl Outbox {
             lines
                 .iter()
                 .zip(ids)
-                .map(|(l, id)| (&l[..], id.as_ref()))
+                .map(|(l, id)| (l.as_ref(), id.as_ref()))
                 .collect()
         };
         let first: Vec<Attempt> = match (self.amqp.as_mut(), self.plain.as_mut()) {
@@ -434,9 +576,9 @@ impl Outbox {
                 Some(Attempt::Retryable(_)) => {
                     // The pipelined attempt failed: what follows is a retry.
                     self.metrics.webhook_retries.fetch_add(1, Relaxed);
-                    self.deliver(line, id)
+                    self.deliver(line.as_ref(), id)
                 }
-                None => self.deliver(line, id),
+                None => self.deliver(line.as_ref(), id),
             };
             let failed = matches!(d, Delivery::Failed(_));
             out.push(d);
@@ -526,6 +668,15 @@ impl Outbox {
     }
 }
 
+/// The sender's buffers for a round from the rings, kept between rounds: the records
+/// taken, where each ring's are, and each record's span.
+#[derive(Default)]
+struct RingTake {
+    buf: Vec<u8>,
+    parts: Vec<Part>,
+    lines: Vec<(usize, usize)>,
+}
+
 /// Records (JSON objects) as one JSON array: `[r1,r2,...]`.
 fn json_array<L: AsRef<[u8]>>(lines: &[L]) -> Vec<u8> {
     let mut body =
@@ -558,6 +709,14 @@ fn classify(answer: webhook::Answer) -> Attempt {
         Ok((status @ (408 | 429 | 500..=599), _)) => Attempt::Retryable(format!("status {status}")),
         Ok((status, excerpt)) => Attempt::Permanent(status, excerpt),
         Err(e) => Attempt::Retryable(e),
+    }
+}
+
+/// The writer takes the rings' records from now on (the sender holds none between
+/// its rounds).
+fn give_back(rings: Option<&Rings>) {
+    if let Some(r) = rings {
+        r.give_back();
     }
 }
 

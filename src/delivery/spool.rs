@@ -367,6 +367,11 @@ impl SpoolWriter {
         self.buf.len()
     }
 
+    /// Wakes the reader (`SpoolReader::wait`) without a commit.
+    pub fn wake_reader(&self) {
+        self.shared.grown.notify_all();
+    }
+
     /// Spooled bytes not yet delivered (or dead-lettered).
     pub fn backlog(&self) -> u64 {
         self.shared.backlog_bytes.load(Relaxed)
@@ -636,6 +641,17 @@ impl SpoolReader {
             if timeout.timed_out() {
                 return Next::Empty;
             }
+        }
+    }
+
+    /// Waits up to `d` for the writer to commit records or wake this reader
+    /// (`SpoolWriter::wake_reader`); returns at the first of either.
+    pub fn wait(&self, d: Duration) {
+        let Ok(c) = self.shared.committed.lock() else {
+            return;
+        };
+        if !self.behind(&c) {
+            let _ = self.shared.grown.wait_timeout(c, d);
         }
     }
 

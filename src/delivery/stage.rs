@@ -17,6 +17,12 @@
 //! (`recover`). Records are whole lines: `[tail, head)` is always a run of complete
 //! records, wrapping at the end of the data area.
 //!
+//! Who takes a ring's records is one thread at a time (`Rings::taker`): the spool writer,
+//! which writes them to the segment, or, while the spool is delivered and the webhook
+//! keeps up, the sender, which POSTs them straight from the rings and releases each
+//! record's room once the webhook took it (no segment write, no read-back). A sender
+//! that cannot deliver hands what it has not released back to the writer (`settle`).
+//!
 //! The file's blocks are allocated up front (`fallocate`), so writing into the mapping
 //! cannot fail for lack of space (which would be a SIGBUS); where that is not possible
 //! the worker uses the channel. Nothing else may truncate files in the spool dir (the
@@ -27,11 +33,18 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Bytes of records a ring holds: ~3,500 records, 100 ms of one worker at saturation.
 pub const RING_BYTES: usize = 2 << 20;
+/// How often the rings' taker (the writer, or the sender) takes their records while
+/// records come, and while none do. A record in a ring already survives a crash; the
+/// turn bounds how late it reaches the segment or the webhook, and the power-loss
+/// window with it.
+pub const RING_TURN: Duration = Duration::from_millis(40);
+pub const RING_IDLE_TURN: Duration = Duration::from_millis(100);
 /// The header page: magic, capacity, head, tail (u64 each).
 const HEADER: usize = 4096;
 const MAGIC: u64 = u64::from_le_bytes(*b"llmpring");
@@ -47,7 +60,7 @@ pub struct Ring {
     /// Where the writer's next take starts (it has taken `[tail, taken)` but not
     /// released it: its write may still fail).
     taken: AtomicU64,
-    _file: File,
+    file: File,
 }
 
 // SAFETY: the mapping is shared memory; `head` is written only by the one worker that
@@ -92,7 +105,7 @@ impl Ring {
             pushed: AtomicU64::new(0),
             taken_records: AtomicU64::new(0),
             taken: AtomicU64::new(0),
-            _file: file,
+            file,
         };
         ring.word(2).store(0, Ordering::Relaxed);
         ring.word(3).store(0, Ordering::Relaxed);
@@ -143,11 +156,19 @@ impl Ring {
     }
 
     /// Appends what the worker published since the last take to `out` (whole lines);
-    /// returns the records taken. The writer's side; `release` once `out` is written.
+    /// returns the records taken. The taker's side; `release` once `out` is written.
     pub fn take(&self, out: &mut Vec<u8>) -> u64 {
         let head = self.head().load(Ordering::Acquire);
         let from = self.taken.load(Ordering::Relaxed);
         if head == from {
+            return 0;
+        }
+        if head - from > self.cap {
+            // Cannot happen (the worker writes only released room); said, not read.
+            warn!(
+                "usage spool: {}: head and tail do not add up",
+                self.path.display()
+            );
             return 0;
         }
         let at = (from % self.cap) as usize;
@@ -171,6 +192,23 @@ impl Ring {
     pub fn release(&self) {
         self.tail()
             .store(self.taken.load(Ordering::Relaxed), Ordering::Release);
+    }
+
+    /// The bytes before `pos` (a record boundary between the tail and the last take)
+    /// are delivered: the worker may reuse their room. With `hand_back`, what was
+    /// taken after `pos` (`records` records) is untaken: the next take starts at `pos`.
+    fn settle(&self, pos: u64, hand_back: Option<u64>) {
+        self.tail().store(pos, Ordering::Release);
+        if let Some(records) = hand_back {
+            self.taken.store(pos, Ordering::Relaxed);
+            self.taken_records.fetch_sub(records, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the worker has filled half the ring or more since the last take.
+    fn half_untaken(&self) -> bool {
+        let head = self.head().load(Ordering::Relaxed);
+        head.saturating_sub(self.taken.load(Ordering::Relaxed)) >= self.cap / 2
     }
 
     /// Records pushed and not yet taken.
@@ -199,7 +237,22 @@ impl Drop for Ring {
     }
 }
 
-/// Every worker's ring of this start, for the writer to take from.
+/// Who takes the rings' records (`Rings::taker`): the writer; the writer, with the
+/// sender asking for them; the sender.
+const WRITER: u8 = 0;
+const ASKED: u8 = 1;
+const SENDER: u8 = 2;
+
+/// What the sender took from one ring: the ring's bytes from `from` on, at
+/// `at..at + len` of the sender's buffer.
+pub struct Part {
+    ring: Arc<Ring>,
+    from: u64,
+    at: usize,
+    len: usize,
+}
+
+/// Every worker's ring of this start, for the writer (or the sender) to take from.
 pub struct Rings {
     dir: PathBuf,
     /// This start's first segment number: ring names never collide with a crashed
@@ -211,6 +264,20 @@ pub struct Rings {
     failed: std::sync::atomic::AtomicBool,
     /// Told whether records are staged (`SpoolState::staged`).
     shared: Arc<super::spool::SpoolState>,
+    /// `WRITER`, `ASKED` or `SENDER`: the one thread that takes from the rings. The
+    /// writer hands them to the sender when the sender asked (it has delivered the
+    /// spool) and it holds nothing taken; the sender gives them back when it cannot
+    /// deliver (which also withdraws a question the writer has not answered yet), or
+    /// at shutdown. Release/Acquire: the positions the one left are the ones the
+    /// other sees.
+    taker: AtomicU8,
+    /// While the sender holds records it took and has not settled: when it took them
+    /// (ns since `epoch`, never 0), else 0. The writer fdatasyncs the rings when that is
+    /// `SYNC_INTERVAL` old (`sync_if_late`): the power-loss window stays what it is with
+    /// segments.
+    sender_took_at: AtomicU64,
+    synced_for: AtomicU64,
+    epoch: Instant,
 }
 
 impl Rings {
@@ -221,7 +288,118 @@ impl Rings {
             all: Mutex::new(Vec::new()),
             failed: Default::default(),
             shared,
+            taker: AtomicU8::new(WRITER),
+            sender_took_at: AtomicU64::new(0),
+            synced_for: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
+    }
+
+    /// Whether the sender takes the rings' records now (else the writer does).
+    pub fn sender_takes(&self) -> bool {
+        self.taker.load(Ordering::Acquire) == SENDER
+    }
+
+    /// The sender's spool is delivered: it would take the rings' records itself.
+    pub fn ask_for_them(&self) {
+        let _ = self
+            .taker
+            .compare_exchange(WRITER, ASKED, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// The writer's side, at the end of a turn in which it released all it took: hands
+    /// the rings to the sender if it asked. True if it did (then wake the sender).
+    pub fn hand_to_sender(&self) -> bool {
+        self.taker
+            .compare_exchange(ASKED, SENDER, Ordering::Release, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// The sender's side: the writer takes the rings' records (a delivery failed, or
+    /// the proxy stops), and a question not answered yet is withdrawn. Call with
+    /// nothing taken and unsettled.
+    pub fn give_back(&self) {
+        self.taker.store(WRITER, Ordering::Release);
+    }
+
+    /// The sender's take: every ring's new records appended to `out`, one `Part` per
+    /// ring that had any; returns how many records. Settle them with `settle`.
+    pub fn take_for_sender(&self, out: &mut Vec<u8>, parts: &mut Vec<Part>) -> u64 {
+        let Ok(all) = self.all.lock() else {
+            return 0;
+        };
+        let mut records = 0;
+        for ring in all.iter() {
+            let from = ring.taken.load(Ordering::Relaxed);
+            let at = out.len();
+            let n = ring.take(out);
+            if n > 0 {
+                records += n;
+                let len = out.len() - at;
+                parts.push(Part {
+                    ring: ring.clone(),
+                    from,
+                    at,
+                    len,
+                });
+            }
+        }
+        if records > 0 {
+            let t = (self.epoch.elapsed().as_nanos() as u64).max(1);
+            self.sender_took_at.store(t, Ordering::Relaxed);
+        }
+        records
+    }
+
+    /// The sender is done with `out[..done]` (`done` a record boundary): those records'
+    /// room is released. With `hand_back`, the rest of the take is untaken: the next
+    /// take (the writer's, after `give_back`) starts with it. Without, more of the take
+    /// is settled later.
+    pub fn settle(&self, parts: &[Part], out: &[u8], done: usize, hand_back: bool) {
+        for p in parts {
+            let upto = done.clamp(p.at, p.at + p.len);
+            let back = hand_back
+                .then(|| memchr::memchr_iter(b'\n', &out[upto..p.at + p.len]).count() as u64);
+            p.ring.settle(p.from + (upto - p.at) as u64, back);
+        }
+        if hand_back || done == out.len() {
+            self.sender_took_at.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The writer's side while the sender takes: a take the sender still holds
+    /// `after` since it was made is fdatasync'd (once), so that a power loss cannot
+    /// lose it while the webhook is slow to answer.
+    pub fn sync_if_late(&self, after: Duration) {
+        let took = self.sender_took_at.load(Ordering::Relaxed);
+        if took == 0 || self.synced_for.load(Ordering::Relaxed) == took {
+            return;
+        }
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        if now.saturating_sub(took) < after.as_nanos() as u64 {
+            return;
+        }
+        self.synced_for.store(took, Ordering::Relaxed);
+        self.sync_all();
+    }
+
+    /// Every ring file fdatasync'd (at a stop that leaves records in them).
+    pub fn sync_all(&self) {
+        if let Ok(all) = self.all.lock() {
+            for r in all.iter() {
+                if let Err(e) = r.file.sync_data() {
+                    warn!("usage spool: cannot sync {}: {e}", r.path.display());
+                }
+            }
+        }
+    }
+
+    /// Whether a ring is half full of records not taken yet (the sender should take
+    /// them now rather than at its next turn).
+    pub fn half_untaken(&self) -> bool {
+        self.all
+            .lock()
+            .is_ok_and(|all| all.iter().any(|r| r.half_untaken()))
     }
 
     /// A new ring for a worker; `None` (logged once) where the file cannot be made.
@@ -428,6 +606,82 @@ mod tests {
         std::fs::write(&path, b"not a ring").unwrap();
         assert!(recover(&path).is_err());
         assert_eq!(list(&d), vec![path]);
+    }
+
+    #[test]
+    fn the_sender_releases_what_was_delivered_and_hands_back_the_rest_whole() {
+        let d = dir("sender");
+        let rings = Rings::new(&d, 1, Arc::default());
+        let (a, b) = (rings.add().unwrap(), rings.add().unwrap());
+        let lines: Vec<Vec<u8>> = (0..6).map(|i| line(i, 50 + i * 7)).collect();
+        for l in &lines[..3] {
+            a.push(l).unwrap();
+        }
+        for l in &lines[3..] {
+            b.push(l).unwrap();
+        }
+        // Every split of the take: the first `k` records delivered, the rest handed
+        // back, across the two rings' parts.
+        for k in 0..=6 {
+            let (mut out, mut parts) = (Vec::new(), Vec::new());
+            assert_eq!(rings.take_for_sender(&mut out, &mut parts), 6);
+            assert_eq!(out, lines.concat());
+            assert_eq!(rings.depth(), 0);
+            let done: usize = lines[..k].iter().map(|l| l.len()).sum();
+            // Settled round by round, then the rest handed back; until settled, a
+            // record stays in its ring's file.
+            let half: usize = lines[..k / 2].iter().map(|l| l.len()).sum();
+            rings.settle(&parts, &out, half, false);
+            let held = [recover(a.path()).unwrap(), recover(b.path()).unwrap()].concat();
+            assert_eq!(held, lines[k / 2..].concat(), "k={k}");
+            rings.settle(&parts, &out, done, k < 6);
+            // What a crash now leaves is exactly what was not delivered.
+            let left = [recover(a.path()).unwrap(), recover(b.path()).unwrap()].concat();
+            assert_eq!(left, lines[k..].concat(), "k={k}");
+            assert_eq!(rings.depth(), (6 - k) as u64);
+            // The writer takes the rest, once; then the rings are put back as they were.
+            rings.give_back();
+            assert!(!rings.sender_takes());
+            let mut again = Vec::new();
+            assert_eq!(rings.take(&mut again), (6 - k) as u64);
+            assert_eq!(again, lines[k..].concat());
+            rings.release();
+            assert!(a.drained() && b.drained());
+            for l in &lines[..3] {
+                a.push(l).unwrap();
+            }
+            for l in &lines[3..] {
+                b.push(l).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn the_writer_hands_the_rings_over_only_when_asked_and_syncs_a_late_take() {
+        let d = dir("handover");
+        let rings = Rings::new(&d, 1, Arc::default());
+        let a = rings.add().unwrap();
+        assert!(!rings.hand_to_sender());
+        rings.ask_for_them();
+        assert!(rings.hand_to_sender());
+        assert!(rings.sender_takes());
+        assert!(!rings.hand_to_sender(), "asked once, handed once");
+        a.push(&line(0, 60)).unwrap();
+        let (mut out, mut parts) = (Vec::new(), Vec::new());
+        rings.take_for_sender(&mut out, &mut parts);
+        // Held past the interval: synced once (the sync itself is not observable
+        // here; that it is marked done for this take is).
+        rings.sync_if_late(Duration::ZERO);
+        let took = rings.sender_took_at.load(Ordering::Relaxed);
+        assert!(took > 0);
+        assert_eq!(rings.synced_for.load(Ordering::Relaxed), took);
+        rings.settle(&parts, &out, out.len(), false);
+        assert_eq!(rings.sender_took_at.load(Ordering::Relaxed), 0);
+        assert!(a.drained());
+        // A ring half full of untaken records says so.
+        assert!(!rings.half_untaken());
+        while a.push(&line(1, 100)).is_some_and(|half| !half) {}
+        assert!(rings.half_untaken());
     }
 
     #[test]

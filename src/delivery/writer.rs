@@ -3,7 +3,7 @@
 
 use super::handover::Batch;
 use super::spool::{self, Overflow, SpoolWriter};
-use super::stage::Rings;
+use super::stage::{RING_IDLE_TURN, RING_TURN, Rings};
 use crate::metrics::Metrics;
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use log::error;
@@ -20,11 +20,9 @@ pub(super) const MAX_BATCH_BYTES: usize = 1 << 20;
 pub(super) const SYNC_INTERVAL: Duration = Duration::from_millis(50);
 /// Longest the writer waits for a batch before it looks again at what needs a sync.
 const IDLE_TURN: Duration = Duration::from_millis(50);
-/// How often the writer takes the workers' staging rings while records come, and
-/// while none do. A record in a ring already survives a crash; the turn bounds how
-/// late it reaches the segment (and the sender), and the power-loss window with it.
-const RING_TURN: Duration = Duration::from_millis(40);
-const RING_IDLE_TURN: Duration = Duration::from_millis(100);
+/// At shutdown, how long the writer waits for the sender to give the rings back
+/// (it settles its round first) before leaving their records to the next start.
+const RINGS_BACK_WAIT: Duration = Duration::from_secs(30);
 
 /// The writes since the last fdatasync, oldest first: when each was made and its bytes.
 /// A record needs the sync only if it is still undelivered `SYNC_INTERVAL` after it was
@@ -129,7 +127,15 @@ pub(super) fn write_spool(
                 break;
             }
         }
-        if !backed_up {
+        if !backed_up && rings.sender_takes() {
+            // The sender takes the rings; the writer only makes sure that what it
+            // holds unanswered survives power loss, and wakes it for a ring filling up.
+            rings.sync_if_late(SYNC_INTERVAL);
+            if rings.half_untaken() {
+                writer.wake_reader();
+            }
+            ring_turn = RING_IDLE_TURN;
+        } else if !backed_up {
             let from_rings = writer.append_from(|buf| rings.take(buf));
             records += from_rings;
             ring_turn = if from_rings > 0 {
@@ -143,7 +149,14 @@ pub(super) fn write_spool(
         let sync = unsynced.due(now, writer.backlog());
         match writer.write_out(sync) {
             Ok(()) => {
-                rings.release();
+                if !rings.sender_takes() {
+                    rings.release();
+                    // The sender has delivered the spool: it takes the rings' records
+                    // from now on (what this turn wrote, it reads first).
+                    if !closing.load(Relaxed) && rings.hand_to_sender() {
+                        writer.wake_reader();
+                    }
+                }
                 unsynced.wrote(now, bytes);
                 if writer.synced() {
                     unsynced.synced();
@@ -166,10 +179,25 @@ pub(super) fn write_spool(
         }
     }
     // What the workers' rings still hold (they are done), and what they spooled
-    // themselves at their end.
+    // themselves at their end. The sender gives the rings back at its next turn.
+    let end = Instant::now() + RINGS_BACK_WAIT;
+    while rings.sender_takes() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rings_back = !rings.sender_takes();
+    if !rings_back {
+        rings.sync_all();
+        error!(
+            "usage spool: the sender did not give the staging rings back within {RINGS_BACK_WAIT:?}; what they hold is delivered at the next start"
+        );
+    }
     if writer.pending() == 0 {
-        let from_rings = writer.append_from(|buf| rings.take(buf));
+        let from_rings = match rings_back {
+            true => writer.append_from(|buf| rings.take(buf)),
+            false => 0,
+        };
         match writer.write_out(true) {
+            Ok(()) if !rings_back => {}
             Ok(()) => {
                 rings.release();
                 rings.remove_files();

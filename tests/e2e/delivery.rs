@@ -227,6 +227,106 @@ fn kill_9_the_moment_records_exist_loses_none_of_them() {
     );
 }
 
+/// Bytes in the spool's segment files (records written to disk by the writer).
+fn segment_bytes(spool: &Path) -> u64 {
+    std::fs::read_dir(spool)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("seg-"))
+        .map(|e| e.metadata().map_or(0, |m| m.len()))
+        .sum()
+}
+
+/// Sends one request at a time until the sender has delivered one record straight
+/// from a staging ring: from then on it takes the rings (a writer turn after start,
+/// until a delivery fails). Returns the caller ids sent.
+fn until_direct(addr: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    wait_until("the sender takes the rings", 10, || {
+        ids.extend(send_chats(addr, 1, &format!("t-warm{}", ids.len())));
+        metric(addr, "llmproxy_usage_direct_total") >= 1.0
+    });
+    ids
+}
+
+#[test]
+fn a_webhook_that_keeps_up_takes_records_straight_from_the_rings() {
+    let mock = mock(&[]);
+    let receiver = receiver(&[]);
+    let port: u16 = receiver.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let spool = temp_dir().join("spool");
+    let proxy = proxy_with_config(&config(port, &spool, "", &mock.addr));
+    let warm = until_direct(&proxy.addr);
+    wait_records(&receiver, warm.len());
+    let (bytes, direct) = (
+        segment_bytes(&spool),
+        metric(&proxy.addr, "llmproxy_usage_direct_total"),
+    );
+    let ids = send_chats(&proxy.addr, 60, "t-direct");
+    let got = wait_records(&receiver, warm.len() + 60);
+    assert_eq!(
+        ids_of(&got),
+        warm.iter().chain(&ids).cloned().collect::<HashSet<_>>()
+    );
+    wait_until("all 60 counted as direct", 10, || {
+        metric(&proxy.addr, "llmproxy_usage_direct_total") == direct + 60.0
+    });
+    assert_eq!(
+        segment_bytes(&spool),
+        bytes,
+        "no record was written to a segment"
+    );
+    assert_eq!(
+        raw_posts(&receiver).len(),
+        warm.len() + 60,
+        "none sent twice"
+    );
+    assert_eq!(metric(&proxy.addr, "llmproxy_usage_spool_bytes"), 0.0);
+}
+
+#[test]
+fn kill_9_while_the_webhook_holds_records_taken_from_the_rings_loses_none() {
+    // The sender takes the rings, then the receiver hangs on the records it is sent:
+    // they are in no segment, only in the rings, unreleased, when the proxy is
+    // killed. The next start delivers every one.
+    let mock = mock(&[]);
+    let port = free_port();
+    let spool = temp_dir().join("spool");
+    let cfg = config(port, &spool, "", &mock.addr)
+        .replace("timeout: 500ms", "timeout: 60s")
+        .replace("retry: 1", "retry: 3");
+    let receiver = receiver_on(port, &[]);
+    let mut first = proxy_with_config(&cfg);
+    let warm = until_direct(&first.addr);
+    wait_records(&receiver, warm.len());
+    drop(receiver);
+    let hanging = receiver_on(port, &["--stall-ms", "60000"]);
+    let bytes = segment_bytes(&spool);
+    let made = metric(&first.addr, "llmproxy_usage_records_total");
+    let ids = send_chats(&first.addr, 20, "t-held");
+    wait_until("the sender holds them", 10, || {
+        metric(&first.addr, "llmproxy_usage_records_total") == made + 20.0
+            && metric(&first.addr, "llmproxy_usage_queue_depth") == 0.0
+    });
+    assert_eq!(
+        segment_bytes(&spool),
+        bytes,
+        "held in the rings, not a segment"
+    );
+    first.signal(libc::SIGKILL);
+    first.wait_exit(Duration::from_secs(5));
+    drop(hanging);
+    let receiver = receiver_on(port, &[]);
+    let second = proxy_with_config(&cfg);
+    let got = wait_records(&receiver, 20);
+    assert_eq!(
+        ids_of(&got),
+        ids.iter().cloned().collect::<HashSet<_>>(),
+        "{}",
+        second.output()
+    );
+}
+
 #[test]
 fn sigterm_with_webhook_down_spools_and_exits_0() {
     let mock = mock(&["--token-delay-ms", "20"]);
