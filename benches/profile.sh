@@ -14,7 +14,8 @@
 # SCHED=1 records the scheduler on core 0 and prints each thread's wake-up delays
 # (from being woken to running: what a request waits for its worker);
 # RATE=n drives it with oha at n requests/s instead of wrk flat out (needs oha);
-# BILLING_CPU=n moves the billing threads to core n; WHOLE=1 records every thread rather than the worker; KEEP=file keeps perf.data.
+# BILLING_CPU=n moves the billing threads to core n; WHOLE=1 records every thread rather than the worker;
+# THREAD=name records (or counts) that thread instead (e.g. usage-sender); KEEP=file keeps perf.data.
 # Needs perf (Debian: linux-perf) and wrk. Everything listens on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,7 +58,7 @@ if [ -n "${BILLING_CPU:-}" ]; then
         case "$(cat "$t/comm")" in usage-*) taskset -pc "$BILLING_CPU" "$(basename "$t")" >/dev/null ;; esac
     done
 fi
-worker=$(for t in /proc/$P/task/*; do [ "$(cat "$t/comm")" = worker-0 ] && basename "$t"; done)
+worker=$(for t in /proc/$P/task/*; do [ "$(cat "$t/comm")" = "${THREAD:-worker-0}" ] && basename "$t"; done; true)
 snap() {
     for t in /proc/$P/task/*; do
         echo "$(cat "$t/comm") $(awk '{print $14+$15}' "$t/stat") $(awk '/ctxt_switches/ {s += $2} END {print s}' "$t/status")"

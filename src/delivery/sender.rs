@@ -7,6 +7,7 @@
 use super::handover::Batch;
 use super::spool::{self, Next, SpoolReader};
 use super::stage::{Part, RING_IDLE_TURN, RING_TURN, Rings};
+use super::writer::SYNC_INTERVAL;
 use super::{signing, webhook};
 use crate::config::UsageHookConfig;
 use crate::metrics::Metrics;
@@ -26,6 +27,12 @@ use std::time::{Duration, Instant, SystemTime};
 /// 2.5. It stays well under `SYNC_INTERVAL`, so a webhook that keeps up takes records
 /// before they would need an fdatasync (see `writer::Unsynced`).
 pub(super) const SEND_GATHER: Duration = Duration::from_millis(25);
+/// A take the sender still holds unsettled this long after making it has its unsettled
+/// records written to `held.jsonl` and fdatasync'd before the next POSTs: a power
+/// loss cannot lose them while the webhook is slow (the window segments give). Else
+/// the writer would fdatasync the rings themselves, and the workers would fault on
+/// every ring page written back (measured: 0.02-0.035 faults a request at saturation).
+const SECURE_AFTER: Duration = SYNC_INTERVAL.saturating_sub(Duration::from_millis(10));
 /// After the webhook failed a record, wait this long (doubling) before trying again.
 pub(super) const STALL_BACKOFF: Duration = Duration::from_secs(1);
 pub(super) const MAX_STALL_BACKOFF: Duration = Duration::from_secs(5);
@@ -340,13 +347,20 @@ impl Outbox {
         dir: &Path,
         closing: &AtomicBool,
     ) -> Result<u64, (String, String)> {
-        let RingTake { buf, parts, lines } = take;
+        let RingTake {
+            buf,
+            parts,
+            lines,
+            held,
+        } = take;
         buf.clear();
         parts.clear();
         lines.clear();
         if rings.take_for_sender(buf, parts) == 0 {
             return Ok(0);
         }
+        let took = Instant::now();
+        let mut secured = false;
         let mut at = 0;
         for end in memchr::memchr_iter(b'\n', buf) {
             lines.push((at, end));
@@ -357,6 +371,20 @@ impl Outbox {
         for chunk in lines.chunks(round) {
             if closing.load(Relaxed) {
                 break;
+            }
+            if !secured && took.elapsed() >= SECURE_AFTER {
+                secured = true;
+                // Marked first: the writer's fdatasync of the rings would race this one.
+                rings.secured(true);
+                let wrote = held
+                    .get_or_insert_with(|| spool::Held::open(dir))
+                    .as_mut()
+                    .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))
+                    .and_then(|h| h.hold(&buf[done..]));
+                if let Err(e) = wrote {
+                    error!("usage spool: cannot write the held records to {dir:?}/held.jsonl: {e}");
+                    rings.secured(false);
+                }
             }
             let these: Vec<&[u8]> = chunk.iter().map(|&(a, b)| &buf[a..b]).collect();
             self.metrics
@@ -394,6 +422,9 @@ impl Outbox {
         }
         let whole = done == buf.len();
         rings.settle(parts, buf, done, !whole);
+        if secured && let Some(Ok(held)) = held.as_mut() {
+            held.clear();
+        }
         if !whole {
             rings.give_back();
         }
@@ -675,6 +706,8 @@ struct RingTake {
     buf: Vec<u8>,
     parts: Vec<Part>,
     lines: Vec<(usize, usize)>,
+    /// `held.jsonl`, opened the first time a take is held long.
+    held: Option<std::io::Result<spool::Held>>,
 }
 
 /// Records (JSON objects) as one JSON array: `[r1,r2,...]`.

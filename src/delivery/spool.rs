@@ -32,6 +32,9 @@ const MAX_LINE: u64 = 1 << 20;
 /// The reader reads segments this much at a time (hundreds of records a read).
 const READ_CHUNK: usize = 256 * 1024;
 
+/// The sender's held-records file (`Held`).
+const HELD: &str = "held.jsonl";
+
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("seg-{seq:020}.jsonl"))
 }
@@ -135,6 +138,23 @@ impl Spool {
                     let _ = std::fs::rename(&path, &aside);
                 }
             }
+        }
+        // Records a sender held unanswered for long when the last run stopped: taken
+        // in like an overflow file (at worst a second time: also from the rings).
+        let held = dir.join(HELD);
+        if std::fs::metadata(&held).is_ok_and(|m| m.len() > 0) {
+            let to = dir.join(format!("overflow-{first_new_seq:020}-held.jsonl"));
+            std::fs::rename(&held, &to).map_err(|e| {
+                format!(
+                    "usage_hook.spool_dir: cannot move {} to an overflow file: {e}",
+                    held.display()
+                )
+            })?;
+            sync_dir(dir);
+            info!(
+                "usage spool: {} held records from the last run; taken in",
+                held.display()
+            );
         }
         // Backlog from before this start: everything from the cursor on.
         let (cseq, coff) = read_cursor(dir);
@@ -826,6 +846,43 @@ impl SpoolReader {
     }
 }
 
+/// `held.jsonl`: the unsettled records of a take the sender has held unanswered for
+/// `SECURE_AFTER` (a slow webhook), fdatasync'd, so that a power loss cannot lose
+/// them; emptied when the take is settled. A new start takes in what it holds (its
+/// records may also be in the rings it recovers: then they are delivered twice, with
+/// the same Idempotency-Key).
+pub struct Held {
+    file: File,
+}
+
+impl Held {
+    pub fn open(dir: &Path) -> io::Result<Held> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join(HELD))?;
+        sync_dir(dir);
+        Ok(Held { file })
+    }
+
+    /// Writes `lines` (whole records) in place of what the file held, durably.
+    pub fn hold(&mut self, lines: &[u8]) -> io::Result<()> {
+        self.file.set_len(0)?;
+        self.file.write_all_at(lines, 0)?;
+        self.file.sync_data()
+    }
+
+    /// The take is settled: nothing is held (no sync: a power loss before the
+    /// truncation reaches the disk delivers those records again).
+    pub fn clear(&mut self) {
+        if let Err(e) = self.file.set_len(0) {
+            warn!("usage spool: cannot empty {HELD}: {e}");
+        }
+    }
+}
+
 /// An exclusive flock(2) on `f`, waiting until the holder is done (std's `lock`).
 fn flock(f: &File) -> io::Result<()> {
     f.lock()
@@ -901,6 +958,32 @@ mod tests {
         }
         r.save();
         out
+    }
+
+    #[test]
+    fn held_records_are_taken_in_by_the_next_start_and_an_emptied_file_is_not() {
+        let d = dir();
+        {
+            let spool = Spool::open(&d).unwrap();
+            let mut held = Held::open(&d).unwrap();
+            held.hold(b"{\"request_id\":\"a\"}\n{\"request_id\":\"b\"}\n")
+                .unwrap();
+            // A later hold replaces the earlier (what is left of the same take).
+            held.hold(b"{\"request_id\":\"b\"}\n").unwrap();
+            drop(spool);
+        }
+        let spool = Spool::open(&d).unwrap();
+        let mut writer = spool.writer().unwrap();
+        assert_eq!(writer.take_overflow().unwrap(), 1);
+        assert_eq!(drain(&mut spool.reader()), [r#"{"request_id":"b"}"#]);
+        // Settled and emptied: the next start takes nothing in.
+        let mut held = Held::open(&d).unwrap();
+        held.hold(b"{\"request_id\":\"c\"}\n").unwrap();
+        held.clear();
+        drop((writer, spool));
+        let spool = Spool::open(&d).unwrap();
+        assert_eq!(spool.writer().unwrap().take_overflow().unwrap(), 0);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -272,9 +272,9 @@ pub struct Rings {
     /// other sees.
     taker: AtomicU8,
     /// While the sender holds records it took and has not settled: when it took them
-    /// (ns since `epoch`, never 0), else 0. The writer fdatasyncs the rings when that is
-    /// `SYNC_INTERVAL` old (`sync_if_late`): the power-loss window stays what it is with
-    /// segments.
+    /// (ns since `epoch`, never 0), else 0. The sender writes a take it holds long to
+    /// `spool::Held` itself (`secured`); one stuck in a POST round, the writer
+    /// fdatasyncs with the rings (`sync_if_late`): a power loss cannot lose it.
     sender_took_at: AtomicU64,
     synced_for: AtomicU64,
     epoch: Instant,
@@ -392,6 +392,17 @@ impl Rings {
                 }
             }
         }
+    }
+
+    /// The sender's side: the take it holds is (being) written to disk elsewhere
+    /// (`spool::Held`), so the writer need not fdatasync the rings for it; `false`:
+    /// that write failed after all.
+    pub fn secured(&self, yes: bool) {
+        let took = match yes {
+            true => self.sender_took_at.load(Ordering::Relaxed),
+            false => 0,
+        };
+        self.synced_for.store(took, Ordering::Relaxed);
     }
 
     /// Whether a ring is half full of records not taken yet (the sender should take

@@ -130,7 +130,9 @@ pub(super) fn write_spool(
         if !backed_up && rings.sender_takes() {
             // The sender takes the rings; the writer only makes sure that what it
             // holds unanswered survives power loss, and wakes it for a ring filling up.
-            rings.sync_if_late(SYNC_INTERVAL);
+            // The sender writes what it holds long to `held.jsonl` itself between its
+            // POSTs; this is for a take stuck in one POST round.
+            rings.sync_if_late(2 * SYNC_INTERVAL);
             if rings.half_untaken() {
                 writer.wake_reader();
             }
