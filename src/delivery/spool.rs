@@ -10,7 +10,8 @@
 //! `overflow-<start>-<n>.jsonl`: batches a worker wrote itself because the queue to the
 //! writer was full (see `Overflow`); the writer moves them into its segment.
 //! `stage-<start>-<n>.ring`: each worker's staging ring (`stage`), mapped shared; a new
-//! start turns what a crashed run's rings held into overflow files.
+//! start turns what a crashed run's rings held into overflow files. `held.jsonl`: the
+//! records of a take the sender held unanswered for long (`Held`), likewise.
 //!
 //! A crash mid-write can only tear the last line of the segment being written; a new
 //! start always opens a new segment, so a torn line is the unterminated end of an old
