@@ -13,6 +13,33 @@ fn config(hook_port: u16, spool: &Path, extra: &str, backend: &str) -> String {
     )
 }
 
+/// The port a started receiver listens on.
+fn port_of(p: &Proc) -> u16 {
+    p.addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// A mock backend, a receiver, its port and a spool dir (not made yet).
+fn mock_receiver_spool() -> (Proc, Proc, u16, std::path::PathBuf) {
+    let receiver = receiver(&[]);
+    let port = port_of(&receiver);
+    (mock(&[]), receiver, port, temp_dir().join("spool"))
+}
+
+/// A receiver on `port` and a proxy started with `cfg` on a spool a stopped (or
+/// killed) proxy left: every record of `ids` arrives. Returns both.
+fn restart_delivers(port: u16, cfg: &str, ids: &[String]) -> (Proc, Proc) {
+    let receiver = receiver_on(port, &[]);
+    let second = proxy_with_config(cfg);
+    let got = wait_records(&receiver, ids.len());
+    assert_eq!(
+        ids_of(&got),
+        ids.iter().cloned().collect::<HashSet<_>>(),
+        "{}",
+        second.output()
+    );
+    (receiver, second)
+}
+
 /// The callers' ids (`client_request_id`) of `records`; the request id of records
 /// written by hand.
 fn ids_of(records: &[serde_json::Value]) -> HashSet<String> {
@@ -177,15 +204,7 @@ fn kill_9_then_restart_delivers_what_was_spooled() {
     });
     first.signal(libc::SIGKILL);
     first.wait_exit(Duration::from_secs(5));
-    let receiver = receiver_on(port, &[]);
-    let second = proxy_with_config(&config(port, &spool, "", &mock.addr));
-    let got = wait_records(&receiver, 30);
-    assert_eq!(
-        ids_of(&got),
-        ids.iter().cloned().collect::<HashSet<_>>(),
-        "{}",
-        second.output()
-    );
+    let (receiver, second) = restart_delivers(port, &config(port, &spool, "", &mock.addr), &ids);
     wait_until("spool drained", 10, || {
         metric(&second.addr, "llmproxy_usage_spool_bytes") == 0.0
     });
@@ -216,15 +235,7 @@ fn kill_9_the_moment_records_exist_loses_none_of_them() {
     });
     first.signal(libc::SIGKILL);
     first.wait_exit(Duration::from_secs(5));
-    let receiver = receiver_on(port, &[]);
-    let second = proxy_with_config(&config(port, &spool, "", &mock.addr));
-    let got = wait_records(&receiver, 40);
-    assert_eq!(
-        ids_of(&got),
-        ids.iter().cloned().collect::<HashSet<_>>(),
-        "{}",
-        second.output()
-    );
+    restart_delivers(port, &config(port, &spool, "", &mock.addr), &ids);
 }
 
 /// Bytes in the spool's segment files (records written to disk by the writer).
@@ -251,10 +262,7 @@ fn until_direct(addr: &str) -> Vec<String> {
 
 #[test]
 fn a_webhook_that_keeps_up_takes_records_straight_from_the_rings() {
-    let mock = mock(&[]);
-    let receiver = receiver(&[]);
-    let port: u16 = receiver.addr.rsplit(':').next().unwrap().parse().unwrap();
-    let spool = temp_dir().join("spool");
+    let (mock, receiver, port, spool) = mock_receiver_spool();
     let proxy = proxy_with_config(&config(port, &spool, "", &mock.addr));
     let warm = until_direct(&proxy.addr);
     wait_records(&receiver, warm.len());
@@ -318,15 +326,7 @@ fn kill_9_while_the_webhook_holds_records_taken_from_the_rings_loses_none() {
     first.signal(libc::SIGKILL);
     first.wait_exit(Duration::from_secs(5));
     drop(hanging);
-    let receiver = receiver_on(port, &[]);
-    let second = proxy_with_config(&cfg);
-    let got = wait_records(&receiver, 20);
-    assert_eq!(
-        ids_of(&got),
-        ids.iter().cloned().collect::<HashSet<_>>(),
-        "{}",
-        second.output()
-    );
+    restart_delivers(port, &cfg, &ids);
 }
 
 #[test]
@@ -351,10 +351,7 @@ fn sigterm_with_webhook_down_spools_and_exits_0() {
 
 #[test]
 fn torn_last_line_is_skipped_and_the_rest_delivered() {
-    let mock = mock(&[]);
-    let receiver = receiver(&[]);
-    let port: u16 = receiver.addr.rsplit(':').next().unwrap().parse().unwrap();
-    let spool = temp_dir().join("spool");
+    let (mock, receiver, port, spool) = mock_receiver_spool();
     std::fs::create_dir_all(&spool).unwrap();
     let rec = |id: &str| {
         format!(
@@ -473,7 +470,7 @@ fn every_webhook_post_is_signed_as_the_standard_webhooks_library_verifies() {
     };
     let verifier = start_verifier(secret);
     let mock = mock(&[]);
-    let port: u16 = verifier.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let port = port_of(&verifier);
     let extra = format!("  signing_secret: \"{secret}\"\n");
     let proxy = proxy_with_config(&config(port, &temp_dir().join("spool"), &extra, &mock.addr));
     let ids = send_chats(&proxy.addr, 12, "t-signed");
@@ -496,7 +493,7 @@ fn every_webhook_post_is_signed_as_the_standard_webhooks_library_verifies() {
     // A receiver with another secret refuses them: 401 is permanent, so dead-lettered
     // and counted, never lost.
     let wrong = start_verifier("whsec_dGhpcyBpcyBhbm90aGVyIHNlY3JldCBrZXk=");
-    let port: u16 = wrong.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let port = port_of(&wrong);
     let spool = temp_dir().join("spool");
     let proxy = proxy_with_config(&config(port, &spool, &extra, &mock.addr));
     send_chats(&proxy.addr, 2, "t-forged");
@@ -515,7 +512,7 @@ fn the_example_receiver_verifies_signatures_when_given_the_secret() {
     let secret = "whsec_dGhpcyBpcyBhIHJlY2VpdmVyIHRlc3Qga2V5";
     let mock = mock(&[]);
     let rx = receiver(&["--signing-secret", secret]);
-    let port: u16 = rx.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let port = port_of(&rx);
     let signed = proxy_with_config(&config(
         port,
         &temp_dir().join("spool"),
