@@ -57,14 +57,15 @@ pub struct Ring {
     /// Records pushed (worker) and taken (writer), for the queue depth.
     pushed: AtomicU64,
     taken_records: AtomicU64,
-    /// Where the writer's next take starts (it has taken `[tail, taken)` but not
-    /// released it: its write may still fail).
+    /// Where the taker's next take starts (it has taken `[tail, taken)` but not
+    /// released it: the writer's write, or the sender's POSTs, may still fail).
     taken: AtomicU64,
     file: File,
 }
 
 // SAFETY: the mapping is shared memory; `head` is written only by the one worker that
-// owns the ring and `tail`/`taken` only by the writer thread, both through atomics,
+// owns the ring and `tail`/`taken` only by the taker (the writer thread, or the sender
+// while `Rings::taker` says so: one at a time), both through atomics,
 // and each side touches record bytes only in the range the other has handed to it
 // (`push` writes `[head, tail + cap)`, `take` reads `[taken, head)`).
 unsafe impl Send for Ring {}

@@ -131,10 +131,9 @@ pub(super) fn write_spool(
             }
         }
         if !backed_up && rings.sender_takes() {
-            // The sender takes the rings; the writer only makes sure that what it
-            // holds unanswered survives power loss, and wakes it for a ring filling up.
-            // The sender writes what it holds long to `held.jsonl` itself between its
-            // POSTs; this is for a take stuck in one POST round.
+            // The sender takes the rings. The writer wakes it for a ring filling up,
+            // and fdatasyncs the rings for a take stuck in one POST round (one held
+            // long between rounds, the sender writes to `held.jsonl` itself).
             rings.sync_if_late(2 * SYNC_INTERVAL);
             if rings.half_untaken() {
                 writer.wake_reader();
