@@ -15,7 +15,8 @@
 # (from being woken to running: what a request waits for its worker);
 # RATE=n drives it with oha at n requests/s instead of wrk flat out (needs oha);
 # BILLING_CPU=n moves the billing threads to core n; WHOLE=1 records every thread rather than the worker;
-# THREAD=name records (or counts) that thread instead (e.g. usage-sender); KEEP=file keeps perf.data.
+# THREAD=name records (or counts) that thread instead (e.g. usage-sender); KEEP=file keeps perf.data;
+# FREQ=n samples at n Hz (default 4999; more for a thread that runs little).
 # Needs perf (Debian: linux-perf) and wrk. Everything listens on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -95,7 +96,7 @@ elif [ -n "${COUNT:-}" ]; then
         "${who[@]}" -- sleep "$SECS" 2>/dev/null
     r1=$(reqs)
 else
-    perf record -q -F 4999 -e cpu-clock --call-graph fp "${who[@]}" -o "$W/perf.data" -- sleep "$SECS" 2>/dev/null
+    perf record -q -F "${FREQ:-4999}" -e cpu-clock --call-graph fp "${who[@]}" -o "$W/perf.data" -- sleep "$SECS" 2>/dev/null
 fi
 wait %4 2>/dev/null || sleep 2
 sleep 2 # let the billing threads finish the run's records

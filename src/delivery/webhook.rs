@@ -15,6 +15,8 @@ use std::time::Duration;
 
 /// A webhook response larger than this is not read further (only an excerpt is kept).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// The request buffer is kept from one batch to the next while no larger than this.
+const KEEP_REQUEST: usize = 4 << 20;
 
 pub struct PlainHttp {
     host: String,
@@ -161,7 +163,11 @@ impl PlainHttp {
                 answers.push(Err(e.clone()));
             }
         }
-        self.req = req;
+        // Kept unless a catch-up round made it huge (up to `pipeline` x `batch`
+        // records).
+        if req.capacity() <= KEEP_REQUEST {
+            self.req = req;
+        }
         answers
     }
 }
