@@ -130,7 +130,7 @@ impl Outbox {
             plain: parsed
                 .as_ref()
                 .and_then(|u| webhook::PlainHttp::new(u, &headers, signer.clone(), cfg.timeout.0)),
-            pipeline: cfg.pipeline.max(1),
+            pipeline: cfg.pipeline().max(1),
             batch: cfg.batch.max(1),
             arrays: Vec::new(),
             agent,

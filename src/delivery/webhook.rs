@@ -4,13 +4,19 @@
 //! round trip, two syscalls and a context switch per record; pipelining a backlog
 //! sends it in one write. Built on the crate's own response parsing (httparse and
 //! the body decoder). `https://` webhooks go through ureq instead.
+//!
+//! The socket is non-blocking, and while the client waits for answers it writes
+//! whatever of the batch the socket takes (`Conn::fill`): a deep pipeline sends more
+//! than the sockets buffer, and a receiver that answers each POST before reading the
+//! next would otherwise wait on a client that waits on it.
 
 use crate::http::body::{BodyDecoder, Framing};
 use crate::http::head::ResponseHead;
 use crate::http::write::Head;
 use crate::url::Url;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 /// A webhook response larger than this is not read further (only an excerpt is kept).
@@ -33,7 +39,13 @@ pub struct PlainHttp {
 }
 
 struct Conn {
+    /// Non-blocking; `wait` polls it for at most `timeout`.
     stream: TcpStream,
+    timeout: Duration,
+    /// The batch being sent (taken from `PlainHttp::req` for the exchange) and how much
+    /// of it the socket has taken.
+    pending: Vec<u8>,
+    sent: usize,
     /// Read buffer, always at its full length (zeroed once): `start..end` is unread.
     buf: Vec<u8>,
     start: usize,
@@ -99,10 +111,15 @@ impl PlainHttp {
                 match TcpStream::connect_timeout(&addr, self.timeout) {
                     Ok(s) => {
                         let _ = s.set_nodelay(true);
-                        let _ = s.set_read_timeout(Some(self.timeout));
-                        let _ = s.set_write_timeout(Some(self.timeout));
+                        if let Err(e) = s.set_nonblocking(true) {
+                            last = format!("connect {addr}: {e}");
+                            continue;
+                        }
                         self.conn = Some(Conn {
                             stream: s,
+                            timeout: self.timeout,
+                            pending: Vec::new(),
+                            sent: 0,
                             buf: vec![0; 16 * 1024],
                             start: 0,
                             end: 0,
@@ -145,18 +162,16 @@ impl PlainHttp {
             req.extend_from_slice(body);
         }
         let mut answers = Vec::with_capacity(items.len());
-        let result = (|| {
-            let conn = self.connect()?;
-            conn.stream.write_all(&req).map_err(|e| e.to_string())?;
-            for _ in items {
-                let (answer, keep) = conn.read_answer()?;
-                answers.push(Ok(answer));
-                if !keep {
-                    return Err("the webhook closed the connection".to_string());
-                }
+        let result = match self.connect() {
+            Ok(conn) => {
+                conn.pending = req;
+                conn.sent = 0;
+                let r = conn.exchange(items.len(), &mut answers);
+                req = std::mem::take(&mut conn.pending);
+                r
             }
-            Ok(())
-        })();
+            Err(e) => Err(e),
+        };
         if let Err(e) = result {
             self.conn = None;
             while answers.len() < items.len() {
@@ -173,6 +188,40 @@ impl PlainHttp {
 }
 
 impl Conn {
+    /// Sends `pending` and reads `n` answers into `answers` (in order); `Err` ends the
+    /// connection's use (the answers not read are the caller's to retry).
+    fn exchange(&mut self, n: usize, answers: &mut Vec<Answer>) -> Result<(), String> {
+        self.send_some()?;
+        for _ in 0..n {
+            let (answer, keep) = self.read_answer()?;
+            answers.push(Ok(answer));
+            if !keep {
+                return Err("the webhook closed the connection".to_string());
+            }
+        }
+        if self.sent < self.pending.len() {
+            // Every answer came before its request was whole: nothing to trust after.
+            return Err("the webhook answered before the requests were sent".to_string());
+        }
+        Ok(())
+    }
+
+    /// Writes as much of `pending` as the socket takes now.
+    fn send_some(&mut self) -> Result<(), String> {
+        while self.sent < self.pending.len() {
+            match self.stream.write(&self.pending[self.sent..]) {
+                Ok(0) => return Err("the webhook closed the connection".into()),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads more of the answers, writing the rest of `pending` meanwhile; waits at
+    /// most `timeout` for either to move.
     fn fill(&mut self) -> Result<(), String> {
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
@@ -182,13 +231,43 @@ impl Conn {
         if self.end == self.buf.len() {
             self.buf.resize(self.buf.len() * 2, 0);
         }
-        match self.stream.read(&mut self.buf[self.end..]) {
-            Ok(0) => Err("the webhook closed the connection".into()),
-            Ok(n) => {
-                self.end += n;
-                Ok(())
+        loop {
+            match self.stream.read(&mut self.buf[self.end..]) {
+                Ok(0) => return Err("the webhook closed the connection".into()),
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.to_string()),
             }
-            Err(e) => Err(e.to_string()),
+            self.wait()?;
+            self.send_some()?;
+        }
+    }
+
+    /// Until the socket can be read, or written while requests are left to send.
+    fn wait(&self) -> Result<(), String> {
+        let writing = self.sent < self.pending.len();
+        let mut fd = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events: libc::POLLIN | if writing { libc::POLLOUT } else { 0 },
+            revents: 0,
+        };
+        let ms = i32::try_from(self.timeout.as_millis()).unwrap_or(i32::MAX);
+        loop {
+            // SAFETY: one valid pollfd, for the socket this Conn owns.
+            match unsafe { libc::poll(&mut fd, 1, ms) } {
+                0 => return Err("timed out waiting for the webhook".into()),
+                n if n > 0 => return Ok(()),
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != ErrorKind::Interrupted {
+                        return Err(e.to_string());
+                    }
+                }
+            }
         }
     }
 
@@ -415,6 +494,55 @@ mod tests {
         // The last answer closed the connection: it is not kept.
         assert!(c.conn.is_none());
         drop(c);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_deep_pipeline_reads_answers_while_it_writes_so_neither_side_waits_on_the_other() {
+        // Each side sends far more than the sockets buffer (64 MiB each way): a client
+        // that wrote every request before reading an answer would wait on a server
+        // that waits for it to read (until the timeout, every round).
+        const N: usize = 4096;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: 16384\r\n\r\n{}",
+                "a".repeat(16384)
+            );
+            for _ in 0..N {
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    let l = line.trim_end().to_ascii_lowercase();
+                    if l.is_empty() {
+                        break;
+                    }
+                    if let Some(v) = l.strip_prefix("content-length: ") {
+                        len = v.parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                w.write_all(answer.as_bytes()).unwrap();
+            }
+        });
+        let mut c = PlainHttp::new(
+            &url(&format!("http://127.0.0.1:{port}/hook")),
+            &[],
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let body = vec![b'x'; 16384];
+        let items: Vec<(&[u8], &str)> = (0..N).map(|_| (&body[..], "k")).collect();
+        let got = c.post_many(&items);
+        assert_eq!(got.len(), N);
+        assert!(got.iter().all(|a| a == &Ok((200, String::new()))));
         server.join().unwrap();
     }
 
