@@ -11,8 +11,9 @@ to core 0, everything else to core 1. Every server listens on 127.0.0.1 only.
 import os, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
-# usage_hook.pipeline: records in flight per batch (PIPELINE=1024 benches/sinks.sh).
-PIPELINE = int(os.environ.get("PIPELINE", "128"))
+# usage_hook.pipeline: records in flight per batch (PIPELINE=1024 benches/sinks.sh);
+# unset, each sink's default (1,024 POSTs for the webhook, 128 publishes for RabbitMQ).
+PIPELINE = os.environ.get("PIPELINE")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 W = tempfile.mkdtemp(prefix="llmproxy-sinks-")
@@ -58,6 +59,7 @@ def cpu_seconds(pid):
 def proxy(sink_url, spool, amqp=""):
     port = free_port()
     cfg = f"{W}/proxy-{port}.yaml"
+    pipeline = f"  pipeline: {int(PIPELINE)}" if PIPELINE else ""
     open(cfg, "w").write(f"""listen: "127.0.0.1:{port}"
 workers: 1
 access_log: "off"
@@ -68,7 +70,7 @@ usage_hook:
   url: "{sink_url}"
   timeout: 2s
   spool_dir: "{spool}"
-  pipeline: {PIPELINE}
+{pipeline}
 {amqp}""")
     p = start([f"{REL}/llmproxy", "--config", cfg], 0, f"proxy-{port}.log")
     wait_port(port, "llmproxy")
@@ -128,7 +130,7 @@ try:
         EPMD_ENV = env
     else:
         print("rabbitmq-server is not installed: the AMQP sink is not measured", file=sys.stderr)
-    print(f"\n{N} spooled records delivered by one proxy (pipeline {PIPELINE}), proxy on core 0, sink on core 1")
+    print(f"\n{N} spooled records delivered by one proxy (pipeline {PIPELINE or 'default'}), proxy on core 0, sink on core 1")
     print(f"{'sink':36} {'records/s':>10} {'proxy CPU us/record':>20}")
     for name, rate, cpu in results:
         print(f"{name:36} {rate:10.0f} {cpu:20.1f}")
