@@ -4,6 +4,7 @@
 //!
 //!     cargo run --example webhook_receiver -- --port 9000 [--log usage_log.jsonl]
 //!         [--raw-log all.jsonl] [--fail-status 500 --fail-count 3] [--stall-ms 3000]
+//!         [--delay-ms 100]
 //!         [--quiet] [--no-store]
 //!
 //! `--raw-log` keeps every record POSTed, duplicates included (the tests count them); `--log none`
@@ -15,6 +16,7 @@
 //! `--fail-status S --fail-count N` answers the first N POSTs with status S.
 //! `--stall-ms N`: a receiver that hangs, then recovers: POSTs that arrive within N ms
 //! of the first are answered only once those N ms have passed.
+//! `--delay-ms N`: a slow receiver: every POST is answered N ms after it was read.
 //! `--signing-secret whsec_...`: verify each POST's Standard Webhooks signature (the
 //! proxy's `usage_hook.signing_secret`); a missing or bad one, or a timestamp more
 //! than 5 minutes off, is answered 401.
@@ -136,6 +138,11 @@ fn main() {
             .unwrap_or(0),
     );
     let stall_until = std::sync::OnceLock::new();
+    let delay = std::time::Duration::from_millis(
+        http::flag("--delay-ms")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+    );
     let signer = http::flag("--signing-secret").map(|s| {
         llmproxy::delivery::signing::Signer::parse(&s).unwrap_or_else(|e| {
             eprintln!("webhook-receiver: --signing-secret: {e}");
@@ -181,6 +188,7 @@ fn main() {
             let until = *stall_until.get_or_init(|| std::time::Instant::now() + stall);
             std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
         }
+        std::thread::sleep(delay);
         let Ok(mut s) = state.lock() else {
             http::respond_into(w, 500, "text/plain", b"poisoned");
             return Ok(true);

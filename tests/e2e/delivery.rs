@@ -330,6 +330,46 @@ fn kill_9_while_the_webhook_holds_records_taken_from_the_rings_loses_none() {
 }
 
 #[test]
+fn kill_9_while_the_sender_keeps_a_slow_take_in_held_jsonl_loses_none() {
+    // A slow receiver (every POST answered 50 ms late) and two POSTs per round: a
+    // take of several records is still unsettled 40 ms after it was made, and the
+    // sender writes its rest to `held.jsonl`. Killed then, the next start takes that
+    // file in (and the rings' unreleased records) and delivers every record.
+    let mock = mock(&[]);
+    let port = free_port();
+    let spool = temp_dir().join("spool");
+    let cfg = config(port, &spool, "  pipeline: 2\n", &mock.addr)
+        .replace("timeout: 500ms", "timeout: 60s")
+        .replace("retry: 1", "retry: 3");
+    let slow = receiver_on(port, &["--delay-ms", "50"]);
+    let mut first = proxy_with_config(&cfg);
+    until_direct(&first.addr);
+    let ids = send_chats(&first.addr, 20, "t-slow");
+    let held = spool.join("held.jsonl");
+    wait_until("a take held in held.jsonl", 20, || {
+        std::fs::metadata(&held).is_ok_and(|m| m.len() > 0)
+    });
+    first.signal(libc::SIGKILL);
+    first.wait_exit(Duration::from_secs(5));
+    drop(slow);
+    // Every record, and maybe again some the slow receiver took but the sender had
+    // not settled yet (the same Idempotency-Key).
+    let receiver = receiver_on(port, &[]);
+    let second = proxy_with_config(&cfg);
+    wait_until("every record delivered after the restart", 20, || {
+        let got = ids_of(&fetch_records(&receiver));
+        ids.iter().all(|id| got.contains(id))
+    });
+    assert!(
+        second
+            .output()
+            .contains("held records from the last run; taken in"),
+        "{}",
+        second.output()
+    );
+}
+
+#[test]
 fn sigterm_with_webhook_down_spools_and_exits_0() {
     let mock = mock(&["--token-delay-ms", "20"]);
     let port = free_port();
