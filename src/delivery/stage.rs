@@ -40,9 +40,9 @@ use std::time::{Duration, Instant};
 /// Bytes of records a ring holds: ~3,500 records, 100 ms of one worker at saturation.
 pub const RING_BYTES: usize = 2 << 20;
 /// How often the rings' taker (the writer, or the sender) takes their records while
-/// records come, and while none do. A record in a ring already survives a crash; the
-/// turn bounds how late it reaches the segment or the webhook, and the power-loss
-/// window with it.
+/// records come, and while none do (the sender also after a small take: a low rate,
+/// `sender::BUSY_TAKE`). A record in a ring already survives a crash; the turn bounds
+/// how late it reaches the segment or the webhook, and the power-loss window with it.
 pub const RING_TURN: Duration = Duration::from_millis(40);
 pub const RING_IDLE_TURN: Duration = Duration::from_millis(100);
 /// The header page: magic, capacity, head, tail (u64 each).
