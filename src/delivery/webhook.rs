@@ -377,6 +377,28 @@ mod tests {
     use super::*;
     use std::io::{BufRead, BufReader};
 
+    /// Reads one POST (head and body) off `r`; returns its Idempotency-Key.
+    fn read_post(r: &mut impl BufRead) -> String {
+        let (mut len, mut key) = (0, String::new());
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let l = line.trim_end().to_ascii_lowercase();
+            if l.is_empty() {
+                break;
+            }
+            if let Some(v) = l.strip_prefix("content-length: ") {
+                len = v.parse().unwrap();
+            }
+            if let Some(v) = l.strip_prefix("idempotency-key: ") {
+                key = v.to_string();
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).unwrap();
+        key
+    }
+
     #[test]
     fn pipelines_posts_and_reads_answers_in_order() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -387,23 +409,7 @@ mod tests {
             let mut w = s;
             let mut keys = Vec::new();
             for i in 0..3 {
-                let mut len = 0;
-                loop {
-                    let mut line = String::new();
-                    r.read_line(&mut line).unwrap();
-                    let l = line.trim_end().to_ascii_lowercase();
-                    if l.is_empty() {
-                        break;
-                    }
-                    if let Some(v) = l.strip_prefix("content-length: ") {
-                        len = v.parse().unwrap();
-                    }
-                    if let Some(v) = l.strip_prefix("idempotency-key: ") {
-                        keys.push(v.to_string());
-                    }
-                }
-                let mut body = vec![0; len];
-                r.read_exact(&mut body).unwrap();
+                keys.push(read_post(&mut r));
                 let status = match i {
                     1 => "422 Unprocessable",
                     2 => "503 Busy",
@@ -514,20 +520,7 @@ mod tests {
                 "a".repeat(16384)
             );
             for _ in 0..N {
-                let mut len = 0;
-                loop {
-                    let mut line = String::new();
-                    r.read_line(&mut line).unwrap();
-                    let l = line.trim_end().to_ascii_lowercase();
-                    if l.is_empty() {
-                        break;
-                    }
-                    if let Some(v) = l.strip_prefix("content-length: ") {
-                        len = v.parse().unwrap();
-                    }
-                }
-                let mut body = vec![0; len];
-                r.read_exact(&mut body).unwrap();
+                read_post(&mut r);
                 w.write_all(answer.as_bytes()).unwrap();
             }
         });

@@ -3,7 +3,7 @@
 
 use crate::harness::*;
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 fn config(hook_port: u16, spool: &Path, extra: &str, backend: &str) -> String {
@@ -292,17 +292,24 @@ fn a_webhook_that_keeps_up_takes_records_straight_from_the_rings() {
     assert_eq!(metric(&proxy.addr, "llmproxy_usage_spool_bytes"), 0.0);
 }
 
+/// A mock backend, a free webhook port, a spool dir and a config that waits a minute
+/// for each answer (for receivers that hang or are slow on purpose).
+fn patient_webhook(extra: &str) -> (Proc, u16, PathBuf, String) {
+    let mock = mock(&[]);
+    let port = free_port();
+    let spool = temp_dir().join("spool");
+    let cfg = config(port, &spool, extra, &mock.addr)
+        .replace("timeout: 500ms", "timeout: 60s")
+        .replace("retry: 1", "retry: 3");
+    (mock, port, spool, cfg)
+}
+
 #[test]
 fn kill_9_while_the_webhook_holds_records_taken_from_the_rings_loses_none() {
     // The sender takes the rings, then the receiver hangs on the records it is sent:
     // they are in no segment, only in the rings, unreleased, when the proxy is
     // killed. The next start delivers every one.
-    let mock = mock(&[]);
-    let port = free_port();
-    let spool = temp_dir().join("spool");
-    let cfg = config(port, &spool, "", &mock.addr)
-        .replace("timeout: 500ms", "timeout: 60s")
-        .replace("retry: 1", "retry: 3");
+    let (_mock, port, spool, cfg) = patient_webhook("");
     let receiver = receiver_on(port, &[]);
     let mut first = proxy_with_config(&cfg);
     let warm = until_direct(&first.addr);
@@ -335,12 +342,7 @@ fn kill_9_while_the_sender_keeps_a_slow_take_in_held_jsonl_loses_none() {
     // take of several records is still unsettled 40 ms after it was made, and the
     // sender writes its rest to `held.jsonl`. Killed then, the next start takes that
     // file in (and the rings' unreleased records) and delivers every record.
-    let mock = mock(&[]);
-    let port = free_port();
-    let spool = temp_dir().join("spool");
-    let cfg = config(port, &spool, "  pipeline: 2\n", &mock.addr)
-        .replace("timeout: 500ms", "timeout: 60s")
-        .replace("retry: 1", "retry: 3");
+    let (_mock, port, spool, cfg) = patient_webhook("  pipeline: 2\n");
     let slow = receiver_on(port, &["--delay-ms", "50"]);
     let mut first = proxy_with_config(&cfg);
     until_direct(&first.addr);
