@@ -377,6 +377,21 @@ mod tests {
     use super::*;
     use std::io::{BufRead, BufReader};
 
+    /// A one-connection server on a free port: `f` gets the connection's reader and
+    /// writer, on its own thread.
+    fn serve_one<T: Send + 'static>(
+        f: impl FnOnce(&mut BufReader<TcpStream>, &mut TcpStream) -> T + Send + 'static,
+    ) -> (u16, std::thread::JoinHandle<T>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            f(&mut r, &mut s)
+        });
+        (port, server)
+    }
+
     /// Reads one POST (head and body) off `r`; returns its Idempotency-Key.
     fn read_post(r: &mut impl BufRead) -> String {
         let (mut len, mut key) = (0, String::new());
@@ -401,15 +416,10 @@ mod tests {
 
     #[test]
     fn pipelines_posts_and_reads_answers_in_order() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let server = std::thread::spawn(move || {
-            let (s, _) = l.accept().unwrap();
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut w = s;
+        let (port, server) = serve_one(|r, w| {
             let mut keys = Vec::new();
             for i in 0..3 {
-                keys.push(read_post(&mut r));
+                keys.push(read_post(r));
                 let status = match i {
                     1 => "422 Unprocessable",
                     2 => "503 Busy",
@@ -425,13 +435,7 @@ mod tests {
             }
             keys
         });
-        let mut c = PlainHttp::new(
-            &url(&format!("http://127.0.0.1:{port}/hook")),
-            &[],
-            None,
-            Duration::from_secs(2),
-        )
-        .unwrap();
+        let mut c = client(port, 2);
         let answers = c.post_many(&[(b"{}", "a"), (b"{\"x\":1}", "b"), (b"{}", "c")]);
         assert_eq!(
             answers,
@@ -478,13 +482,7 @@ mod tests {
             let mut sink = Vec::new();
             let _ = s.read_to_end(&mut sink);
         });
-        let mut c = PlainHttp::new(
-            &url(&format!("http://127.0.0.1:{port}/hook")),
-            &[],
-            None,
-            Duration::from_secs(2),
-        )
-        .unwrap();
+        let mut c = client(port, 2);
         let items: Vec<(&[u8], &str)> = (0..n).map(|_| (&b"{}"[..], "k")).collect();
         let got = c.post_many(&items);
         let want: Vec<Answer> = vec![
@@ -509,28 +507,17 @@ mod tests {
         // that wrote every request before reading an answer would wait on a server
         // that waits for it to read (until the timeout, every round).
         const N: usize = 4096;
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let server = std::thread::spawn(move || {
-            let (s, _) = l.accept().unwrap();
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut w = s;
+        let (port, server) = serve_one(|r, w| {
             let answer = format!(
                 "HTTP/1.1 200 OK\r\ncontent-length: 16384\r\n\r\n{}",
                 "a".repeat(16384)
             );
             for _ in 0..N {
-                read_post(&mut r);
+                read_post(r);
                 w.write_all(answer.as_bytes()).unwrap();
             }
         });
-        let mut c = PlainHttp::new(
-            &url(&format!("http://127.0.0.1:{port}/hook")),
-            &[],
-            None,
-            Duration::from_secs(5),
-        )
-        .unwrap();
+        let mut c = client(port, 5);
         let body = vec![b'x'; 16384];
         let items: Vec<(&[u8], &str)> = (0..N).map(|_| (&body[..], "k")).collect();
         let got = c.post_many(&items);
@@ -541,6 +528,17 @@ mod tests {
 
     fn url(s: &str) -> Url {
         Url::parse(s).unwrap()
+    }
+
+    /// A client for `http://127.0.0.1:{port}/hook` that waits `secs` for each answer.
+    fn client(port: u16, secs: u64) -> PlainHttp {
+        PlainHttp::new(
+            &url(&format!("http://127.0.0.1:{port}/hook")),
+            &[],
+            None,
+            Duration::from_secs(secs),
+        )
+        .unwrap()
     }
 
     #[test]
