@@ -207,6 +207,11 @@ fn every_record_reaches_rabbitmq_once_and_a_missing_exchange_is_retried_not_lost
         "{exchange: billing, routing_key: usage}",
     ));
     let ids = send(&proxy.addr, 200, "t-amqp");
+    // The sink connects, and declares the queue, at its first publish: a ring turn
+    // (up to 100 ms at a low rate) after the records were made.
+    wait_until("the first record published", 30, || {
+        metric(&proxy.addr, "llmproxy_webhook_success_total") >= 1.0
+    });
     let (records, dups) = rabbit.consume("billing", 200, 60);
     assert_eq!(caller_ids(&records), ids, "{}", proxy.output());
     assert_eq!(dups, 0);
