@@ -42,6 +42,10 @@ const BUSY_TAKE: u64 = 512;
 /// After the webhook failed a record, wait this long (doubling) before trying again.
 pub(super) const STALL_BACKOFF: Duration = Duration::from_secs(1);
 pub(super) const MAX_STALL_BACKOFF: Duration = Duration::from_secs(5);
+/// Most records in one sender round, whatever `pipeline` x `batch` says: a round
+/// from the spool (a catch-up) holds its records in memory, ~12 MiB at this size
+/// (1,024 x 1,000 would be ~700 MiB).
+const MAX_ROUND: usize = 16_384;
 /// The batched sender keeps its arrays' buffers while they hold no more than this
 /// (a round at saturation takes ~2 MiB; a catch-up round, up to `pipeline` x
 /// `batch` records, can take far more and is not worth keeping).
@@ -218,7 +222,7 @@ impl Outbox {
         // this start) count as re-delivered from the spool.
         let mut catching_up = shared.backlog_bytes.load(Relaxed) > 0;
         // A round takes up to `pipeline` POSTs' worth of records.
-        let round = self.pipeline.saturating_mul(self.batch);
+        let round = self.round();
         let mut lines: Vec<Vec<u8>> = Vec::with_capacity(round.min(4096));
         let mut take = RingTake::default();
         loop {
@@ -388,7 +392,7 @@ impl Outbox {
             lines.push((at, end));
             at = end + 1;
         }
-        let round = self.pipeline.saturating_mul(self.batch).max(1);
+        let round = self.round();
         let (mut done, mut settled, mut failure) = (0, 0, None);
         for chunk in lines.chunks(round) {
             if closing.load(Relaxed) {
@@ -736,6 +740,12 @@ impl Outbox {
             }
         }
         out
+    }
+
+    /// Records in one sender round: `pipeline` POSTs of `batch` records, at most
+    /// `MAX_ROUND` (a catch-up round holds its records in memory).
+    fn round(&self) -> usize {
+        self.pipeline.saturating_mul(self.batch).clamp(1, MAX_ROUND)
     }
 
     /// Exponential backoff from 100 ms, capped at 10 s, with ±50 % jitter so a fleet of
