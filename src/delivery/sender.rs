@@ -47,8 +47,8 @@ pub(super) const MAX_STALL_BACKOFF: Duration = Duration::from_secs(5);
 /// (1,024 x 1,000 would be ~700 MiB).
 const MAX_ROUND: usize = 16_384;
 /// The batched sender keeps its arrays' buffers while they hold no more than this
-/// (a round at saturation takes ~2 MiB; a catch-up round, up to `pipeline` x
-/// `batch` records, can take far more and is not worth keeping).
+/// (a round at saturation takes ~2 MiB; a catch-up round, up to `MAX_ROUND`
+/// records, can take ~12 MiB and is not worth keeping).
 const KEEP_ARRAYS: usize = 4 << 20;
 /// At shutdown, spooled records are delivered for at most this long; the rest waits
 /// in the spool for the next start.
@@ -221,7 +221,7 @@ impl Outbox {
         // Records delivered while catching up (after an outage, or left from before
         // this start) count as re-delivered from the spool.
         let mut catching_up = shared.backlog_bytes.load(Relaxed) > 0;
-        // A round takes up to `pipeline` POSTs' worth of records.
+        // A round takes up to `pipeline` POSTs' worth of records (`round`).
         let round = self.round();
         let mut lines: Vec<Vec<u8>> = Vec::with_capacity(round.min(4096));
         let mut take = RingTake::default();

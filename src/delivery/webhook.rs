@@ -178,8 +178,8 @@ impl PlainHttp {
                 answers.push(Err(e.clone()));
             }
         }
-        // Kept unless a catch-up round made it huge (up to `pipeline` x `batch`
-        // records).
+        // Kept unless a catch-up round made it large (up to the sender's
+        // `MAX_ROUND` records).
         if req.capacity() <= KEEP_REQUEST {
             self.req = req;
         }
