@@ -6,7 +6,7 @@
 
 use super::handover::Batch;
 use super::spool::{self, Next, SpoolReader};
-use super::stage::{Part, RING_IDLE_TURN, RING_TURN, Rings};
+use super::stage::{RING_IDLE_TURN, RING_TURN, Rings, SenderTake};
 use super::writer::SYNC_INTERVAL;
 use super::{signing, webhook};
 use crate::config::UsageHookConfig;
@@ -374,27 +374,18 @@ impl Outbox {
         closing: &AtomicBool,
     ) -> Result<u64, (String, String)> {
         let RingTake {
-            buf,
-            parts,
-            lines,
+            records,
+            rest,
             held,
         } = take;
-        buf.clear();
-        parts.clear();
-        lines.clear();
-        if rings.take_for_sender(buf, parts) == 0 {
+        if rings.take_for_sender(records) == 0 {
             return Ok(0);
         }
         let took = Instant::now();
         let mut secured = false;
-        let mut at = 0;
-        for end in memchr::memchr_iter(b'\n', buf) {
-            lines.push((at, end));
-            at = end + 1;
-        }
         let round = self.round();
         let (mut done, mut settled, mut failure) = (0, 0, None);
-        for chunk in lines.chunks(round) {
+        while done < records.len() {
             if closing.load(Relaxed) {
                 break;
             }
@@ -406,21 +397,24 @@ impl Outbox {
                     .get_or_insert_with(|| spool::Held::open(dir))
                     .as_mut()
                     .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))
-                    .and_then(|h| h.hold(&buf[done..]));
+                    .and_then(|h| {
+                        rest.clear();
+                        records.rest(done, rest);
+                        h.hold(rest)
+                    });
                 if let Err(e) = wrote {
                     error!("usage spool: cannot write the held records to {dir:?}/held.jsonl: {e}");
                     rings.secured(false);
                 }
             }
-            let these: Vec<&[u8]> = chunk.iter().map(|&(a, b)| &buf[a..b]).collect();
+            let chunk = done..records.len().min(done + round);
+            let these: Vec<&[u8]> = chunk.clone().map(|i| records.line(i)).collect();
             self.metrics
                 .spool_oldest_ms
                 .store(record_time_ms(these[0]), Relaxed);
             let ids: Vec<Cow<str>> = these.iter().map(|l| record_id(l)).collect();
             let results = self.deliver_batch(&these, &ids);
-            for ((line, id), (result, &(_, end))) in
-                these.iter().zip(&ids).zip(results.into_iter().zip(chunk))
-            {
+            for ((line, id), result) in these.iter().zip(&ids).zip(results) {
                 match result {
                     Delivery::Delivered => {}
                     Delivery::Refused(status, excerpt) => {
@@ -434,20 +428,20 @@ impl Outbox {
                         break;
                     }
                 }
-                done = end + 1;
+                done += 1;
                 settled += 1;
             }
-            if failure.is_none() && done <= chunk[chunk.len() - 1].0 {
+            if failure.is_none() && done < chunk.end {
                 // Answers stop only at a failure; said, and not released unanswered.
                 failure = Some(("no answer".into(), String::new()));
             }
             if failure.is_some() {
                 break;
             }
-            rings.settle(parts, buf, done, false);
+            rings.settle(records, done, false);
         }
-        let whole = done == buf.len();
-        rings.settle(parts, buf, done, !whole);
+        let whole = done == records.len();
+        rings.settle(records, done, !whole);
         if secured && let Some(Ok(held)) = held.as_mut() {
             held.clear();
         }
@@ -760,12 +754,11 @@ impl Outbox {
 }
 
 /// The sender's buffers for a round from the rings, kept between rounds: the records
-/// taken, where each ring's are, and each record's span.
+/// taken (in place), and the unsettled ones' copy for `held.jsonl`.
 #[derive(Default)]
 struct RingTake {
-    buf: Vec<u8>,
-    parts: Vec<Part>,
-    lines: Vec<(usize, usize)>,
+    records: SenderTake,
+    rest: Vec<u8>,
     /// `held.jsonl`, opened the first time a take is held long.
     held: Option<std::io::Result<spool::Held>>,
 }
