@@ -252,7 +252,8 @@ const ROUND: usize = 128;
 
 /// Billing's stages, each per record (the figures are per round of `ROUND`; divide),
 /// in the order a record goes through them: serialized on the worker and pushed to its
-/// staging ring; taken from the ring by the spool writer; written to the segment and
+/// staging ring; taken from the ring by the spool writer (or, in place, by the sender
+/// while the webhook keeps up: 2b); written to the segment and
 /// read back by the sender (cursor saved once per round); POSTed, pipelined, to a
 /// webhook on loopback (a thread of this process that answers 200: its work is in the
 /// wall time). Issue 22, goal 1: where billing's ~1 us a record goes.
@@ -300,6 +301,27 @@ fn billing(c: &mut Criterion) {
                 taken.clear();
                 black_box(rings.take(&mut taken));
                 rings.release();
+                spent += at.elapsed();
+            }
+            spent
+        })
+    });
+    g.bench_function("2b_sender_take_in_place", |b| {
+        // The sender's take while the webhook keeps up: the records split where the
+        // worker wrote them (no copy), then settled.
+        let rings = spool.rings();
+        let ring = rings.add().expect("a staging ring");
+        let mut take = llmproxy::delivery::SenderTake::default();
+        b.iter_custom(|iters| {
+            let mut spent = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                for _ in 0..ROUND {
+                    ring.push(&line);
+                }
+                let at = std::time::Instant::now();
+                black_box(rings.take_for_sender(&mut take));
+                let n = take.len();
+                rings.settle(&mut take, n, false);
                 spent += at.elapsed();
             }
             spent

@@ -26,6 +26,8 @@ mod sender;
 pub mod signing;
 pub mod spool;
 mod stage;
+/// The sender's take, named for the billing benches (`benches/core.rs`).
+pub use stage::SenderTake;
 pub mod webhook;
 mod writer;
 
