@@ -292,18 +292,15 @@ fn billing(c: &mut Criterion) {
         let mut taken = Vec::with_capacity(ROUND * line.len());
         // Only the take is timed; the pushes that fill the ring are not.
         b.iter_custom(|iters| {
-            let mut spent = std::time::Duration::ZERO;
-            for _ in 0..iters {
-                for _ in 0..ROUND {
-                    ring.push(&line);
-                }
-                let at = std::time::Instant::now();
-                taken.clear();
-                black_box(rings.take(&mut taken));
-                rings.release();
-                spent += at.elapsed();
-            }
-            spent
+            timed_after(
+                iters,
+                || (0..ROUND).for_each(|_| _ = black_box(ring.push(&line))),
+                || {
+                    taken.clear();
+                    black_box(rings.take(&mut taken));
+                    rings.release();
+                },
+            )
         })
     });
     g.bench_function("2b_sender_take_in_place", |b| {
@@ -313,18 +310,15 @@ fn billing(c: &mut Criterion) {
         let ring = rings.add().expect("a staging ring");
         let mut take = llmproxy::delivery::SenderTake::default();
         b.iter_custom(|iters| {
-            let mut spent = std::time::Duration::ZERO;
-            for _ in 0..iters {
-                for _ in 0..ROUND {
-                    ring.push(&line);
-                }
-                let at = std::time::Instant::now();
-                black_box(rings.take_for_sender(&mut take));
-                let n = take.len();
-                rings.settle(&mut take, n, false);
-                spent += at.elapsed();
-            }
-            spent
+            timed_after(
+                iters,
+                || (0..ROUND).for_each(|_| _ = black_box(ring.push(&line))),
+                || {
+                    black_box(rings.take_for_sender(&mut take));
+                    let n = take.len();
+                    rings.settle(&mut take, n, false);
+                },
+            )
         })
     });
     let mut writer = spool.writer().expect("a segment");
@@ -367,6 +361,22 @@ fn billing(c: &mut Criterion) {
     g.finish();
     drop((writer, reader, spool));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Times `timed` alone, `iters` times, each after an untimed `untimed`.
+fn timed_after(
+    iters: u64,
+    mut untimed: impl FnMut(),
+    mut timed: impl FnMut(),
+) -> std::time::Duration {
+    let mut spent = std::time::Duration::ZERO;
+    for _ in 0..iters {
+        untimed();
+        let at = std::time::Instant::now();
+        timed();
+        spent += at.elapsed();
+    }
+    spent
 }
 
 /// A webhook on loopback for the billing bench: answers every POST with 200 and an
