@@ -224,17 +224,7 @@ impl Ring {
             )
         };
         let before = lines.len();
-        let mut start = 0;
-        for nl in memchr::memchr_iter(b'\n', a) {
-            lines.push(Line {
-                part,
-                at: at + start,
-                len: nl - start,
-                wrapped: false,
-                end: from + nl as u64 + 1,
-            });
-            start = nl + 1;
-        }
+        let start = push_lines(lines, part, a, at, from);
         let mut bstart = 0;
         if start < a.len()
             && let Some(k) = memchr::memchr(b'\n', b)
@@ -252,18 +242,8 @@ impl Ring {
             bstart = k + 1;
         }
         if start == a.len() || bstart > 0 {
-            let mut s = bstart;
-            for nl in memchr::memchr_iter(b'\n', &b[bstart..]) {
-                let nl = bstart + nl;
-                lines.push(Line {
-                    part,
-                    at: s,
-                    len: nl - s,
-                    wrapped: false,
-                    end: from + (first + nl) as u64 + 1,
-                });
-                s = nl + 1;
-            }
+            let pos = from + (first + bstart) as u64;
+            push_lines(lines, part, &b[bstart..], bstart, pos);
         }
         // Whole lines only: the worker publishes whole records, so the take ends at
         // `head`; were it ever otherwise, the torn rest is left untaken, and said.
@@ -330,6 +310,24 @@ impl Drop for Ring {
             libc::munmap(self.base.cast(), HEADER + self.cap as usize);
         }
     }
+}
+
+/// The whole lines of `s`, which starts at offset `at` of a ring's data area and at
+/// ring position `pos`, as `Line`s of `part`; returns where the unfinished rest of `s`
+/// starts.
+fn push_lines(lines: &mut Vec<Line>, part: usize, s: &[u8], at: usize, pos: u64) -> usize {
+    let mut start = 0;
+    for nl in memchr::memchr_iter(b'\n', s) {
+        lines.push(Line {
+            part,
+            at: at + start,
+            len: nl - start,
+            wrapped: false,
+            end: pos + nl as u64 + 1,
+        });
+        start = nl + 1;
+    }
+    start
 }
 
 /// Who takes the rings' records (`Rings::taker`): the writer; the writer, with the
