@@ -522,6 +522,17 @@ impl Rings {
         }
     }
 
+    /// The sender's side: whether it holds its take now (`true`: from now on, as at a
+    /// take) or has it in flight (`false`: POSTed whole, the answers read at its next
+    /// turn), which neither `held.jsonl` nor the writer's ring sync counts.
+    pub fn holding(&self, yes: bool) {
+        let t = match yes {
+            true => (self.epoch.elapsed().as_nanos() as u64).max(1),
+            false => 0,
+        };
+        self.sender_took_at.store(t, Ordering::Relaxed);
+    }
+
     /// The writer's side while the sender takes: a take the sender still holds
     /// `after` since it was made is fdatasync'd (once), so that a power loss cannot
     /// lose it while the webhook is slow to answer.

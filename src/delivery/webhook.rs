@@ -36,6 +36,10 @@ pub struct PlainHttp {
     timeout: Duration,
     conn: Option<Conn>,
     req: Vec<u8>,
+    /// Answers owed by the batch `start` began, and why it could not be sent (then
+    /// `finish` answers each with that).
+    owed: usize,
+    failed: Option<String>,
 }
 
 struct Conn {
@@ -98,6 +102,8 @@ impl PlainHttp {
             timeout,
             conn: None,
             req: Vec::new(),
+            owed: 0,
+            failed: None,
         })
     }
 
@@ -145,6 +151,15 @@ impl PlainHttp {
     /// back in order. If the connection breaks, the rest are `Err` (retry them: a
     /// receiver deduplicates on the key).
     pub fn post_many(&mut self, items: &[(&[u8], &str)]) -> Vec<Answer> {
+        self.start(items);
+        self.finish()
+    }
+
+    /// The first half of `post_many`: the POSTs are written as far as the socket takes
+    /// them now, without waiting; true if all were. `finish` writes the rest and reads
+    /// the answers, at once or later (the sender reads a low-rate take's answers at its
+    /// next turn: one wake-up a take instead of two). Nothing else may be sent between.
+    pub fn start(&mut self, items: &[(&[u8], &str)]) -> bool {
         // The batch's bytes, in a buffer kept from one batch to the next (a fresh
         // ~90 KiB one per batch came back from the kernel zeroed each time).
         let mut req = std::mem::take(&mut self.req);
@@ -161,27 +176,48 @@ impl PlainHttp {
             w.end();
             req.extend_from_slice(body);
         }
-        let mut answers = Vec::with_capacity(items.len());
-        let result = match self.connect() {
+        self.owed = items.len();
+        self.failed = None;
+        let sent = match self.connect() {
             Ok(conn) => {
                 conn.pending = req;
                 conn.sent = 0;
-                let r = conn.exchange(items.len(), &mut answers);
-                req = std::mem::take(&mut conn.pending);
+                conn.send_some().map(|()| conn.sent == conn.pending.len())
+            }
+            Err(e) => {
+                self.req = req;
+                Err(e)
+            }
+        };
+        sent.unwrap_or_else(|e| {
+            self.failed = Some(e);
+            false
+        })
+    }
+
+    /// The second half of `post_many`: the answers to what `start` began, in order.
+    pub fn finish(&mut self) -> Vec<Answer> {
+        let n = std::mem::take(&mut self.owed);
+        let mut answers = Vec::with_capacity(n);
+        let result = match (self.failed.take(), self.conn.as_mut()) {
+            (Some(e), _) => Err(e),
+            (None, Some(conn)) => {
+                let r = conn.exchange(n, &mut answers);
+                let req = std::mem::take(&mut conn.pending);
+                // Kept unless a catch-up round made it large (up to the sender's
+                // `MAX_ROUND` records).
+                if req.capacity() <= KEEP_REQUEST {
+                    self.req = req;
+                }
                 r
             }
-            Err(e) => Err(e),
+            (None, None) => Err("no connection".to_string()),
         };
         if let Err(e) = result {
             self.conn = None;
-            while answers.len() < items.len() {
+            while answers.len() < n {
                 answers.push(Err(e.clone()));
             }
-        }
-        // Kept unless a catch-up round made it large (up to the sender's
-        // `MAX_ROUND` records).
-        if req.capacity() <= KEEP_REQUEST {
-            self.req = req;
         }
         answers
     }
@@ -448,6 +484,34 @@ mod tests {
         assert_eq!(server.join().unwrap(), vec!["a", "b", "c"]);
         // The server is gone: every answer is an error, and nothing panics.
         let answers = c.post_many(&[(b"{}", "d"), (b"{}", "e")]);
+        assert!(answers.iter().all(|a| a.is_err()));
+    }
+
+    #[test]
+    fn a_batch_started_now_is_answered_when_finished_later() {
+        // The server answers only after it has read every POST, and the client reads
+        // the answers only at `finish`: `start` waited for none of them.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (port, server) = serve_one(move |r, w| {
+            let keys: Vec<String> = (0..3).map(|_| read_post(r)).collect();
+            tx.send(keys.clone()).unwrap();
+            for _ in 0..3 {
+                w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .unwrap();
+            }
+            keys
+        });
+        let mut c = client(port, 5);
+        assert!(c.start(&[(b"{}", "a"), (b"{}", "b"), (b"{}", "c")]));
+        // Every POST reached the server before any answer was read.
+        assert_eq!(rx.recv().unwrap(), ["a", "b", "c"]);
+        assert_eq!(c.finish(), vec![Ok((200, String::new())); 3]);
+        server.join().unwrap();
+        // Nothing listens any more: `start` cannot send, and `finish` says so for each.
+        let mut c = client(port, 1);
+        assert!(!c.start(&[(b"{}", "d"), (b"{}", "e")]));
+        let answers = c.finish();
+        assert_eq!(answers.len(), 2);
         assert!(answers.iter().all(|a| a.is_err()));
     }
 

@@ -266,6 +266,11 @@ fn a_webhook_that_keeps_up_takes_records_straight_from_the_rings() {
     let proxy = proxy_with_config(&config(port, &spool, "", &mock.addr));
     let warm = until_direct(&proxy.addr);
     wait_records(&receiver, warm.len());
+    // Counted when the sender reads the answers, which for a small take is at its next
+    // turn, after the receiver has the records.
+    wait_until("the warm-up records counted as delivered", 10, || {
+        metric(&proxy.addr, "llmproxy_webhook_success_total") == warm.len() as f64
+    });
     let (bytes, direct) = (
         segment_bytes(&spool),
         metric(&proxy.addr, "llmproxy_usage_direct_total"),
