@@ -226,14 +226,19 @@ impl Outbox {
         let mut lines: Vec<Vec<u8>> = Vec::with_capacity(round.min(4096));
         let mut take = RingTake::default();
         loop {
-            // A take left in flight at the last turn: its answers are in by now, and
-            // nothing else may use the connection before they are read.
+            // A take left in flight at the last turn (`deliver_from_rings`): its
+            // answers are in by now, and nothing else may use the connection before
+            // they are read. Every way out of the loop passes here after a take.
             if take.in_flight
                 && let Some(r) = rings.as_deref()
-                && let Err((why, id)) = self.answers_in_flight(r, &mut take, dir, closing)
             {
-                catching_up = true;
-                self.stall(&mut stall, &why, &id, closing);
+                take.in_flight = false;
+                r.holding(true);
+                let answers = self.plain.as_mut().map(webhook::PlainHttp::finish);
+                if let Err((why, id)) = self.settle_take(r, &mut take, dir, closing, answers) {
+                    catching_up = true;
+                    self.stall(&mut stall, &why, &id, closing);
+                }
             }
             if closing.load(Relaxed) {
                 // The writer takes the rings' last records (it waits for them).
@@ -358,12 +363,6 @@ impl Outbox {
             // Whatever was handed out and not acknowledged comes again, oldest first.
             reader.rewind();
         }
-        if take.in_flight
-            && let Some(r) = rings.as_deref()
-            && let Err((why, id)) = self.answers_in_flight(r, &mut take, dir, closing)
-        {
-            warn!("usage delivery stopping: {why} ({id}); the rest of the take goes to the spool");
-        }
         let left = shared.backlog_bytes.load(Relaxed);
         if left > 0 {
             warn!(
@@ -383,7 +382,7 @@ impl Outbox {
     /// the id of the record that failed.
     ///
     /// A take of one POST round to a plain webhook is left in flight when the socket
-    /// took all of it: its answers are read at the next turn (`answers_in_flight`),
+    /// took all of it: its answers are read at the next turn (in `run_spool`),
     /// when they are there, rather than after a sleep in `poll` now. That is one
     /// wake-up a take instead of two, and a wake-up was ~35 us of a take's ~107 at
     /// 2,000 req/s (docs/performance.md).
@@ -423,21 +422,6 @@ impl Outbox {
         }
         self.settle_take(rings, take, dir, closing, answers)
             .map(|_| taken as u64)
-    }
-
-    /// The answers to a take left in flight at the last turn (`deliver_from_rings`),
-    /// and the take settled by them. Call before anything else is sent.
-    fn answers_in_flight(
-        &mut self,
-        rings: &Rings,
-        take: &mut RingTake,
-        dir: &Path,
-        closing: &AtomicBool,
-    ) -> Result<u64, (String, String)> {
-        take.in_flight = false;
-        rings.holding(true);
-        let answers = self.plain.as_mut().map(webhook::PlainHttp::finish);
-        self.settle_take(rings, take, dir, closing, answers)
     }
 
     /// The take's POST rounds (the first already answered with `answers`, if given),
@@ -846,7 +830,7 @@ impl Outbox {
 struct RingTake {
     records: SenderTake,
     /// The take was POSTed whole and its answers are still to be read
-    /// (`answers_in_flight`).
+    /// (at the top of `run_spool`'s next turn).
     in_flight: bool,
     rest: Vec<u8>,
     /// `held.jsonl`, opened the first time a take is held long.
