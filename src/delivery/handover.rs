@@ -91,6 +91,10 @@ impl RecordSink {
     /// once the workers are done.
     pub fn close(&self) {
         self.closing.store(true, Relaxed);
+        // The writer may be asleep for long (`writer::WATCHED_TURN`).
+        if let Some(t) = self.taker.get() {
+            t.unpark();
+        }
     }
 
     /// One worker's sink; run its `hand_over_loop` as a task on that worker.
@@ -211,6 +215,10 @@ impl WorkerSink {
                     .fetch_add(b.records as u64, Relaxed);
                 b.lines.clear();
                 b.records = 0;
+                // The writer takes the file in at its next turn: now.
+                if let Some(t) = self.sink.taker.get() {
+                    t.unpark();
+                }
                 if self.overflow_failing.replace(false) {
                     info!("usage spool: workers can write overflow files again");
                 }

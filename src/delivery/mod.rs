@@ -129,6 +129,7 @@ pub fn start(
             Box::new(move || write_spool(rx, writer, &o, &r, &m, &q, &stop_w)),
         )?;
         let _ = taker.set(spool_writer.thread().clone());
+        rings_s.set_writer(spool_writer.thread().clone());
         handles.push(spool_writer);
         let dir = spool.dir.clone();
         let keep = Arc::new(spool); // holds the directory lock while the threads run

@@ -225,6 +225,19 @@ impl Outbox {
         let round = self.round();
         let mut lines: Vec<Vec<u8>> = Vec::with_capacity(round.min(4096));
         let mut take = RingTake::default();
+        // A take stuck in a POST round is made durable (the rings fdatasync'd) from
+        // here, while the plain client waits; the spool writer then sleeps until a
+        // worker or this thread wakes it instead of waking each turn to look (~36 us
+        // a wake-up, 0.18 us a request at 2,000 req/s). The https and RabbitMQ
+        // clients block inside their libraries: the writer keeps looking for them.
+        if let Some(r) = rings.clone()
+            && self.amqp.is_none()
+            && let Some(plain) = self.plain.as_mut()
+        {
+            let watching = r.clone();
+            plain.watch(Arc::new(move |after| watching.sync_if_late(after)));
+            r.sender_watches();
+        }
         loop {
             // A take left in flight at the last turn (`deliver_from_rings`): its
             // answers are in by now, and nothing else may use the connection before
@@ -588,7 +601,11 @@ impl Outbox {
                 Attempt::Retryable(why) if attempt < self.retries => {
                     attempt += 1;
                     self.metrics.webhook_retries.fetch_add(1, Relaxed);
-                    std::thread::sleep(self.backoff(attempt));
+                    let pause = self.backoff(attempt);
+                    match self.plain.as_ref() {
+                        Some(plain) => plain.pause(pause),
+                        None => std::thread::sleep(pause),
+                    }
                     let _ = why;
                 }
                 Attempt::Retryable(why) => {

@@ -33,8 +33,9 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 /// Bytes of records a ring holds: ~3,500 records, 100 ms of one worker at saturation.
@@ -427,6 +428,11 @@ pub struct Rings {
     /// fdatasyncs with the rings (`sync_if_late`): a power loss cannot lose it.
     sender_took_at: AtomicU64,
     synced_for: AtomicU64,
+    /// The sender itself makes a take stuck in a POST round durable (`sync_if_late`,
+    /// from its client's waits), so the writer need not wake to look.
+    watched: AtomicBool,
+    /// The spool writer thread, woken when the rings come back to it.
+    writer: OnceLock<Thread>,
     epoch: Instant,
 }
 
@@ -442,6 +448,8 @@ impl Rings {
             ring_bytes: RING_BYTES,
             sender_took_at: AtomicU64::new(0),
             synced_for: AtomicU64::new(0),
+            watched: AtomicBool::new(false),
+            writer: OnceLock::new(),
             epoch: Instant::now(),
         }
     }
@@ -468,9 +476,31 @@ impl Rings {
 
     /// The sender's side: the writer takes the rings' records (a delivery failed, or
     /// the proxy stops), and a question not answered yet is withdrawn. Call with
-    /// nothing taken and unsettled.
+    /// nothing taken and unsettled. The writer is woken (it may be sleeping long).
     pub fn give_back(&self) {
-        self.taker.store(WRITER, Ordering::Release);
+        if self.taker.swap(WRITER, Ordering::Release) == SENDER
+            && let Some(t) = self.writer.get()
+        {
+            t.unpark();
+        }
+    }
+
+    /// The spool writer thread, for `give_back` to wake.
+    pub fn set_writer(&self, writer: Thread) {
+        let _ = self.writer.set(writer);
+    }
+
+    /// The sender's side: it calls `sync_if_late` itself while it waits on a POST
+    /// round, so the writer need not (see `watched_by_sender`).
+    pub fn sender_watches(&self) {
+        self.watched.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the sender makes its stuck takes durable itself; then, while it takes
+    /// the rings, the writer sleeps until woken (a batch, a ring half full, the rings
+    /// given back, the proxy stopping).
+    pub fn watched_by_sender(&self) -> bool {
+        self.watched.load(Ordering::Relaxed)
     }
 
     /// The sender's take: every ring's new records, in `take` (emptied first);
@@ -533,9 +563,10 @@ impl Rings {
         self.sender_took_at.store(t, Ordering::Relaxed);
     }
 
-    /// The writer's side while the sender takes: a take the sender still holds
-    /// `after` since it was made is fdatasync'd (once), so that a power loss cannot
-    /// lose it while the webhook is slow to answer.
+    /// While the sender takes (called by the writer each turn, or by the sender while
+    /// it waits: `watched_by_sender`): a take the sender still holds `after` since it
+    /// was made is fdatasync'd (once), so that a power loss cannot lose it while the
+    /// webhook is slow to answer.
     pub fn sync_if_late(&self, after: Duration) {
         let took = self.sender_took_at.load(Ordering::Relaxed);
         if took == 0 || self.synced_for.load(Ordering::Relaxed) == took {
@@ -919,6 +950,28 @@ mod tests {
         assert!(!rings.half_untaken());
         while a.push(&line(1, 100)).is_some_and(|half| !half) {}
         assert!(rings.half_untaken());
+    }
+
+    #[test]
+    fn rings_given_back_wake_the_writer() {
+        // The writer sleeps long while the sender takes and watches its takes; the
+        // rings coming back to it must not wait for the end of that sleep.
+        let d = dir("wake");
+        let rings = Arc::new(Rings::new(&d, 1, Arc::default()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            tx.send(()).unwrap();
+            let slept = Instant::now();
+            std::thread::park_timeout(Duration::from_secs(60));
+            slept.elapsed()
+        });
+        rings.set_writer(writer.thread().clone());
+        rx.recv().unwrap();
+        rings.ask_for_them();
+        assert!(rings.hand_to_sender());
+        rings.give_back();
+        assert!(!rings.sender_takes());
+        assert!(writer.join().unwrap() < Duration::from_secs(30));
     }
 
     #[test]

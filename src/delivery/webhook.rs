@@ -17,12 +17,22 @@ use crate::url::Url;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// A webhook response larger than this is not read further (only an excerpt is kept).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// The request buffer is kept from one batch to the next while no larger than this.
 const KEEP_REQUEST: usize = 4 << 20;
+/// While the client waits (for answers, or between retries), its `Watch` is called
+/// this often.
+const WATCH_TICK: Duration = super::writer::SYNC_INTERVAL;
+
+/// Called while the client waits with `after`: the sender's take, held unsettled this
+/// long, is to be made durable (`Rings::sync_if_late`). `Duration::ZERO` before a wait
+/// no tick interrupts (connecting). With a watch, the spool writer need not wake to
+/// look at the take itself (`Rings::sender_watches`).
+pub type Watch = Arc<dyn Fn(Duration) + Send + Sync>;
 
 pub struct PlainHttp {
     host: String,
@@ -40,12 +50,14 @@ pub struct PlainHttp {
     /// `finish` answers each with that).
     owed: usize,
     failed: Option<String>,
+    watch: Option<Watch>,
 }
 
 struct Conn {
     /// Non-blocking; `wait` polls it for at most `timeout`.
     stream: TcpStream,
     timeout: Duration,
+    watch: Option<Watch>,
     /// The batch being sent (taken from `PlainHttp::req` for the exchange) and how much
     /// of it the socket has taken.
     pending: Vec<u8>,
@@ -104,11 +116,36 @@ impl PlainHttp {
             req: Vec::new(),
             owed: 0,
             failed: None,
+            watch: None,
         })
+    }
+
+    /// Calls `watch` while waiting (see `Watch`).
+    pub fn watch(&mut self, watch: Watch) {
+        self.watch = Some(watch);
+    }
+
+    /// Sleeps `d` (a retry's backoff), calling the watch each `WATCH_TICK`.
+    pub fn pause(&self, d: Duration) {
+        let end = Instant::now() + d;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(WATCH_TICK));
+            if let Some(w) = &self.watch {
+                w(2 * WATCH_TICK);
+            }
+        }
     }
 
     fn connect(&mut self) -> Result<&mut Conn, String> {
         if self.conn.is_none() {
+            // Resolving and connecting block for up to `timeout` with no tick.
+            if let Some(w) = &self.watch {
+                w(Duration::ZERO);
+            }
             let addrs = (self.host.as_str(), self.port)
                 .to_socket_addrs()
                 .map_err(|e| format!("resolve {}: {e}", self.host))?;
@@ -124,6 +161,7 @@ impl PlainHttp {
                         self.conn = Some(Conn {
                             stream: s,
                             timeout: self.timeout,
+                            watch: self.watch.clone(),
                             pending: Vec::new(),
                             sent: 0,
                             buf: vec![0; 16 * 1024],
@@ -283,7 +321,8 @@ impl Conn {
         }
     }
 
-    /// Until the socket can be read, or written while requests are left to send.
+    /// Until the socket can be read, or written while requests are left to send; at
+    /// most `timeout`, calling the watch each `WATCH_TICK` meanwhile.
     fn wait(&self) -> Result<(), String> {
         let writing = self.sent < self.pending.len();
         let mut fd = libc::pollfd {
@@ -291,10 +330,22 @@ impl Conn {
             events: libc::POLLIN | if writing { libc::POLLOUT } else { 0 },
             revents: 0,
         };
-        let ms = i32::try_from(self.timeout.as_millis()).unwrap_or(i32::MAX);
+        let end = Instant::now() + self.timeout;
         loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let tick = match &self.watch {
+                Some(_) => left.min(WATCH_TICK),
+                None => left,
+            };
+            // Rounded up: a wait of under 1 ms is not a busy loop of zero-timeout polls.
+            let ms = i32::try_from(tick.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
             // SAFETY: one valid pollfd, for the socket this Conn owns.
             match unsafe { libc::poll(&mut fd, 1, ms) } {
+                0 if tick < left => {
+                    if let Some(w) = &self.watch {
+                        w(2 * WATCH_TICK);
+                    }
+                }
                 0 => return Err("timed out waiting for the webhook".into()),
                 n if n > 0 => return Ok(()),
                 _ => {
@@ -587,6 +638,56 @@ mod tests {
         let got = c.post_many(&items);
         assert_eq!(got.len(), N);
         assert!(got.iter().all(|a| a == &Ok((200, String::new()))));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn the_watch_is_called_before_connecting_and_each_tick_of_a_slow_answer_or_a_pause() {
+        // The answer comes ~5 ticks after the POST, and the timeout is far off: the
+        // client keeps waiting, calling the watch each tick, and the wait is not cut
+        // short by them.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (port, server) = serve_one(move |r, w| {
+            read_post(r);
+            tx.send(()).unwrap();
+            std::thread::sleep(5 * WATCH_TICK + WATCH_TICK / 2);
+            w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .unwrap();
+        });
+        let calls: Arc<std::sync::Mutex<Vec<Duration>>> = Arc::default();
+        let seen = calls.clone();
+        let mut c = client(port, 5);
+        c.watch(Arc::new(move |after| seen.lock().unwrap().push(after)));
+        assert!(c.start(&[(b"{}", "a")]));
+        // Connecting is a wait with no tick: the watch was told first.
+        assert_eq!(
+            std::mem::take(&mut *calls.lock().unwrap()),
+            [Duration::ZERO]
+        );
+        rx.recv().unwrap();
+        let waited = Instant::now();
+        assert_eq!(c.finish(), vec![Ok((200, String::new()))]);
+        let ticks = waited.elapsed().as_millis() / WATCH_TICK.as_millis();
+        server.join().unwrap();
+        let got = std::mem::take(&mut *calls.lock().unwrap());
+        // One call a tick (a loaded machine may run a tick late, never early).
+        assert!(
+            got.len() >= 2 && got.len() as u128 <= ticks,
+            "{ticks} ticks waited: {got:?}"
+        );
+        assert!(got.iter().all(|&a| a == 2 * WATCH_TICK), "{got:?}");
+        // A retry's pause ticks the same way.
+        c.pause(3 * WATCH_TICK);
+        assert_eq!(*calls.lock().unwrap(), [2 * WATCH_TICK; 3]);
+        // Without a watch, a slow answer is simply waited for.
+        let (port, server) = serve_one(|r, w| {
+            read_post(r);
+            std::thread::sleep(2 * WATCH_TICK);
+            w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .unwrap();
+        });
+        let mut c = client(port, 5);
+        assert_eq!(c.post_many(&[(b"{}", "b")]), vec![Ok((200, String::new()))]);
         server.join().unwrap();
     }
 

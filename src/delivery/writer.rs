@@ -21,6 +21,11 @@ pub(super) const SYNC_INTERVAL: Duration = Duration::from_millis(50);
 /// Longest the writer waits for a batch before it looks again at what needs a sync,
 /// while a write waits for one (with none, the ring turn decides).
 const IDLE_TURN: Duration = Duration::from_millis(50);
+/// Longest the writer sleeps while the sender takes the rings and watches its own
+/// takes (`Rings::watched_by_sender`): everything it has to do then comes with a
+/// wake-up (a batch, a ring half full, the rings given back, the stop), so this only
+/// bounds what a missed one could delay.
+const WATCHED_TURN: Duration = Duration::from_secs(1);
 /// At shutdown, how long the writer waits for the sender to give the rings back
 /// (it settles its round first) before leaving their records to the next start.
 const RINGS_BACK_WAIT: Duration = Duration::from_secs(30);
@@ -133,12 +138,16 @@ pub(super) fn write_spool(
         if !backed_up && rings.sender_takes() {
             // The sender takes the rings. The writer wakes it for a ring filling up,
             // and fdatasyncs the rings for a take stuck in one POST round (one held
-            // long between rounds, the sender writes to `held.jsonl` itself).
+            // long between rounds, the sender writes to `held.jsonl` itself) unless
+            // the sender does so while it waits.
             rings.sync_if_late(2 * SYNC_INTERVAL);
             if rings.half_untaken() {
                 writer.wake_reader();
             }
-            ring_turn = RING_IDLE_TURN;
+            ring_turn = match rings.watched_by_sender() && !overflow_due {
+                true => WATCHED_TURN,
+                false => RING_IDLE_TURN,
+            };
         } else if !backed_up {
             let from_rings = writer.append_from(|buf| rings.take(buf));
             records += from_rings;
@@ -238,23 +247,22 @@ fn turn_wait(unsynced: &Unsynced, ring_turn: Duration) -> Duration {
 }
 
 /// The next batch, waiting up to `wait` parked: a worker unparks this thread after
-/// each hand-over (`RecordSink::taker`). Unlike the channel's `recv_timeout`, no spin
-/// and no `sched_yield` before sleeping: on the worker's core each yield was a switch
-/// to the worker and back (~580 a second at 2,000 req/s).
+/// each hand-over (`RecordSink::taker`), and for anything else the writer should look
+/// at now (a ring half full, the rings given back, the stop): an unpark with no batch
+/// ends the wait too (`Timeout`). Unlike the channel's `recv_timeout`, no spin and no
+/// `sched_yield` before sleeping: on the worker's core each yield was a switch to the
+/// worker and back (~580 a second at 2,000 req/s).
 fn take(rx: &Receiver<Batch>, wait: Duration) -> Result<Batch, RecvTimeoutError> {
-    let end = Instant::now() + wait;
-    loop {
-        match rx.try_recv() {
-            Ok(b) => return Ok(b),
-            Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
-            Err(TryRecvError::Empty) => {}
-        }
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(RecvTimeoutError::Timeout);
-        }
-        std::thread::park_timeout(left);
+    match rx.try_recv() {
+        Ok(b) => return Ok(b),
+        Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+        Err(TryRecvError::Empty) => {}
     }
+    std::thread::park_timeout(wait);
+    rx.try_recv().map_err(|e| match e {
+        TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+        TryRecvError::Empty => RecvTimeoutError::Timeout,
+    })
 }
 
 /// Moves the workers' overflow files into the segment; false if that failed (it is
