@@ -480,12 +480,27 @@ impl Outbox {
                 }
             }
             let chunk = done..records.len().min(done + round);
+            let sent = answers.take();
+            if let Some(a) = &sent
+                && a.len() == chunk.len()
+                && a.iter().all(|a| matches!(a, Ok((200..=299, _))))
+            {
+                // A take POSTed whole and taken whole (the low-rate case): no record
+                // needs its id again (it was ~5 % of the sender at 2,000 req/s).
+                self.metrics
+                    .webhook_success
+                    .fetch_add(a.len() as u64, Relaxed);
+                done = chunk.end;
+                settled += a.len() as u64;
+                rings.settle(records, done, false);
+                continue;
+            }
             let these: Vec<&[u8]> = chunk.clone().map(|i| records.line(i)).collect();
             self.metrics
                 .spool_oldest_ms
                 .store(record_time_ms(these[0]), Relaxed);
             let ids: Vec<Cow<str>> = these.iter().map(|l| record_id(l)).collect();
-            let results = self.deliver_batch_answered(&these, &ids, answers.take());
+            let results = self.deliver_batch_answered(&these, &ids, sent);
             for ((line, id), result) in these.iter().zip(&ids).zip(results) {
                 match result {
                     Delivery::Delivered => {}
