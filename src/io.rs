@@ -122,15 +122,14 @@ impl Io {
     pub fn with_tls(stream: TcpStream, capacity: usize, mut conn: rustls::Connection) -> Self {
         // Each write is encrypted and sent at once: the relay's own buffers bound it.
         conn.set_buffer_limit(None);
-        Io {
-            tls: Some(Box::new(Tls {
-                conn,
-                cin: Vec::new(),
-                cin_start: 0,
-                cout: Vec::new(),
-            })),
-            ..Io::new(stream, capacity)
-        }
+        let mut io = Io::new(stream, capacity);
+        io.tls = Some(Box::new(Tls {
+            conn,
+            cin: Vec::new(),
+            cin_start: 0,
+            cout: Vec::new(),
+        }));
+        io
     }
 
     pub fn is_tls(&self) -> bool {
@@ -549,7 +548,12 @@ impl Io {
         let fd = self.stream.as_raw_fd();
         let lean = lean && self.tls.is_none() && !self.poll_first;
         // Taken out of `self` while the read borrows it; put back after.
-        let mut canceller = lean.then(|| self.canceller.take().unwrap_or_default());
+        let mut canceller = lean.then(|| {
+            self.canceller
+                .take()
+                .or_else(pool::take_canceller)
+                .unwrap_or_default()
+        });
         let (r, stopped) = loop {
             let (r, stopped, cancelled) = {
                 let handle = canceller.as_ref().map(Canceller::handle);
@@ -615,12 +619,28 @@ impl Io {
     }
 }
 
+impl Drop for Io {
+    /// A closed connection's read buffer and canceller are the next one's: with a new
+    /// connection per request, allocating and freeing them was ~1,000 of a request's
+    /// ~35,000 instructions (`benches/callgrind.sh churn`). No operation holds either
+    /// here (an operation borrows the `Io`, or owns the buffer it took).
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.buf));
+        if let Some(c) = self.canceller.take() {
+            pool::give_canceller(c);
+        }
+    }
+}
+
 /// The worker thread's spare read buffers: a connection that stops waiting for bytes
-/// gives its buffer here (`Io::release`) and the next read anywhere on the thread takes
-/// one, so buffers are reused without an allocation per wait. Thread-local: each worker
-/// has its own, with no lock. Bounded in count and in size per buffer (a grown buffer
-/// is freed, not kept), so what it holds is at most `KEEP * MAX_KEPT`.
+/// gives its buffer here (`Io::release`, or when it ends) and the next read anywhere on
+/// the thread takes one, so buffers are reused without an allocation per wait.
+/// Thread-local: each worker has its own, with no lock. Bounded in count and in size
+/// per buffer (a grown buffer is freed, not kept), so what it holds is at most
+/// `KEEP * MAX_KEPT`. Lean waits' cancellers (never cancelled ones: `cancel` makes a
+/// new one) are kept the same way.
 mod pool {
+    use monoio::io::Canceller;
     use std::cell::RefCell;
 
     /// Buffers kept per thread.
@@ -630,6 +650,20 @@ mod pool {
 
     thread_local! {
         static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+        static CANCELLERS: RefCell<Vec<Canceller>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn take_canceller() -> Option<Canceller> {
+        CANCELLERS.try_with(|s| s.borrow_mut().pop()).ok().flatten()
+    }
+
+    pub fn give_canceller(c: Canceller) {
+        let _ = CANCELLERS.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < KEEP {
+                s.push(c);
+            }
+        });
     }
 
     /// An empty buffer with room for at least `size` bytes.
@@ -681,6 +715,20 @@ mod pool {
             }
             assert_eq!(super::SPARE.with(|s| s.borrow().len()), super::KEEP);
             assert!(super::take(0).capacity() == 0);
+        }
+
+        #[test]
+        fn cancellers_are_kept_bounded() {
+            assert!(super::take_canceller().is_none());
+            for _ in 0..super::KEEP + 10 {
+                super::give_canceller(Default::default());
+            }
+            assert_eq!(super::CANCELLERS.with(|s| s.borrow().len()), super::KEEP);
+            assert!(super::take_canceller().is_some());
+            assert_eq!(
+                super::CANCELLERS.with(|s| s.borrow().len()),
+                super::KEEP - 1
+            );
         }
     }
 }
