@@ -230,7 +230,7 @@ impl Outbox {
         // worker or this thread wakes it instead of waking each turn to look (~36 us
         // a wake-up, 0.18 us a request at 2,000 req/s). The https and RabbitMQ
         // clients block inside their libraries: the writer keeps looking for them.
-        if let Some(r) = rings.clone()
+        if let Some(r) = rings.as_ref()
             && self.amqp.is_none()
             && let Some(plain) = self.plain.as_mut()
         {
@@ -483,7 +483,7 @@ impl Outbox {
             let sent = answers.take();
             if let Some(a) = &sent
                 && a.len() == chunk.len()
-                && a.iter().all(|a| matches!(a, Ok((200..=299, _))))
+                && a.iter().all(webhook_took)
             {
                 // A take POSTed whole and taken whole (the low-rate case): no record
                 // needs its id again (it was ~5 % of the sender at 2,000 req/s).
@@ -894,9 +894,15 @@ fn array_key(ids: &[Cow<str>]) -> String {
     }
 }
 
+/// Whether the webhook took the record (a 2xx): the one rule `classify` and the
+/// settling of a take answered whole both go by.
+fn webhook_took(answer: &webhook::Answer) -> bool {
+    matches!(answer, Ok((200..=299, _)))
+}
+
 fn classify(answer: webhook::Answer) -> Attempt {
     match answer {
-        Ok((200..=299, _)) => Attempt::Delivered,
+        a if webhook_took(&a) => Attempt::Delivered,
         Ok((status @ (408 | 429 | 500..=599), _)) => Attempt::Retryable(format!("status {status}")),
         Ok((status, excerpt)) => Attempt::Permanent(status, excerpt),
         Err(e) => Attempt::Retryable(e),
