@@ -73,6 +73,9 @@ start([f"{REL}/examples/mock_vllm", "--port", str(MOCK), "--prerender", "--token
 start([f"{REL}/examples/mock_vllm", "--port", str(SLOW_MOCK), "--paced", "--models", "slow-model"], 1, "slow-mock.log")
 start([f"{REL}/examples/webhook_receiver", "--port", str(HOOK), "--quiet", "--log", "none", "--no-store"], 1, "receiver.log")
 wait_port(MOCK, "mock"); wait_port(HOOK, "receiver"); wait_port(SLOW_MOCK, "paced mock")
+# nginx (`deferred`) and haproxy (`defer-accept`) defer each accept until the caller's
+# first bytes, as llmproxy's listener does (TCP_DEFER_ACCEPT): the same kernel help
+# for all three on the churn scenario.
 open(f"{W}/nginx.conf", "w").write(f"""
 worker_processes 1;
 worker_cpu_affinity 01;
@@ -98,7 +101,7 @@ http {{
     }}
   }}
   server {{
-    listen 127.0.0.1:{NGINX} reuseport backlog=4096 {SSL};
+    listen 127.0.0.1:{NGINX} reuseport backlog=4096 deferred {SSL};
     {NGINX_TLS}
     keepalive_requests 1000000;
     location / {{
@@ -131,7 +134,7 @@ defaults
   option http-keep-alive
   http-reuse always
 frontend main
-  bind 127.0.0.1:{HAPROXY}{HA_SSL}
+  bind 127.0.0.1:{HAPROXY} defer-accept{HA_SSL}
   default_backend mock
 frontend slow
   bind 127.0.0.1:{HAPROXY_SLOW}

@@ -45,6 +45,8 @@ pub struct Io {
     poll_first: bool,
     /// The last read took less than it was offered: the socket had no more.
     drained: bool,
+    /// The next read tries a non-blocking `recv` before it waits (`expect_bytes`).
+    try_now: bool,
     /// Cancels a lean wait's read (`fill_by`); made on the first one.
     canceller: Option<Canceller>,
 }
@@ -89,8 +91,17 @@ impl Io {
             size: capacity,
             poll_first: false,
             drained: false,
+            try_now: false,
             canceller: None,
         }
+    }
+
+    /// The next read tries a non-blocking `recv` before it submits a read and waits:
+    /// for an accepted connection, whose listener defers the accept until the caller's
+    /// first bytes have come (`TCP_DEFER_ACCEPT`). Plain TCP only; a caller silent
+    /// past the deferral finds nothing and waits as any read does.
+    pub fn expect_bytes(&mut self) {
+        self.try_now = true;
     }
 
     /// Gives the read buffer back to the worker's pool when nothing in it is left to
@@ -330,9 +341,11 @@ async fn fill_into(io: &mut Io, cancel: Option<CancelHandle>) -> io::Result<usiz
         size,
         poll_first,
         drained,
+        try_now,
         canceller: _,
     } = io;
     let polled = std::mem::take(poll_first);
+    let try_now = std::mem::take(try_now) || polled;
     if polled {
         // No buffer is held while waiting; a dropped or shut-down poll loses nothing.
         stream.readable(true).await?;
@@ -350,8 +363,9 @@ async fn fill_into(io: &mut Io, cancel: Option<CancelHandle>) -> io::Result<usiz
     if buf.capacity() - buf.len() < 2048 {
         buf.reserve(buf.capacity().max(4096));
     }
-    if polled {
-        // Ready: read at once, with no await between taking the buffer and giving it
+    if try_now {
+        // Ready (polled, or an accepted connection's first bytes, which the listener
+        // waited for): read at once, with no await between taking the buffer and giving it
         // back (a caller releases it as soon as it has consumed the bytes), so a burst
         // of streams woken together (an engine step's tokens) holds one buffer, not
         // one each, as epoll servers read.

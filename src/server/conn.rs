@@ -44,7 +44,12 @@ pub async fn serve(w: &Worker, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let tls = w.view().live.tls.clone();
     let client = match tls {
-        None => Io::new(stream, CLIENT_BUF),
+        None => {
+            let mut io = Io::new(stream, CLIENT_BUF);
+            // The accept waited for the caller's first bytes (`defer_accept`).
+            io.expect_bytes();
+            io
+        }
         // Boxed: its state would otherwise stay in every connection's task.
         Some(tls) => match Box::pin(accept_tls(w, stream, &tls)).await {
             Some(io) => io,

@@ -70,6 +70,22 @@ fn slowloris_is_cut_at_header_timeout() {
 }
 
 #[test]
+fn a_caller_silent_past_the_deferred_accept_is_still_served() {
+    // The listener defers an accept until the first bytes come, for at most 1 s; a
+    // caller quiet for longer is accepted without them, and its request still read.
+    let s = Stack::start();
+    let mut quiet = TcpStream::connect(s.addr()).unwrap();
+    let mut prompt = TcpStream::connect(s.addr()).unwrap();
+    write_request(&mut prompt, "GET", "/health", &[], b"", false);
+    let mut r = BufReader::new(prompt.try_clone().unwrap());
+    assert_eq!(read_response(&mut r, false).status, 200);
+    std::thread::sleep(Duration::from_millis(2500));
+    write_request(&mut quiet, "GET", "/health", &[], b"", false);
+    let mut r = BufReader::new(quiet.try_clone().unwrap());
+    assert_eq!(read_response(&mut r, false).status, 200);
+}
+
+#[test]
 fn idle_keep_alive_connections_are_closed_at_idle_timeout() {
     let s = Stack::with("limits:\n  idle_timeout: 1s\n", &[]);
     let mut sock = TcpStream::connect(s.addr()).unwrap();
@@ -150,16 +166,26 @@ fn a_connection_flood_is_answered_503_beyond_the_limit() {
         let sock = TcpStream::connect(s.addr()).unwrap();
         held.push(sock);
     }
-    std::thread::sleep(Duration::from_millis(500));
-    for sock in held.iter_mut() {
-        sock.set_read_timeout(Some(Duration::from_millis(20)))
-            .unwrap();
-        let mut buf = [0u8; 512];
-        if let Ok(n) = sock.read(&mut buf)
-            && n > 0
-            && String::from_utf8_lossy(&buf[..n]).contains("too_many_connections")
-        {
-            refused += 1;
+    // Silent, they are accepted once the listener's deferral (1 s) runs out; each
+    // refusal is read as it comes.
+    let mut answered = vec![false; held.len()];
+    let end = Instant::now() + Duration::from_secs(10);
+    while refused < 180 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+        for (sock, answered) in held.iter_mut().zip(answered.iter_mut()) {
+            if *answered {
+                continue;
+            }
+            sock.set_nonblocking(true).unwrap();
+            let mut buf = [0u8; 512];
+            if let Ok(n) = sock.read(&mut buf)
+                && n > 0
+            {
+                *answered = true;
+                if String::from_utf8_lossy(&buf[..n]).contains("too_many_connections") {
+                    refused += 1;
+                }
+            }
         }
     }
     assert!(
