@@ -184,6 +184,17 @@ pub struct RequestHead {
 }
 
 impl RequestHead {
+    /// An empty head that parses into `headers`' buffers (a closed connection's: a new
+    /// connection's first head then allocates nothing). Nothing of theirs is kept.
+    pub fn reusing(mut headers: Headers) -> RequestHead {
+        headers.buf.clear();
+        headers.list.clear();
+        RequestHead {
+            headers,
+            ..RequestHead::default()
+        }
+    }
+
     pub fn method(&self) -> &str {
         std::str::from_utf8(&self.headers.buf[self.method.clone()]).unwrap_or("")
     }
@@ -355,6 +366,19 @@ mod tests {
 
     fn parse(raw: &[u8]) -> Result<Option<usize>, HeadError> {
         RequestHead::default().parse(raw, 64 * 1024)
+    }
+
+    #[test]
+    fn a_reused_head_keeps_buffers_but_nothing_of_the_last_request() {
+        let mut h = RequestHead::default();
+        let raw = b"POST /secret HTTP/1.1\r\nAuthorization: Bearer k\r\nContent-Length: 3\r\n\r\n";
+        h.parse(raw, 1024).unwrap().unwrap();
+        let cap = h.headers.buf.capacity();
+        let h = RequestHead::reusing(std::mem::take(&mut h.headers));
+        assert_eq!(h.headers.buf.capacity(), cap);
+        assert_eq!((h.method(), h.path()), ("", ""));
+        assert!(h.headers.get("authorization").is_none());
+        assert!(h.framing.is_none() && !h.keep_alive && !h.expect_continue);
     }
 
     #[test]

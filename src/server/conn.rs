@@ -8,7 +8,7 @@ use crate::auth;
 use crate::config::{Config, UsageMode};
 use crate::http::body::{BodyDecoder, Framing};
 use crate::http::error::{ProxyError, write_response};
-use crate::http::head::{HeadError, RequestHead, is_hop_by_hop};
+use crate::http::head::{HeadError, Headers, RequestHead, is_hop_by_hop};
 use crate::http::multipart::{self, MultipartScanner};
 use crate::http::write::{CONTINUE, Head};
 use crate::io::{Io, Wait};
@@ -58,7 +58,7 @@ pub async fn serve(w: &Worker, stream: TcpStream) {
     };
     let mut c = Conn {
         client,
-        head: RequestHead::default(),
+        head: spare_head(),
         body: Vec::new(),
         up_req: Vec::new(),
         bufs: None,
@@ -82,6 +82,33 @@ pub async fn serve(w: &Worker, stream: TcpStream) {
         c.client.release();
     }
     c.client.close(std::time::Duration::from_secs(1)).await;
+    give_head(std::mem::take(&mut c.head.headers));
+}
+
+thread_local! {
+    /// Closed connections' request head buffers (two allocations a new connection
+    /// otherwise: callgrind churn, ~1.5 % of its worker instructions).
+    static HEADS: std::cell::RefCell<Vec<Headers>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A new connection's head, with a closed one's buffers if the thread has some.
+fn spare_head() -> RequestHead {
+    let spare = HEADS.try_with(|h| h.borrow_mut().pop()).ok().flatten();
+    RequestHead::reusing(spare.unwrap_or_default())
+}
+
+/// Keeps a closed connection's head buffers for the next (at most `PARK_MAX`, none
+/// grown past `PARK_CAP`).
+fn give_head(headers: Headers) {
+    if headers.buf.capacity() > PARK_CAP {
+        return;
+    }
+    let _ = HEADS.try_with(|h| {
+        let mut h = h.borrow_mut();
+        if h.len() < PARK_MAX {
+            h.push(headers);
+        }
+    });
 }
 
 /// A request's buffers, parked in the worker thread's pool between requests (`PARKED`).
