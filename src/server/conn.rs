@@ -41,12 +41,14 @@ struct Conn {
 }
 
 pub async fn serve(w: &Worker, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
+    if !w.nodelay_inherited {
+        let _ = stream.set_nodelay(true);
+    }
     let tls = w.view().live.tls.clone();
     let client = match tls {
         None => {
             let mut io = Io::new(stream, CLIENT_BUF);
-            // The accept waited for the caller's first bytes (`defer_accept`).
+            // The accept waited for the caller's first bytes (`tune_listener`).
             io.expect_bytes();
             io
         }

@@ -183,6 +183,9 @@ pub struct Worker {
     pub records: delivery::WorkerSink,
     /// What this worker counts for /metrics (its own shard).
     pub stats: WorkerMetrics,
+    /// Accepted sockets inherit `TCP_NODELAY` from the listener (set there once);
+    /// false if that failed, and each connection sets it itself.
+    pub nodelay_inherited: bool,
 }
 
 impl Worker {
@@ -469,7 +472,7 @@ fn worker_thread(
                 return;
             }
         };
-        defer_accept(&listener);
+        let nodelay_inherited = tune_listener(&listener);
         let _ = ready.send(listener.local_addr().map_err(|e| e.to_string()));
         let Some(stats) = shared.metrics.claim(id) else {
             let _ = ready.send(Err(format!("worker {id}: no metrics shard of its own")));
@@ -490,6 +493,7 @@ fn worker_thread(
             cutting: Cell::new(false),
             records,
             stats,
+            nodelay_inherited,
         });
         let hand_over = w.clone();
         monoio::spawn(async move { hand_over.records.hand_over_loop().await });
@@ -581,28 +585,71 @@ fn admit(w: &Rc<Worker>, stream: TcpStream, max: usize) {
 /// `defer-accept` use the same 1 s).
 const DEFER_ACCEPT_SECS: libc::c_int = 1;
 
-/// Asks the kernel to complete an accept only once the caller's first bytes have come
-/// (or after `DEFER_ACCEPT_SECS`): an accepted connection is read at once with a plain
-/// `recv`, with no io_uring read to submit, arm for cancelling and complete first.
-/// benches/load.sh churn, same run: 44.4 -> 42.7 and 58.8 -> 55.4 us a connection; a
-/// silent caller costs a kernel request socket, not a task, until it speaks. Best
-/// effort: without it a connection's first read waits as any other.
-fn defer_accept(listener: &TcpListener) {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(listener);
-    // SAFETY: setsockopt on the listener's own fd with a valid int and its size.
-    let done = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&DEFER_ACCEPT_SECS as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } == 0;
-    if !done {
+/// Socket options set once on the listener, for every connection it accepts:
+/// - `TCP_DEFER_ACCEPT`: the kernel completes an accept only once the caller's first
+///   bytes have come (or after `DEFER_ACCEPT_SECS`), so an accepted connection is read
+///   at once with a plain `recv`, with no io_uring read to submit, arm for cancelling
+///   and complete first (`Io::expect_bytes`). benches/load.sh churn, same run: 44.4 ->
+///   42.7 and 58.8 -> 55.4 us a connection. A silent caller costs a kernel request
+///   socket, not a task, until it speaks.
+/// - `TCP_NODELAY`, which accepted sockets inherit on Linux: one `setsockopt` a
+///   connection fewer. Returns whether it was set (if not, each connection sets it).
+///
+/// Best effort: without the deferral a connection's first read waits as any other.
+fn tune_listener(listener: &impl std::os::fd::AsRawFd) -> bool {
+    let fd = listener.as_raw_fd();
+    let set = |option: libc::c_int, value: libc::c_int| {
+        // SAFETY: setsockopt on the listener's own fd with a valid int and its size.
+        let done = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                option,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        } == 0;
+        done.then_some(()).ok_or_else(std::io::Error::last_os_error)
+    };
+    if let Err(e) = set(libc::TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECS) {
         warn!(
-            "cannot set TCP_DEFER_ACCEPT on the listener ({}): connections are accepted before their first bytes",
-            std::io::Error::last_os_error()
+            "cannot set TCP_DEFER_ACCEPT on the listener ({e}): connections are accepted before their first bytes"
         );
+    }
+    set(libc::TCP_NODELAY, 1).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    fn int_option(fd: i32, option: libc::c_int) -> libc::c_int {
+        let mut value: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt into a valid int with its size.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                option,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        value
+    }
+
+    #[test]
+    fn the_listener_defers_accepts_and_its_connections_inherit_nodelay() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(super::tune_listener(&l));
+        assert!(int_option(l.as_raw_fd(), libc::TCP_DEFER_ACCEPT) > 0);
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let (a, _) = l.accept().unwrap();
+        // What lets `serve` skip its own setsockopt.
+        assert_eq!(int_option(a.as_raw_fd(), libc::TCP_NODELAY), 1);
     }
 }
