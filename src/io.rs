@@ -365,10 +365,10 @@ async fn fill_into(io: &mut Io, cancel: Option<CancelHandle>) -> io::Result<usiz
     }
     if try_now {
         // Ready (polled, or an accepted connection's first bytes, which the listener
-        // waited for): read at once, with no await between taking the buffer and giving it
-        // back (a caller releases it as soon as it has consumed the bytes), so a burst
-        // of streams woken together (an engine step's tokens) holds one buffer, not
-        // one each, as epoll servers read.
+        // waited for): read at once, with no await between taking the buffer and
+        // giving it back (a caller releases it as soon as it has consumed the bytes),
+        // so a burst of streams woken together (an engine step's tokens) holds one
+        // buffer, not one each, as epoll servers read.
         let spare = buf.capacity() - buf.len();
         if let Some(res) = recv_now(stream.as_raw_fd(), buf) {
             *drained = res.as_ref().is_ok_and(|&n| n < spare);
