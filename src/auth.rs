@@ -7,7 +7,7 @@
 //! and a 10,000-key config costs one lookup, not 10,000 comparisons.
 
 use crate::config::{AuthConfig, LimitsConfig};
-use crate::http::head::Headers;
+use crate::http::head::{Headers, Known};
 use crate::limits::Counters;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -79,7 +79,7 @@ impl Auth {
 
 /// The caller's key: `Authorization: Bearer KEY`, else `x-api-key: KEY`.
 pub fn presented_key(headers: &Headers) -> Option<&str> {
-    if let Some(v) = headers.get_str("authorization") {
+    if let Some(v) = headers.known_str(Known::Authorization) {
         let v = v.trim();
         if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
             let key = v[7..].trim();
@@ -89,7 +89,7 @@ pub fn presented_key(headers: &Headers) -> Option<&str> {
         }
     }
     headers
-        .get_str("x-api-key")
+        .known_str(Known::XApiKey)
         .map(str::trim)
         .filter(|k| !k.is_empty())
 }

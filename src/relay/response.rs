@@ -9,7 +9,7 @@
 
 use super::body::{BodyRelay, Mode};
 use crate::http::body::{BodyDecoder, Framing};
-use crate::http::head::{ResponseHead, is_hop_by_hop};
+use crate::http::head::{Known, ResponseHead, is_hop_by_hop};
 use crate::http::write::Head;
 use crate::io::{Io, PeerState, Wait, peek_fd};
 use crate::tick;
@@ -264,7 +264,7 @@ impl Plan {
     /// `None`: the backend's framing is invalid (a bad gateway).
     fn new(head: &mut ResponseHead, spec: &Spec<'_>) -> Option<Plan> {
         let framing = head.framing(spec.method).ok()?;
-        let content_type = head.headers.get("content-type").unwrap_or(b"");
+        let content_type = head.headers.known(Known::ContentType).unwrap_or(b"");
         let is_sse = content_type.len() >= 17
             && content_type[..17].eq_ignore_ascii_case(b"text/event-stream");
         let mode = if !spec.metered {

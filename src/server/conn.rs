@@ -8,7 +8,7 @@ use crate::auth;
 use crate::config::{Config, UsageMode};
 use crate::http::body::{BodyDecoder, Framing};
 use crate::http::error::{ProxyError, write_response};
-use crate::http::head::{HeadError, Headers, RequestHead, is_hop_by_hop};
+use crate::http::head::{HeadError, Headers, Known, RequestHead, is_hop_by_hop};
 use crate::http::multipart::{self, MultipartScanner};
 use crate::http::write::{CONTINUE, Head};
 use crate::io::{Io, Wait};
@@ -321,7 +321,7 @@ fn new_request_id_at(now: SystemTime) -> String {
 /// request id: a caller that repeated one would make a deduplicating receiver keep one
 /// record of many (free inference).
 fn client_request_id(head: &RequestHead) -> Option<String> {
-    let v = head.headers.get("x-request-id")?;
+    let v = head.headers.known(Known::XRequestId)?;
     let valid = !v.is_empty()
         && v.len() <= 128
         && v.iter()
@@ -413,7 +413,10 @@ async fn handle(w: &Worker, c: &mut Conn, head_len: usize) -> bool {
                 let forward = if auth.enabled {
                     None
                 } else {
-                    c.head.headers.get("authorization").map(<[u8]>::to_vec)
+                    c.head
+                        .headers
+                        .known(Known::Authorization)
+                        .map(<[u8]>::to_vec)
                 };
                 return match endpoints::models(w, forward.as_deref(), &rq.id).await {
                     Ok(body) => reply(w, c, &rq, 200, "application/json", &body).await,
@@ -523,7 +526,7 @@ async fn read_upload_head(v: &View, c: &mut Conn) -> Result<Upload, Option<Proxy
             "multipart body without a length",
         )));
     };
-    let ctype = c.head.headers.get("content-type").unwrap_or(b"");
+    let ctype = c.head.headers.known(Known::ContentType).unwrap_or(b"");
     let boundary = multipart::boundary(ctype).map_err(|_| Some(ProxyError::FormFieldsTooLate))?;
     let buffered = c.client.data().len() as u64;
     if c.head.expect_continue && buffered < total {
@@ -1188,7 +1191,7 @@ fn usage_record(
         None => c
             .head
             .headers
-            .get_str("x-user-id")
+            .known_str(Known::XUserId)
             .map(str::to_owned)
             .or(req.info.as_ref().and_then(|i| i.user.clone()))
             .unwrap_or_default(),
@@ -1228,7 +1231,7 @@ fn read_form(
     head: &RequestHead,
     body: &[u8],
 ) -> Result<(Vec<u8>, multipart::Fields), &'static str> {
-    let ctype = head.headers.get("content-type").unwrap_or(b"");
+    let ctype = head.headers.known(Known::ContentType).unwrap_or(b"");
     let boundary = multipart::boundary(ctype).map_err(|e| e.message())?;
     let mut scanner = MultipartScanner::new(&boundary);
     scanner.feed(body);
