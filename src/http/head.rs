@@ -122,7 +122,7 @@ impl Headers {
     }
 
     /// Empty, its buffers kept.
-    pub fn clear(&mut self) {
+    fn clear(&mut self) {
         self.buf.clear();
         self.list.clear();
         self.first = [0; KNOWN.len()];
@@ -144,10 +144,6 @@ impl Headers {
         self.iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
             .map(|(_, v)| v)
-    }
-
-    pub fn get_str(&self, name: &str) -> Option<&str> {
-        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
     }
 
     /// Whether any `name` header lists `token` (comma-separated, case-insensitive).

@@ -495,7 +495,7 @@ async fn read_request_body(
     ) && matches!(c.head.framing(), Framing::Length(n) if n <= max_body)
         && c.head
             .headers
-            .get("content-type")
+            .known(Known::ContentType)
             .is_some_and(|t| multipart::boundary(t).is_ok());
     if streams_upload {
         read_upload_head(v, c).await.map(Some)
