@@ -654,6 +654,7 @@ impl Drop for Io {
 /// `KEEP * MAX_KEPT`. Lean waits' cancellers (never cancelled ones: `cancel` makes a
 /// new one) are kept the same way.
 mod pool {
+    use crate::spares::{self, Spares};
     use monoio::io::Canceller;
     use std::cell::RefCell;
 
@@ -663,21 +664,16 @@ mod pool {
     const MAX_KEPT: usize = 64 * 1024;
 
     thread_local! {
-        static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-        static CANCELLERS: RefCell<Vec<Canceller>> = const { RefCell::new(Vec::new()) };
+        static SPARE: Spares<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        static CANCELLERS: Spares<Canceller> = const { RefCell::new(Vec::new()) };
     }
 
     pub fn take_canceller() -> Option<Canceller> {
-        CANCELLERS.try_with(|s| s.borrow_mut().pop()).ok().flatten()
+        spares::take(&CANCELLERS)
     }
 
     pub fn give_canceller(c: Canceller) {
-        let _ = CANCELLERS.try_with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < KEEP {
-                s.push(c);
-            }
-        });
+        spares::keep(&CANCELLERS, c, KEEP);
     }
 
     /// An empty buffer with room for at least `size` bytes.
@@ -685,11 +681,7 @@ mod pool {
         if size == 0 {
             return Vec::new();
         }
-        let mut buf = SPARE
-            .try_with(|s| s.borrow_mut().pop())
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let mut buf = spares::take(&SPARE).unwrap_or_default();
         buf.reserve(size);
         buf
     }
@@ -699,12 +691,7 @@ mod pool {
             return;
         }
         buf.clear();
-        let _ = SPARE.try_with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < KEEP {
-                s.push(buf);
-            }
-        });
+        spares::keep(&SPARE, buf, KEEP);
     }
 
     #[cfg(test)]

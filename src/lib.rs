@@ -18,6 +18,7 @@ pub mod relay;
 pub mod routes;
 pub mod scan;
 pub mod server;
+pub mod spares;
 pub mod sse;
 #[cfg(test)]
 mod testing;

@@ -17,6 +17,7 @@ use crate::relay::body::Edits;
 use crate::relay::response::{self, Buffers, End, Spec};
 use crate::relay::rewrite::{self, RequestInfo};
 use crate::routes::{self, Action, Body, ErrorShape, Metering, Route, StreamShape, UsageAt};
+use crate::spares::{self, Spares};
 use crate::tick;
 use crate::upstream::pool::{ConnectError, Pool};
 use crate::upstream::{Backend, Pick};
@@ -90,13 +91,12 @@ pub async fn serve(w: &Worker, stream: TcpStream) {
 thread_local! {
     /// Closed connections' request head buffers (two allocations a new connection
     /// otherwise: callgrind churn, ~1.5 % of its worker instructions).
-    static HEADS: std::cell::RefCell<Vec<Headers>> = const { std::cell::RefCell::new(Vec::new()) };
+    static HEADS: Spares<Headers> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A new connection's head, with a closed one's buffers if the thread has some.
 fn spare_head() -> RequestHead {
-    let spare = HEADS.try_with(|h| h.borrow_mut().pop()).ok().flatten();
-    RequestHead::reusing(spare.unwrap_or_default())
+    RequestHead::reusing(spares::take(&HEADS).unwrap_or_default())
 }
 
 /// Keeps a closed connection's head buffers for the next (at most `PARK_MAX`, none
@@ -105,12 +105,7 @@ fn give_head(headers: Headers) {
     if headers.buf.capacity() > PARK_CAP {
         return;
     }
-    let _ = HEADS.try_with(|h| {
-        let mut h = h.borrow_mut();
-        if h.len() < PARK_MAX {
-            h.push(headers);
-        }
-    });
+    spares::keep(&HEADS, headers, PARK_MAX);
 }
 
 /// A request's buffers, parked in the worker thread's pool between requests (`PARKED`).
@@ -123,7 +118,7 @@ struct Parked {
 thread_local! {
     /// Parked buffers: a request takes a set that earlier requests grew (no allocation
     /// per request), and an idle or closed connection holds none.
-    static PARKED: std::cell::RefCell<Vec<Parked>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PARKED: Spares<Parked> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Sets parked per worker thread; more are freed.
@@ -134,7 +129,7 @@ const PARK_CAP: usize = 64 * 1024;
 impl Conn {
     /// Takes a parked set of request buffers, if there is one.
     fn unpark(&mut self) {
-        if let Some(p) = PARKED.try_with(|p| p.borrow_mut().pop()).ok().flatten() {
+        if let Some(p) = spares::take(&PARKED) {
             self.body = p.body;
             self.up_req = p.up_req;
             self.bufs = p.bufs;
@@ -159,12 +154,7 @@ impl Conn {
         if let Some(b) = p.bufs.as_mut() {
             trim(&mut b.out);
         }
-        let _ = PARKED.try_with(|parked| {
-            let mut parked = parked.borrow_mut();
-            if parked.len() < PARK_MAX {
-                parked.push(p);
-            }
-        });
+        spares::keep(&PARKED, p, PARK_MAX);
     }
 }
 
