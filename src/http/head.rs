@@ -48,10 +48,11 @@ impl Codings {
     }
 }
 
-/// Headers looked up on every request, by `Headers::known`: where each first occurs
-/// is noted in the one pass that fills the list, so a lookup is an index, not a scan
-/// of every header's name (six scans were ~1,100 of a keep-alive request's worker
-/// instructions, callgrind).
+/// Headers read on every message, by `Headers::known` and `Headers::values`: where
+/// each first occurs, and whether it repeats, is noted in the one pass that fills the
+/// list, so a lookup is an index, not a scan of every header's name (the scans were
+/// ~1,100 of a keep-alive request's worker instructions for the first five, and ~1,200
+/// of a new connection's for the framing four, callgrind).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Known {
     Authorization,
@@ -59,21 +60,29 @@ pub enum Known {
     ContentType,
     XRequestId,
     XUserId,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Expect,
 }
 
 /// `Known`'s names, lowercase, in its order.
-const KNOWN: [&[u8]; 5] = [
+const KNOWN: [&[u8]; 9] = [
     b"authorization",
     b"x-api-key",
     b"content-type",
     b"x-request-id",
     b"x-user-id",
+    b"content-length",
+    b"transfer-encoding",
+    b"connection",
+    b"expect",
 ];
 
 /// `name`'s place in `KNOWN`, if it is there (ASCII case-insensitive): one comparison
-/// at most, chosen by length. Every header name passes here, so the comparison is two
-/// 8-byte words (`eq_lower`), not a byte loop (which made it cost more than the scans
-/// it saved).
+/// at most, chosen by length. Every header name passes here, so the comparison is by
+/// words (`eq_lower`), not a byte loop (which made it cost more than the scans it
+/// saved).
 #[inline]
 fn known(name: &[u8]) -> Option<usize> {
     let at = match name.len() {
@@ -82,28 +91,50 @@ fn known(name: &[u8]) -> Option<usize> {
         9 => 4,
         12 if name[0] | 0x20 == b'c' => 2,
         12 => 3,
+        14 => 5,
+        17 => 6,
+        10 => 7,
+        6 => 8,
         _ => return None,
     };
     eq_lower(name, KNOWN[at]).then_some(at)
 }
 
-/// Whether header name `name` equals `lower` (lowercase letters and `-`, 8 to 16 bytes)
-/// ignoring ASCII case, two overlapping 8-byte words at a time. Setting bit 5 lowercases
-/// a letter and leaves `-` as it is; the only other byte it turns into a letter or `-`
-/// is `\r`, which httparse never lets into a header name (a token).
+/// Whether header name `name` equals `lower` (lowercase letters and `-`, at least 4
+/// bytes) ignoring ASCII case, by overlapping 8-byte words (4-byte under 8 bytes).
+/// Setting bit 5 lowercases a letter and leaves `-` as it is; the only other byte it
+/// turns into a letter or `-` is `\r`, which httparse never lets into a header name (a
+/// token).
 #[inline]
 fn eq_lower(name: &[u8], lower: &[u8]) -> bool {
-    const BIT5: u64 = 0x2020_2020_2020_2020;
     let n = name.len();
-    if n != lower.len() || !(8..=16).contains(&n) {
+    if n != lower.len() {
         return false;
     }
+    if n < 8 {
+        let word = |s: &[u8], at: usize| {
+            let mut w = [0u8; 4];
+            w.copy_from_slice(&s[at..at + 4]);
+            u32::from_le_bytes(w)
+        };
+        return n >= 4
+            && word(name, 0) | 0x2020_2020 == word(lower, 0)
+            && word(name, n - 4) | 0x2020_2020 == word(lower, n - 4);
+    }
+    const BIT5: u64 = 0x2020_2020_2020_2020;
     let word = |s: &[u8], at: usize| {
         let mut w = [0u8; 8];
         w.copy_from_slice(&s[at..at + 8]);
         u64::from_le_bytes(w)
     };
-    word(name, 0) | BIT5 == word(lower, 0) && word(name, n - 8) | BIT5 == word(lower, n - 8)
+    let mut at = 0;
+    while at + 8 < n {
+        if word(name, at) | BIT5 != word(lower, at) {
+            return false;
+        }
+        at += 8;
+    }
+    word(name, n - 8) | BIT5 == word(lower, n - 8)
 }
 
 #[derive(Debug, Default)]
@@ -112,6 +143,8 @@ pub struct Headers {
     list: Vec<(Range<usize>, Range<usize>)>,
     /// For each of `KNOWN`, 1 + the index in `list` of its first occurrence; 0: absent.
     first: [u16; KNOWN.len()],
+    /// Bit k: `KNOWN[k]` occurs more than once.
+    repeated: u16,
 }
 
 impl Headers {
@@ -126,6 +159,7 @@ impl Headers {
         self.buf.clear();
         self.list.clear();
         self.first = [0; KNOWN.len()];
+        self.repeated = 0;
     }
 
     /// The first value of a `Known` header.
@@ -146,14 +180,30 @@ impl Headers {
             .map(|(_, v)| v)
     }
 
+    /// Every value of a `Known` header, in order: the noted first alone unless the name
+    /// repeats, when the rest of the list is scanned from there.
+    pub fn values(&self, name: Known) -> impl Iterator<Item = &[u8]> {
+        let k = name as usize;
+        let first = usize::from(self.first[k]);
+        let end = match first {
+            0 => 0,
+            _ if self.repeated & (1 << k) != 0 => self.list.len(),
+            _ => first,
+        };
+        self.list
+            .get(first.saturating_sub(1)..end)
+            .unwrap_or_default()
+            .iter()
+            .filter(move |(n, _)| known(&self.buf[n.clone()]) == Some(k))
+            .map(|(_, v)| &self.buf[v.clone()])
+    }
+
     /// Whether any `name` header lists `token` (comma-separated, case-insensitive).
-    pub fn has_token(&self, name: &str, token: &str) -> bool {
-        self.iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .any(|(_, v)| {
-                v.split(|&b| b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-            })
+    pub fn has_token(&self, name: Known, token: &str) -> bool {
+        self.values(name).any(|v| {
+            v.split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        })
     }
 
     fn fill(&mut self, data: &[u8], head_len: usize, parsed: &[httparse::Header<'_>]) {
@@ -164,11 +214,13 @@ impl Headers {
         self.list.reserve(parsed.len());
         let base = data.as_ptr() as usize;
         for h in parsed {
-            if let Some(k) = known(h.name.as_bytes())
-                && self.first[k] == 0
-            {
-                // At most MAX_HEADERS (fewer than u16::MAX) headers.
-                self.first[k] = self.list.len() as u16 + 1;
+            if let Some(k) = known(h.name.as_bytes()) {
+                if self.first[k] == 0 {
+                    // At most MAX_HEADERS (fewer than u16::MAX) headers.
+                    self.first[k] = self.list.len() as u16 + 1;
+                } else {
+                    self.repeated |= 1 << k;
+                }
             }
             let n = h.name.as_ptr() as usize - base;
             let v = h.value.as_ptr() as usize - base;
@@ -180,37 +232,36 @@ impl Headers {
     fn framing(&self) -> Result<(Option<u64>, Option<Codings>), HeadError> {
         let mut length: Option<u64> = None;
         let mut codings = Codings::default();
-        for (n, v) in self.iter() {
-            if n.eq_ignore_ascii_case(b"content-length") {
-                for part in v.split(|&b| b == b',') {
-                    let part = part.trim_ascii();
-                    if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                        return Err(HeadError::Malformed("invalid Content-Length"));
-                    }
-                    let n: u64 = std::str::from_utf8(part)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or(HeadError::Malformed("invalid Content-Length"))?;
-                    if length.is_some_and(|l| l != n) {
-                        return Err(HeadError::Malformed("conflicting Content-Length headers"));
-                    }
-                    length = Some(n);
+        for v in self.values(Known::ContentLength) {
+            for part in v.split(|&b| b == b',') {
+                let part = part.trim_ascii();
+                if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                    return Err(HeadError::Malformed("invalid Content-Length"));
                 }
-            } else if n.eq_ignore_ascii_case(b"transfer-encoding") {
-                if v.split(|&b| b == b',').all(|p| p.trim_ascii().is_empty()) {
-                    // Present but empty: some peers would still treat it as framing.
-                    return Err(HeadError::Malformed("empty Transfer-Encoding"));
+                let n: u64 = std::str::from_utf8(part)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or(HeadError::Malformed("invalid Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(HeadError::Malformed("conflicting Content-Length headers"));
                 }
-                for part in v.split(|&b| b == b',') {
-                    let part = part.trim_ascii();
-                    if part.is_empty() {
-                        continue;
-                    }
-                    let chunked = part.eq_ignore_ascii_case(b"chunked");
-                    codings.count += 1;
-                    codings.chunked += u32::from(chunked);
-                    codings.chunked_last = chunked;
+                length = Some(n);
+            }
+        }
+        for v in self.values(Known::TransferEncoding) {
+            if v.split(|&b| b == b',').all(|p| p.trim_ascii().is_empty()) {
+                // Present but empty: some peers would still treat it as framing.
+                return Err(HeadError::Malformed("empty Transfer-Encoding"));
+            }
+            for part in v.split(|&b| b == b',') {
+                let part = part.trim_ascii();
+                if part.is_empty() {
+                    continue;
                 }
+                let chunked = part.eq_ignore_ascii_case(b"chunked");
+                codings.count += 1;
+                codings.chunked += u32::from(chunked);
+                codings.chunked_last = chunked;
             }
         }
         Ok((length, (codings.count > 0).then_some(codings)))
@@ -339,11 +390,12 @@ impl RequestHead {
             (None, None) => Framing::Empty,
         });
         self.keep_alive = if version == 1 {
-            !self.headers.has_token("connection", "close")
+            !self.headers.has_token(Known::Connection, "close")
         } else {
-            self.headers.has_token("connection", "keep-alive")
+            self.headers.has_token(Known::Connection, "keep-alive")
         };
-        self.expect_continue = version == 1 && self.headers.has_token("expect", "100-continue");
+        self.expect_continue =
+            version == 1 && self.headers.has_token(Known::Expect, "100-continue");
         Ok(Some(head_len))
     }
 }
@@ -396,9 +448,9 @@ impl ResponseHead {
         self.reason = r;
         self.version = version;
         self.keep_alive = if version == 1 {
-            !self.headers.has_token("connection", "close")
+            !self.headers.has_token(Known::Connection, "close")
         } else {
-            self.headers.has_token("connection", "keep-alive")
+            self.headers.has_token(Known::Connection, "keep-alive")
         };
         Ok(Some(head_len))
     }
@@ -448,7 +500,8 @@ mod tests {
 
     proptest::proptest! {
         /// `get` finds the first of a name whatever its case, and a `Known` header's
-        /// noted first occurrence is what `get` finds, whatever the order and repeats.
+        /// noted first occurrence is what `get` finds and its `values` are what a scan
+        /// finds, whatever the order and repeats.
         #[test]
         fn a_known_header_is_found_as_a_scan_finds_it(
             headers in proptest::collection::vec(
@@ -457,7 +510,10 @@ mod tests {
                         "authorization", "Authorization", "x-api-key", "X-Api-Key",
                         "content-type", "CONTENT-TYPE", "x-request-id", "x-user-id",
                         "X-User-Id", "x-user-ix", "content-typo", "authorizatioN",
-                        "x-api-keys", "host", "accept",
+                        "x-api-keys", "host", "accept", "content-length", "Content-Length",
+                        "transfer-encoding", "Transfer-Encoding", "transfer-encodinG",
+                        "connection", "CONNECTION", "connectiom", "expect", "Expect",
+                        "expecs", "content-lengths",
                     ]),
                     "[a-z0-9]{0,6}",
                 ),
@@ -469,8 +525,13 @@ mod tests {
                 raw.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
             }
             raw.extend_from_slice(b"\r\n");
-            let mut h = RequestHead::default();
-            h.parse(&raw, 64 * 1024).unwrap().unwrap();
+            let mut parsed = [httparse::EMPTY_HEADER; 16];
+            let mut req = httparse::Request::new(&mut parsed);
+            let httparse::Status::Complete(len) = req.parse(&raw).unwrap() else {
+                panic!("incomplete");
+            };
+            let mut h = Headers::default();
+            h.fill(&raw, len, req.headers);
             for name in [
                 "authorization", "AUTHORIZATION", "x-api-key", "content-type",
                 "x-request-id", "x-user-id", "X-USER-ID", "host", "x-user-ix",
@@ -479,7 +540,7 @@ mod tests {
                     .iter()
                     .find(|(n, _)| n.eq_ignore_ascii_case(name))
                     .map(|(_, v)| v.as_bytes());
-                proptest::prop_assert_eq!(h.headers.get(name), scan, "{}", name);
+                proptest::prop_assert_eq!(h.get(name), scan, "{}", name);
             }
             for (k, name) in [
                 (Known::Authorization, "authorization"),
@@ -487,12 +548,23 @@ mod tests {
                 (Known::ContentType, "content-type"),
                 (Known::XRequestId, "x-request-id"),
                 (Known::XUserId, "x-user-id"),
+                (Known::ContentLength, "content-length"),
+                (Known::TransferEncoding, "transfer-encoding"),
+                (Known::Connection, "connection"),
+                (Known::Expect, "expect"),
             ] {
-                proptest::prop_assert_eq!(h.headers.known(k), h.headers.get(name), "{}", name);
+                proptest::prop_assert_eq!(h.known(k), h.get(name), "{}", name);
+                let scan: Vec<&[u8]> = headers
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.as_bytes())
+                    .collect();
+                proptest::prop_assert_eq!(h.values(k).collect::<Vec<_>>(), scan, "{}", name);
             }
-            let again = RequestHead::reusing(std::mem::take(&mut h.headers));
+            let again = RequestHead::reusing(h);
             proptest::prop_assert!(again.headers.known(Known::Authorization).is_none());
-            proptest::prop_assert!(again.headers.known(Known::ContentType).is_none());
+            proptest::prop_assert!(again.headers.values(Known::ContentLength).next().is_none());
+            proptest::prop_assert_eq!(again.headers.repeated, 0);
         }
     }
 
@@ -514,8 +586,9 @@ mod tests {
                 }
             }
         }
-        assert_eq!(known(b"content-length"), None);
-        assert_eq!(known(b"x-api-keys"), None);
+        for other in ["x-api-keys", "content-lengt", "expec", "host", "te", ""] {
+            assert_eq!(known(other.as_bytes()), None, "{other}");
+        }
     }
 
     #[test]
