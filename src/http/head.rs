@@ -235,13 +235,17 @@ impl Headers {
         for v in self.values(Known::ContentLength) {
             for part in v.split(|&b| b == b',') {
                 let part = part.trim_ascii();
-                if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                if part.is_empty() || part.len() > 19 {
                     return Err(HeadError::Malformed("invalid Content-Length"));
                 }
-                let n: u64 = std::str::from_utf8(part)
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or(HeadError::Malformed("invalid Content-Length"))?;
+                // Digits only, at most 19 of them: below u64::MAX, so no overflow.
+                let mut n = 0u64;
+                for &b in part {
+                    if !b.is_ascii_digit() {
+                        return Err(HeadError::Malformed("invalid Content-Length"));
+                    }
+                    n = n * 10 + u64::from(b - b'0');
+                }
                 if length.is_some_and(|l| l != n) {
                     return Err(HeadError::Malformed("conflicting Content-Length headers"));
                 }
@@ -649,6 +653,32 @@ mod tests {
                 "{:?}: {:?}",
                 String::from_utf8_lossy(c),
                 parse(c)
+            );
+        }
+        // The largest length taken is 19 digits; leading zeros are digits too.
+        let mut h = RequestHead::default();
+        let nines = b"POST / HTTP/1.1\r\nContent-Length: 9999999999999999999\r\n\r\n";
+        h.parse(nines, 1024).unwrap().unwrap();
+        assert_eq!(h.framing(), Framing::Length(9_999_999_999_999_999_999));
+        h.parse(
+            b"POST / HTTP/1.1\r\nContent-Length:  0012 ,12\r\n\r\n",
+            1024,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing(), Framing::Length(12));
+        for bad in [
+            "18446744073709551616",
+            "10000000000000000000",
+            "1_0",
+            "-1",
+            "1.0",
+            "",
+        ] {
+            let raw = format!("POST / HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n");
+            assert!(
+                matches!(parse(raw.as_bytes()), Err(HeadError::Malformed(_))),
+                "{bad}"
             );
         }
         // Repeated identical Content-Length is allowed (RFC 9112 §6.3).
