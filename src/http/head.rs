@@ -290,19 +290,20 @@ fn head_end(
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the framing headers we always rewrite.
+/// Every forwarded header passes here, so the candidates are chosen by length and
+/// compared by words (`eq_lower`; header names are tokens, as it needs).
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 9] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    ];
-    HOP.iter().any(|h| h.eq_ignore_ascii_case(name)) || name.eq_ignore_ascii_case(b"content-length")
+    match name.len() {
+        2 => name.eq_ignore_ascii_case(b"te"),
+        7 => eq_lower(name, b"trailer") || eq_lower(name, b"upgrade"),
+        10 => eq_lower(name, b"connection") || eq_lower(name, b"keep-alive"),
+        14 => eq_lower(name, b"content-length"),
+        16 => eq_lower(name, b"proxy-connection"),
+        17 => eq_lower(name, b"transfer-encoding"),
+        18 => eq_lower(name, b"proxy-authenticate"),
+        19 => eq_lower(name, b"proxy-authorization"),
+        _ => false,
+    }
 }
 
 #[derive(Debug, Default)]
@@ -339,7 +340,7 @@ impl RequestHead {
     /// Path without the query string.
     pub fn route(&self) -> &str {
         let p = self.path();
-        p.split('?').next().unwrap_or(p)
+        p.find('?').map_or(p, |q| &p[..q])
     }
 
     pub fn framing(&self) -> Framing {
@@ -592,6 +593,40 @@ mod tests {
         }
         for other in ["x-api-keys", "content-lengt", "expec", "host", "te", ""] {
             assert_eq!(known(other.as_bytes()), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_these_ten_in_any_case() {
+        const HOP: [&str; 10] = [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "content-length",
+        ];
+        for h in HOP {
+            assert!(is_hop_by_hop(h.as_bytes()), "{h}");
+            assert!(is_hop_by_hop(h.to_ascii_uppercase().as_bytes()), "{h}");
+            let mut other = h.as_bytes().to_vec();
+            other[0] = b'x';
+            assert!(!is_hop_by_hop(&other), "{h}");
+            assert!(!is_hop_by_hop(&h.as_bytes()[1..]), "{h}");
+        }
+        for h in [
+            "host",
+            "content-type",
+            "x-request-id",
+            "tE2",
+            "upgrades",
+            "",
+        ] {
+            assert!(!is_hop_by_hop(h.as_bytes()), "{h}");
         }
     }
 

@@ -226,7 +226,12 @@ async fn read_head(
     // buffer (the read comes when it is there; see `Io::release`).
     up.release();
     loop {
-        match head.parse(up.data(), MAX_RESPONSE_HEAD) {
+        // Nothing read yet (the first turn): nothing to parse.
+        let parsed = match up.data() {
+            [] => Ok(None),
+            data => head.parse(data, MAX_RESPONSE_HEAD),
+        };
+        match parsed {
             Ok(Some(n)) => {
                 up.consume(n);
                 if (100..200).contains(&head.status) && head.status != 101 {
