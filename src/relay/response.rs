@@ -405,7 +405,7 @@ fn write_head(out: &mut Vec<u8>, head: &ResponseHead, spec: &Spec<'_>, plan: &Pl
         w.header(b"transfer-encoding", b"chunked");
     } else if let Some(len) = head
         .headers
-        .get("content-length")
+        .known(Known::ContentLength)
         .filter(|_| plan.send_length)
     {
         // Length bodies and HEAD answers keep the backend's length.
