@@ -1,16 +1,37 @@
-//! Request and response heads: never a panic, and a parsed head's framing is
-//! consistent (Content-Length and Transfer-Encoding never both accepted).
+//! Request and response heads: never a panic, a parsed head's framing is consistent
+//! (Content-Length and Transfer-Encoding never both accepted), and the headers found
+//! by index are those a scan finds.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use llmproxy::http::body::Framing;
-use llmproxy::http::head::{RequestHead, ResponseHead};
+use llmproxy::http::head::{Known, RequestHead, ResponseHead};
 
 fuzz_target!(|data: &[u8]| {
     let mut req = RequestHead::default();
     if let Ok(Some(n)) = req.parse(data, 64 * 1024) {
         assert!(n <= data.len());
-        let has_cl = req.headers.get("content-length").is_some();
-        let has_te = req.headers.get("transfer-encoding").is_some();
+        // A scan of every header, independent of the index the parser keeps.
+        let scan = |name: &[u8]| -> Vec<&[u8]> {
+            req.headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+                .collect()
+        };
+        for (k, name) in [
+            (Known::ContentLength, &b"content-length"[..]),
+            (Known::TransferEncoding, b"transfer-encoding"),
+            (Known::Connection, b"connection"),
+            (Known::Expect, b"expect"),
+            (Known::Authorization, b"authorization"),
+            (Known::ContentType, b"content-type"),
+        ] {
+            let want = scan(name);
+            assert_eq!(req.headers.values(k).collect::<Vec<_>>(), want);
+            assert_eq!(req.headers.known(k), want.first().copied());
+        }
+        let has_cl = !scan(b"content-length").is_empty();
+        let has_te = !scan(b"transfer-encoding").is_empty();
         assert!(!(has_cl && has_te), "both framing headers accepted");
         if let Framing::Length(_) = req.framing() {
             assert!(has_cl);
