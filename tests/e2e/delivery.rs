@@ -4,7 +4,7 @@
 use crate::harness::*;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn config(hook_port: u16, spool: &Path, extra: &str, backend: &str) -> String {
     format!(
@@ -325,11 +325,22 @@ fn kill_9_while_the_webhook_holds_records_taken_from_the_rings_loses_none() {
     let made = metric(&first.addr, "llmproxy_usage_records_total");
     let ids = send_chats(&first.addr, 20, "t-held");
     // All made, and the sender has taken some (those after its take wait in the
-    // rings: it hangs on its POST).
-    wait_until("the sender holds some", 10, || {
-        metric(&first.addr, "llmproxy_usage_records_total") == made + 20.0
-            && metric(&first.addr, "llmproxy_usage_queue_depth") < 20.0
-    });
+    // rings: it hangs on its POST). 30 s: once 10 s was not enough on a loaded CI
+    // machine; the message says which half was missing.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now_made = metric(&first.addr, "llmproxy_usage_records_total");
+        let depth = metric(&first.addr, "llmproxy_usage_queue_depth");
+        if now_made == made + 20.0 && depth < 20.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the sender took none: {now_made} records made of {}, queue depth {depth}",
+            made + 20.0
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
     assert_eq!(
         segment_bytes(&spool),
         bytes,
